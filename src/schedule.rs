@@ -1,0 +1,351 @@
+//! Cron schedules with crontab(5) semantics, evaluated in an IANA time zone.
+//!
+//! Pure: no clock reads. Every question is "what is the first firing strictly after this instant?".
+//!
+//! Semantics (these are shiftd's, not the `cron` crate's, which only parses the fields):
+//! - 5 fields (`min hour dom month dow`) or 6 with leading seconds.
+//! - Day of week counts as in crontab: 0 and 7 are Sunday, 1 is Monday; names `Sun`..`Sat` work too.
+//! - When both day-of-month and day-of-week are restricted (neither starts with `*`), a day matches
+//!   when *either* matches; otherwise both must (one of them matches every day anyway).
+//! - A local time that does not exist (DST spring forward) fires once, at the first instant after the gap.
+//! - A local time that occurs twice (DST fall back) fires once, at its first occurrence.
+
+use std::str::FromStr;
+
+use chrono::{DateTime, Datelike, Duration, NaiveDate, NaiveDateTime, NaiveTime, TimeZone, Timelike, Utc};
+use chrono_tz::Tz;
+use cron::TimeUnitSpec;
+
+/// How far ahead a schedule is searched before it is declared to never fire.
+/// Eight years covers every leap-day/weekday combination.
+const SEARCH_DAYS: i64 = 366 * 8;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid cron expression {expression:?}: {reason}")]
+pub struct CronError {
+    pub expression: String,
+    pub reason: String,
+}
+
+/// A parsed cron expression. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct CronSchedule {
+    source: String,
+    fields: cron::Schedule,
+    day_of_month_restricted: bool,
+    day_of_week_restricted: bool,
+}
+
+impl CronSchedule {
+    pub fn parse(expression: &str) -> Result<Self, CronError> {
+        let err = |reason: String| CronError {
+            expression: expression.to_string(),
+            reason,
+        };
+        let fields: Vec<&str> = expression.split_whitespace().collect();
+        let (seconds, rest) = match fields.len() {
+            5 => ("0", &fields[..]),
+            6 => (fields[0], &fields[1..]),
+            n => {
+                return Err(err(format!(
+                    "expected 5 fields (minute hour day-of-month month day-of-week) \
+                     or 6 with leading seconds, found {n}"
+                )));
+            }
+        };
+        let (minute, hour, dom, month, dow) = (rest[0], rest[1], rest[2], rest[3], rest[4]);
+        let dow_names = crontab_day_of_week_to_names(dow).map_err(err)?;
+        let translated = format!("{seconds} {minute} {hour} {dom} {month} {dow_names}");
+        let parsed = cron::Schedule::from_str(&translated).map_err(|e| err(e.to_string()))?;
+        Ok(Self {
+            source: expression.to_string(),
+            fields: parsed,
+            day_of_month_restricted: !dom.starts_with('*'),
+            day_of_week_restricted: !dow.starts_with('*'),
+        })
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    fn date_matches(&self, date: NaiveDate) -> bool {
+        if !self.fields.months().includes(date.month()) {
+            return false;
+        }
+        let dom = self.fields.days_of_month().includes(date.day());
+        // cron crate ordinals: 1 = Sunday.
+        let dow = self
+            .fields
+            .days_of_week()
+            .includes(date.weekday().num_days_from_sunday() + 1);
+        if self.day_of_month_restricted && self.day_of_week_restricted {
+            dom || dow
+        } else {
+            dom && dow
+        }
+    }
+
+    /// Local wall-clock times on `date` at or after `from` (a time of day), in order.
+    fn times_from(&self, from: NaiveTime) -> impl Iterator<Item = NaiveTime> + '_ {
+        let start = from.num_seconds_from_midnight();
+        self.fields.hours().iter().flat_map(move |h| {
+            self.fields.minutes().iter().flat_map(move |m| {
+                self.fields.seconds().iter().filter_map(move |s| {
+                    let secs = h * 3600 + m * 60 + s;
+                    (secs >= start).then(|| NaiveTime::from_hms_opt(h, m, s)).flatten()
+                })
+            })
+        })
+    }
+
+    /// The first firing strictly after `after`, in `zone`. `None` if it never fires (e.g. `0 0 30 2 *`).
+    pub fn next_after(&self, after: DateTime<Utc>, zone: Tz) -> Option<DateTime<Utc>> {
+        let local = after.with_timezone(&zone).naive_local();
+        // Start a few hours early on the first day: around a DST change, an earlier wall-clock time can
+        // map to a later instant (times in a gap move to its end).
+        let lower = local - Duration::hours(3);
+        let mut date = lower.date();
+        let mut from = lower.time();
+        for _ in 0..SEARCH_DAYS {
+            if self.date_matches(date) {
+                for time in self.times_from(from) {
+                    let instant = resolve_local(&zone, date.and_time(time))?;
+                    if instant > after {
+                        return Some(instant);
+                    }
+                }
+            }
+            date = date.succ_opt()?;
+            from = NaiveTime::MIN;
+        }
+        None
+    }
+
+    /// Firings in `(after, until]`, in order, at most `limit`.
+    pub fn firings_between(
+        &self,
+        after: DateTime<Utc>,
+        until: DateTime<Utc>,
+        zone: Tz,
+        limit: usize,
+    ) -> Vec<DateTime<Utc>> {
+        let mut out = Vec::new();
+        let mut cursor = after;
+        while out.len() < limit {
+            match self.next_after(cursor, zone) {
+                Some(t) if t <= until => {
+                    out.push(t);
+                    cursor = t;
+                }
+                _ => break,
+            }
+        }
+        out
+    }
+}
+
+/// Maps a local wall-clock time to the instant it fires at: the earlier of two occurrences, or the end of
+/// a DST gap for a time that does not exist.
+fn resolve_local(zone: &Tz, naive: NaiveDateTime) -> Option<DateTime<Utc>> {
+    use chrono::LocalResult;
+    match zone.from_local_datetime(&naive) {
+        LocalResult::Single(t) => Some(t.with_timezone(&Utc)),
+        LocalResult::Ambiguous(earliest, _) => Some(earliest.with_timezone(&Utc)),
+        LocalResult::None => {
+            // Walk forward to the first wall-clock minute that exists: the end of the gap. Gaps are at
+            // most a day long (a zone skipping a date), so this is bounded.
+            let mut probe = naive.with_second(0)?;
+            for _ in 0..=(26 * 60) {
+                probe += Duration::minutes(1);
+                if let Some(t) = zone.from_local_datetime(&probe).earliest() {
+                    // The first instant after the gap is the transition itself, which is `probe` minus
+                    // however much of that minute lies past the transition (none, for whole-minute zones).
+                    return Some(t.with_timezone(&Utc));
+                }
+            }
+            None
+        }
+    }
+}
+
+const DAY_NAMES: [&str; 8] = ["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT", "SUN"];
+
+/// Rewrites a crontab day-of-week field (0..=7, Sunday = 0 and 7) into day names, which the `cron` crate
+/// reads with its own numbering. Numeric items (`3`, `1-5`, `0-6/2`, `*/2`) are expanded; names pass through.
+fn crontab_day_of_week_to_names(field: &str) -> Result<String, String> {
+    let mut items = Vec::new();
+    for item in field.split(',') {
+        let (range, step) = match item.split_once('/') {
+            Some((r, s)) => {
+                let step: u32 = s
+                    .parse()
+                    .ok()
+                    .filter(|s| *s > 0)
+                    .ok_or_else(|| format!("day-of-week step {s:?} is not a positive number"))?;
+                (r, Some(step))
+            }
+            None => (item, None),
+        };
+        let numeric_bounds = if range == "*" {
+            Some((0, 7))
+        } else if let Some((a, b)) = range.split_once('-') {
+            match (a.parse::<u32>(), b.parse::<u32>()) {
+                (Ok(a), Ok(b)) => Some((a, b)),
+                _ => None,
+            }
+        } else {
+            range.parse::<u32>().ok().map(|a| (a, if step.is_some() { 7 } else { a }))
+        };
+        match numeric_bounds {
+            Some((a, b)) => {
+                if a > 7 || b > 7 {
+                    return Err(format!(
+                        "day of week {item:?} out of range: use 0-7 (0 and 7 are Sunday) or Sun-Sat"
+                    ));
+                }
+                if a > b {
+                    return Err(format!("day-of-week range {item:?} runs backwards"));
+                }
+                let step = step.unwrap_or(1) as usize;
+                items.extend((a..=b).step_by(step).map(|d| DAY_NAMES[d as usize].to_string()));
+            }
+            None => items.push(item.to_string()),
+        }
+    }
+    items.dedup();
+    Ok(items.join(","))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn utc(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    fn next(expr: &str, zone: &str, after: &str) -> Option<String> {
+        let zone: Tz = zone.parse().unwrap();
+        CronSchedule::parse(expr)
+            .unwrap()
+            .next_after(utc(after), zone)
+            .map(|t| t.with_timezone(&zone).to_rfc3339())
+    }
+
+    #[test]
+    fn next_firing_table() {
+        // (expression, zone, after (UTC or offset), expected next firing in the zone's local time)
+        let cases: &[(&str, &str, &str, Option<&str>)] = &[
+            // Plain weekday rules; 2026-11-30 is a Monday.
+            ("0 8 * * Mon-Fri", "Asia/Tokyo", "2026-11-29T00:00:00Z", Some("2026-11-30T08:00:00+09:00")),
+            ("0 20 * * 1-5", "Asia/Tokyo", "2026-11-30T10:59:59Z", Some("2026-11-30T20:00:00+09:00")),
+            ("0 20 * * 1-5", "Asia/Tokyo", "2026-12-04T11:00:00Z", Some("2026-12-07T20:00:00+09:00")),
+            // Numeric day of week as in crontab: 0 and 7 are Sunday, 1 is Monday.
+            ("0 9 * * 0", "UTC", "2026-11-30T00:00:00Z", Some("2026-12-06T09:00:00+00:00")),
+            ("0 9 * * 7", "UTC", "2026-11-30T00:00:00Z", Some("2026-12-06T09:00:00+00:00")),
+            ("0 9 * * 1", "UTC", "2026-11-29T00:00:00Z", Some("2026-11-30T09:00:00+00:00")),
+            ("0 9 * * 5-7", "UTC", "2026-11-30T00:00:00Z", Some("2026-12-04T09:00:00+00:00")),
+            ("0 9 * * 6", "UTC", "2026-11-29T00:00:00Z", Some("2026-12-05T09:00:00+00:00")),
+            // Day-of-month and day-of-week both restricted: either fires (the 1st, or any Friday).
+            ("0 0 1 * Fri", "UTC", "2026-11-29T00:00:00Z", Some("2026-12-01T00:00:00+00:00")),
+            ("0 0 1 * 5", "UTC", "2026-12-01T00:00:00Z", Some("2026-12-04T00:00:00+00:00")),
+            // Only one restricted: both must match (the 13th that is... any day, as dow is *).
+            ("0 0 13 * *", "UTC", "2026-11-29T00:00:00Z", Some("2026-12-13T00:00:00+00:00")),
+            // A stepped day-of-month starts with "*", so both must match (crontab): the 21st that is a Monday.
+            ("0 0 */10 * Mon", "UTC", "2026-11-29T00:00:00Z", Some("2026-12-21T00:00:00+00:00")),
+            // Names for months, steps, lists.
+            ("30 6 1 Jan,Jul *", "UTC", "2026-11-29T00:00:00Z", Some("2027-01-01T06:30:00+00:00")),
+            ("*/15 * * * *", "UTC", "2026-11-29T10:07:00Z", Some("2026-11-29T10:15:00+00:00")),
+            // Six fields: leading seconds.
+            ("*/5 * * * * *", "UTC", "2026-11-29T10:00:02Z", Some("2026-11-29T10:00:05+00:00")),
+            ("30 0 12 * * *", "UTC", "2026-11-29T12:00:30Z", Some("2026-11-30T12:00:30+00:00")),
+            // Strictly after: a firing exactly at `after` is not returned again.
+            ("0 8 * * *", "UTC", "2026-11-29T08:00:00Z", Some("2026-11-30T08:00:00+00:00")),
+            // Never fires.
+            ("0 0 30 2 *", "UTC", "2026-11-29T00:00:00Z", None),
+            // Leap day.
+            ("0 0 29 2 *", "UTC", "2026-11-29T00:00:00Z", Some("2028-02-29T00:00:00+00:00")),
+            // --- DST, spring forward: the missing local time fires once, at the end of the gap.
+            // America/New_York 2027-03-14 02:00 -> 03:00.
+            ("30 2 * * *", "America/New_York", "2027-03-14T05:00:00Z", Some("2027-03-14T03:00:00-04:00")),
+            ("30 2 * * *", "America/New_York", "2027-03-14T07:00:00Z", Some("2027-03-15T02:30:00-04:00")),
+            // Every 15 minutes through the gap: 01:45 then 03:00 (02:xx collapse into the gap's end) then 03:15.
+            ("*/15 * * * *", "America/New_York", "2027-03-14T06:45:00Z", Some("2027-03-14T03:00:00-04:00")),
+            ("*/15 * * * *", "America/New_York", "2027-03-14T07:00:00Z", Some("2027-03-14T03:15:00-04:00")),
+            // Europe/Berlin 2027-03-28 02:00 -> 03:00.
+            ("0 2 * * *", "Europe/Berlin", "2027-03-27T12:00:00Z", Some("2027-03-28T03:00:00+02:00")),
+            // Australia/Lord_Howe: 30-minute DST, 2026-10-04 02:00 -> 02:30 (+10:30 -> +11:00).
+            ("15 2 * * *", "Australia/Lord_Howe", "2026-10-03T12:00:00Z", Some("2026-10-04T02:30:00+11:00")),
+            ("45 2 * * *", "Australia/Lord_Howe", "2026-10-03T12:00:00Z", Some("2026-10-04T02:45:00+11:00")),
+            // --- DST, fall back: a repeated local time fires once, at its first occurrence.
+            // America/New_York 2026-11-01 02:00 -> 01:00: 01:30 happens at 05:30Z and 06:30Z.
+            ("30 1 * * *", "America/New_York", "2026-11-01T04:00:00Z", Some("2026-11-01T01:30:00-04:00")),
+            ("30 1 * * *", "America/New_York", "2026-11-01T05:30:00Z", Some("2026-11-02T01:30:00-05:00")),
+            // Hourly through the overlap: after the first 01:00 (EDT) comes 02:00 EST, not a second 01:00.
+            ("0 * * * *", "America/New_York", "2026-11-01T05:00:00Z", Some("2026-11-01T02:00:00-05:00")),
+            // Lord_Howe falls back 30 minutes on 2027-04-04 02:00 -> 01:30: 01:45 fires once.
+            ("45 1 * * *", "Australia/Lord_Howe", "2027-04-03T12:00:00Z", Some("2027-04-04T01:45:00+11:00")),
+            ("45 1 * * *", "Australia/Lord_Howe", "2027-04-03T14:45:00Z", Some("2027-04-05T01:45:00+10:30")),
+            // A zone without DST.
+            ("0 8 * * Mon-Fri", "Asia/Kolkata", "2026-11-29T00:00:00Z", Some("2026-11-30T08:00:00+05:30")),
+        ];
+        for (expr, zone, after, want) in cases {
+            assert_eq!(
+                next(expr, zone, after).as_deref(),
+                *want,
+                "{expr} in {zone} after {after}"
+            );
+        }
+    }
+
+    #[test]
+    fn fall_back_fires_each_occurrence_once_over_a_day() {
+        let zone: Tz = "America/New_York".parse().unwrap();
+        let s = CronSchedule::parse("*/30 * * * *").unwrap();
+        let firings = s.firings_between(
+            utc("2026-11-01T04:00:00Z"),
+            utc("2026-11-02T05:00:00Z"),
+            zone,
+            1000,
+        );
+        // Local 00:30 on Nov 1 through 00:00 on Nov 2: 25 real hours, but the repeated hour 01:00-02:00
+        // fires only once, so 24 local hours * 2.
+        assert_eq!(firings.len(), 48);
+        let mut sorted = firings.clone();
+        sorted.dedup();
+        assert_eq!(sorted.len(), firings.len(), "no instant fires twice");
+    }
+
+    #[test]
+    fn spring_forward_day_has_one_firing_per_existing_or_skipped_slot() {
+        let zone: Tz = "Europe/Berlin".parse().unwrap();
+        let s = CronSchedule::parse("0 * * * *").unwrap();
+        let firings = s.firings_between(
+            utc("2027-03-27T23:00:00Z"),
+            utc("2027-03-28T22:00:00Z"),
+            zone,
+            1000,
+        );
+        // 23 real hours; 02:00 does not exist and fires at 03:00, together with 03:00 itself: once.
+        assert_eq!(firings.len(), 23);
+    }
+
+    #[test]
+    fn parse_errors_say_what_is_wrong() {
+        let cases: &[(&str, &str)] = &[
+            ("0 8 * *", "expected 5 fields"),
+            ("0 8 * * * * *", "found 7"),
+            ("0 8 * * 8", "out of range"),
+            ("0 8 * * 5-2", "runs backwards"),
+            ("61 8 * * *", "invalid cron expression"),
+            ("0 25 * * *", "invalid cron expression"),
+            ("0 8 * * Funday", "invalid cron expression"),
+            ("0 8 * * */0", "not a positive number"),
+        ];
+        for (expr, want) in cases {
+            let err = CronSchedule::parse(expr).unwrap_err().to_string();
+            assert!(err.contains(want), "{expr}: {err}");
+        }
+    }
+}
