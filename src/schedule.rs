@@ -12,7 +12,9 @@
 
 use std::str::FromStr;
 
-use chrono::{DateTime, Datelike, Duration, NaiveDate, NaiveDateTime, NaiveTime, TimeZone, Timelike, Utc};
+use chrono::{
+    DateTime, Datelike, Duration, NaiveDate, NaiveDateTime, NaiveTime, TimeZone, Timelike, Utc,
+};
 use chrono_tz::Tz;
 use cron::TimeUnitSpec;
 
@@ -93,7 +95,9 @@ impl CronSchedule {
             self.fields.minutes().iter().flat_map(move |m| {
                 self.fields.seconds().iter().filter_map(move |s| {
                     let secs = h * 3600 + m * 60 + s;
-                    (secs >= start).then(|| NaiveTime::from_hms_opt(h, m, s)).flatten()
+                    (secs >= start)
+                        .then(|| NaiveTime::from_hms_opt(h, m, s))
+                        .flatten()
                 })
             })
         })
@@ -178,11 +182,10 @@ fn crontab_day_of_week_to_names(field: &str) -> Result<String, String> {
     for item in field.split(',') {
         let (range, step) = match item.split_once('/') {
             Some((r, s)) => {
-                let step: u32 = s
-                    .parse()
-                    .ok()
-                    .filter(|s| *s > 0)
-                    .ok_or_else(|| format!("day-of-week step {s:?} is not a positive number"))?;
+                let step: u32 =
+                    s.parse().ok().filter(|s| *s > 0).ok_or_else(|| {
+                        format!("day-of-week step {s:?} is not a positive number")
+                    })?;
                 (r, Some(step))
             }
             None => (item, None),
@@ -195,7 +198,10 @@ fn crontab_day_of_week_to_names(field: &str) -> Result<String, String> {
                 _ => None,
             }
         } else {
-            range.parse::<u32>().ok().map(|a| (a, if step.is_some() { 7 } else { a }))
+            range
+                .parse::<u32>()
+                .ok()
+                .map(|a| (a, if step.is_some() { 7 } else { a }))
         };
         match numeric_bounds {
             Some((a, b)) => {
@@ -208,7 +214,11 @@ fn crontab_day_of_week_to_names(field: &str) -> Result<String, String> {
                     return Err(format!("day-of-week range {item:?} runs backwards"));
                 }
                 let step = step.unwrap_or(1) as usize;
-                items.extend((a..=b).step_by(step).map(|d| DAY_NAMES[d as usize].to_string()));
+                items.extend(
+                    (a..=b)
+                        .step_by(step)
+                        .map(|d| DAY_NAMES[d as usize].to_string()),
+                );
             }
             None => items.push(item.to_string()),
         }
@@ -238,57 +248,212 @@ mod tests {
         // (expression, zone, after (UTC or offset), expected next firing in the zone's local time)
         let cases: &[(&str, &str, &str, Option<&str>)] = &[
             // Plain weekday rules; 2026-11-30 is a Monday.
-            ("0 8 * * Mon-Fri", "Asia/Tokyo", "2026-11-29T00:00:00Z", Some("2026-11-30T08:00:00+09:00")),
-            ("0 20 * * 1-5", "Asia/Tokyo", "2026-11-30T10:59:59Z", Some("2026-11-30T20:00:00+09:00")),
-            ("0 20 * * 1-5", "Asia/Tokyo", "2026-12-04T11:00:00Z", Some("2026-12-07T20:00:00+09:00")),
+            (
+                "0 8 * * Mon-Fri",
+                "Asia/Tokyo",
+                "2026-11-29T00:00:00Z",
+                Some("2026-11-30T08:00:00+09:00"),
+            ),
+            (
+                "0 20 * * 1-5",
+                "Asia/Tokyo",
+                "2026-11-30T10:59:59Z",
+                Some("2026-11-30T20:00:00+09:00"),
+            ),
+            (
+                "0 20 * * 1-5",
+                "Asia/Tokyo",
+                "2026-12-04T11:00:00Z",
+                Some("2026-12-07T20:00:00+09:00"),
+            ),
             // Numeric day of week as in crontab: 0 and 7 are Sunday, 1 is Monday.
-            ("0 9 * * 0", "UTC", "2026-11-30T00:00:00Z", Some("2026-12-06T09:00:00+00:00")),
-            ("0 9 * * 7", "UTC", "2026-11-30T00:00:00Z", Some("2026-12-06T09:00:00+00:00")),
-            ("0 9 * * 1", "UTC", "2026-11-29T00:00:00Z", Some("2026-11-30T09:00:00+00:00")),
-            ("0 9 * * 5-7", "UTC", "2026-11-30T00:00:00Z", Some("2026-12-04T09:00:00+00:00")),
-            ("0 9 * * 6", "UTC", "2026-11-29T00:00:00Z", Some("2026-12-05T09:00:00+00:00")),
+            (
+                "0 9 * * 0",
+                "UTC",
+                "2026-11-30T00:00:00Z",
+                Some("2026-12-06T09:00:00+00:00"),
+            ),
+            (
+                "0 9 * * 7",
+                "UTC",
+                "2026-11-30T00:00:00Z",
+                Some("2026-12-06T09:00:00+00:00"),
+            ),
+            (
+                "0 9 * * 1",
+                "UTC",
+                "2026-11-29T00:00:00Z",
+                Some("2026-11-30T09:00:00+00:00"),
+            ),
+            (
+                "0 9 * * 5-7",
+                "UTC",
+                "2026-11-30T00:00:00Z",
+                Some("2026-12-04T09:00:00+00:00"),
+            ),
+            (
+                "0 9 * * 6",
+                "UTC",
+                "2026-11-29T00:00:00Z",
+                Some("2026-12-05T09:00:00+00:00"),
+            ),
             // Day-of-month and day-of-week both restricted: either fires (the 1st, or any Friday).
-            ("0 0 1 * Fri", "UTC", "2026-11-29T00:00:00Z", Some("2026-12-01T00:00:00+00:00")),
-            ("0 0 1 * 5", "UTC", "2026-12-01T00:00:00Z", Some("2026-12-04T00:00:00+00:00")),
+            (
+                "0 0 1 * Fri",
+                "UTC",
+                "2026-11-29T00:00:00Z",
+                Some("2026-12-01T00:00:00+00:00"),
+            ),
+            (
+                "0 0 1 * 5",
+                "UTC",
+                "2026-12-01T00:00:00Z",
+                Some("2026-12-04T00:00:00+00:00"),
+            ),
             // Only one restricted: both must match (the 13th that is... any day, as dow is *).
-            ("0 0 13 * *", "UTC", "2026-11-29T00:00:00Z", Some("2026-12-13T00:00:00+00:00")),
+            (
+                "0 0 13 * *",
+                "UTC",
+                "2026-11-29T00:00:00Z",
+                Some("2026-12-13T00:00:00+00:00"),
+            ),
             // A stepped day-of-month starts with "*", so both must match (crontab): the 21st that is a Monday.
-            ("0 0 */10 * Mon", "UTC", "2026-11-29T00:00:00Z", Some("2026-12-21T00:00:00+00:00")),
+            (
+                "0 0 */10 * Mon",
+                "UTC",
+                "2026-11-29T00:00:00Z",
+                Some("2026-12-21T00:00:00+00:00"),
+            ),
             // Names for months, steps, lists.
-            ("30 6 1 Jan,Jul *", "UTC", "2026-11-29T00:00:00Z", Some("2027-01-01T06:30:00+00:00")),
-            ("*/15 * * * *", "UTC", "2026-11-29T10:07:00Z", Some("2026-11-29T10:15:00+00:00")),
+            (
+                "30 6 1 Jan,Jul *",
+                "UTC",
+                "2026-11-29T00:00:00Z",
+                Some("2027-01-01T06:30:00+00:00"),
+            ),
+            (
+                "*/15 * * * *",
+                "UTC",
+                "2026-11-29T10:07:00Z",
+                Some("2026-11-29T10:15:00+00:00"),
+            ),
             // Six fields: leading seconds.
-            ("*/5 * * * * *", "UTC", "2026-11-29T10:00:02Z", Some("2026-11-29T10:00:05+00:00")),
-            ("30 0 12 * * *", "UTC", "2026-11-29T12:00:30Z", Some("2026-11-30T12:00:30+00:00")),
+            (
+                "*/5 * * * * *",
+                "UTC",
+                "2026-11-29T10:00:02Z",
+                Some("2026-11-29T10:00:05+00:00"),
+            ),
+            (
+                "30 0 12 * * *",
+                "UTC",
+                "2026-11-29T12:00:30Z",
+                Some("2026-11-30T12:00:30+00:00"),
+            ),
             // Strictly after: a firing exactly at `after` is not returned again.
-            ("0 8 * * *", "UTC", "2026-11-29T08:00:00Z", Some("2026-11-30T08:00:00+00:00")),
+            (
+                "0 8 * * *",
+                "UTC",
+                "2026-11-29T08:00:00Z",
+                Some("2026-11-30T08:00:00+00:00"),
+            ),
             // Never fires.
             ("0 0 30 2 *", "UTC", "2026-11-29T00:00:00Z", None),
             // Leap day.
-            ("0 0 29 2 *", "UTC", "2026-11-29T00:00:00Z", Some("2028-02-29T00:00:00+00:00")),
+            (
+                "0 0 29 2 *",
+                "UTC",
+                "2026-11-29T00:00:00Z",
+                Some("2028-02-29T00:00:00+00:00"),
+            ),
             // --- DST, spring forward: the missing local time fires once, at the end of the gap.
             // America/New_York 2027-03-14 02:00 -> 03:00.
-            ("30 2 * * *", "America/New_York", "2027-03-14T05:00:00Z", Some("2027-03-14T03:00:00-04:00")),
-            ("30 2 * * *", "America/New_York", "2027-03-14T07:00:00Z", Some("2027-03-15T02:30:00-04:00")),
+            (
+                "30 2 * * *",
+                "America/New_York",
+                "2027-03-14T05:00:00Z",
+                Some("2027-03-14T03:00:00-04:00"),
+            ),
+            (
+                "30 2 * * *",
+                "America/New_York",
+                "2027-03-14T07:00:00Z",
+                Some("2027-03-15T02:30:00-04:00"),
+            ),
             // Every 15 minutes through the gap: 01:45 then 03:00 (02:xx collapse into the gap's end) then 03:15.
-            ("*/15 * * * *", "America/New_York", "2027-03-14T06:45:00Z", Some("2027-03-14T03:00:00-04:00")),
-            ("*/15 * * * *", "America/New_York", "2027-03-14T07:00:00Z", Some("2027-03-14T03:15:00-04:00")),
+            (
+                "*/15 * * * *",
+                "America/New_York",
+                "2027-03-14T06:45:00Z",
+                Some("2027-03-14T03:00:00-04:00"),
+            ),
+            (
+                "*/15 * * * *",
+                "America/New_York",
+                "2027-03-14T07:00:00Z",
+                Some("2027-03-14T03:15:00-04:00"),
+            ),
             // Europe/Berlin 2027-03-28 02:00 -> 03:00.
-            ("0 2 * * *", "Europe/Berlin", "2027-03-27T12:00:00Z", Some("2027-03-28T03:00:00+02:00")),
+            (
+                "0 2 * * *",
+                "Europe/Berlin",
+                "2027-03-27T12:00:00Z",
+                Some("2027-03-28T03:00:00+02:00"),
+            ),
             // Australia/Lord_Howe: 30-minute DST, 2026-10-04 02:00 -> 02:30 (+10:30 -> +11:00).
-            ("15 2 * * *", "Australia/Lord_Howe", "2026-10-03T12:00:00Z", Some("2026-10-04T02:30:00+11:00")),
-            ("45 2 * * *", "Australia/Lord_Howe", "2026-10-03T12:00:00Z", Some("2026-10-04T02:45:00+11:00")),
+            (
+                "15 2 * * *",
+                "Australia/Lord_Howe",
+                "2026-10-03T12:00:00Z",
+                Some("2026-10-04T02:30:00+11:00"),
+            ),
+            (
+                "45 2 * * *",
+                "Australia/Lord_Howe",
+                "2026-10-03T12:00:00Z",
+                Some("2026-10-04T02:45:00+11:00"),
+            ),
             // --- DST, fall back: a repeated local time fires once, at its first occurrence.
             // America/New_York 2026-11-01 02:00 -> 01:00: 01:30 happens at 05:30Z and 06:30Z.
-            ("30 1 * * *", "America/New_York", "2026-11-01T04:00:00Z", Some("2026-11-01T01:30:00-04:00")),
-            ("30 1 * * *", "America/New_York", "2026-11-01T05:30:00Z", Some("2026-11-02T01:30:00-05:00")),
+            (
+                "30 1 * * *",
+                "America/New_York",
+                "2026-11-01T04:00:00Z",
+                Some("2026-11-01T01:30:00-04:00"),
+            ),
+            (
+                "30 1 * * *",
+                "America/New_York",
+                "2026-11-01T05:30:00Z",
+                Some("2026-11-02T01:30:00-05:00"),
+            ),
             // Hourly through the overlap: after the first 01:00 (EDT) comes 02:00 EST, not a second 01:00.
-            ("0 * * * *", "America/New_York", "2026-11-01T05:00:00Z", Some("2026-11-01T02:00:00-05:00")),
+            (
+                "0 * * * *",
+                "America/New_York",
+                "2026-11-01T05:00:00Z",
+                Some("2026-11-01T02:00:00-05:00"),
+            ),
             // Lord_Howe falls back 30 minutes on 2027-04-04 02:00 -> 01:30: 01:45 fires once.
-            ("45 1 * * *", "Australia/Lord_Howe", "2027-04-03T12:00:00Z", Some("2027-04-04T01:45:00+11:00")),
-            ("45 1 * * *", "Australia/Lord_Howe", "2027-04-03T14:45:00Z", Some("2027-04-05T01:45:00+10:30")),
+            (
+                "45 1 * * *",
+                "Australia/Lord_Howe",
+                "2027-04-03T12:00:00Z",
+                Some("2027-04-04T01:45:00+11:00"),
+            ),
+            (
+                "45 1 * * *",
+                "Australia/Lord_Howe",
+                "2027-04-03T14:45:00Z",
+                Some("2027-04-05T01:45:00+10:30"),
+            ),
             // A zone without DST.
-            ("0 8 * * Mon-Fri", "Asia/Kolkata", "2026-11-29T00:00:00Z", Some("2026-11-30T08:00:00+05:30")),
+            (
+                "0 8 * * Mon-Fri",
+                "Asia/Kolkata",
+                "2026-11-29T00:00:00Z",
+                Some("2026-11-30T08:00:00+05:30"),
+            ),
         ];
         for (expr, zone, after, want) in cases {
             assert_eq!(

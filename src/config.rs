@@ -1,0 +1,857 @@
+//! The configuration file: parsing, validation, and the validated model the daemon runs on.
+//!
+//! Every problem is reported with the file, line and column it concerns and what was expected, and all
+//! problems of a file are reported together. A [`Config`] only exists once the whole file is valid.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono_tz::Tz;
+use serde::Deserialize;
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
+use toml::Spanned;
+
+use crate::schedule::CronSchedule;
+
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/shiftd/shiftd.toml";
+
+/// AssumeRole accepts 15 minutes to 12 hours (the role's maximum session duration may be lower).
+const MIN_SESSION: Duration = Duration::from_secs(15 * 60);
+const MAX_SESSION: Duration = Duration::from_secs(12 * 3600);
+
+// ---------------------------------------------------------------------------------------------------------
+// The validated model
+// ---------------------------------------------------------------------------------------------------------
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Action {
+    Start,
+    Stop,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Start => "start",
+            Action::Stop => "stop",
+        }
+    }
+    /// The EC2 state an instance ends in once this action has completed.
+    pub fn target_state(self) -> &'static str {
+        match self {
+            Action::Start => "running",
+            Action::Stop => "stopped",
+        }
+    }
+}
+
+impl fmt::Display for Action {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub path: PathBuf,
+    pub defaults: Defaults,
+    pub credentials: CredentialSource,
+    pub accounts: BTreeMap<String, Account>,
+    pub rules: Vec<Rule>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Defaults {
+    pub timezone: Tz,
+    pub refresh_before_expiry: Duration,
+    pub session_duration: Duration,
+    pub dry_run: bool,
+    /// How long an action follows its instances towards `running`/`stopped` before reporting them failed.
+    pub verify_timeout: Duration,
+    /// How long a due action waits for valid credentials of its account before it is reported failed.
+    pub credentials_wait: Duration,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum CredentialSource {
+    /// The instance profile, through IMDSv2.
+    Imds,
+    /// A named profile of the shared AWS config files (e.g. `role_arn` + `credential_source`).
+    Profile(String),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Account {
+    pub name: String,
+    pub role_arn: String,
+    pub account_id: String,
+    pub external_id: Option<String>,
+    pub regions: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Selection {
+    pub instance_ids: Vec<String>,
+    /// Tag key -> accepted values (EC2 filter wildcards allowed). All keys must match.
+    pub tags: BTreeMap<String, Vec<String>>,
+}
+
+impl fmt::Display for Selection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts = Vec::new();
+        if !self.instance_ids.is_empty() {
+            parts.push(format!("ids [{}]", self.instance_ids.join(", ")));
+        }
+        if !self.tags.is_empty() {
+            let tags: Vec<String> = self
+                .tags
+                .iter()
+                .map(|(k, v)| format!("{k}={}", v.join("|")))
+                .collect();
+            parts.push(format!("tags {}", tags.join(" ")));
+        }
+        f.write_str(&parts.join(" and "))
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct Rule {
+    pub name: String,
+    pub account: String,
+    pub regions: Vec<String>,
+    pub selection: Selection,
+    pub start: Vec<CronSchedule>,
+    pub stop: Vec<CronSchedule>,
+    pub timezone: Tz,
+}
+
+impl Rule {
+    pub fn schedules(&self, action: Action) -> &[CronSchedule] {
+        match action {
+            Action::Start => &self.start,
+            Action::Stop => &self.stop,
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Errors
+// ---------------------------------------------------------------------------------------------------------
+
+/// One problem in a configuration file, at a 1-based line and column.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ConfigIssue {
+    pub line: usize,
+    pub column: usize,
+    pub message: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{}", render_issues(path, issues))]
+    Invalid {
+        path: PathBuf,
+        issues: Vec<ConfigIssue>,
+    },
+}
+
+fn render_issues(path: &Path, issues: &[ConfigIssue]) -> String {
+    let lines: Vec<String> = issues
+        .iter()
+        .map(|i| format!("{}:{}:{}: {}", path.display(), i.line, i.column, i.message))
+        .collect();
+    lines.join("\n")
+}
+
+/// Turns byte offsets into 1-based line and column (in characters).
+struct Locator<'a> {
+    text: &'a str,
+}
+
+impl Locator<'_> {
+    fn at(&self, offset: usize, message: impl Into<String>) -> ConfigIssue {
+        let offset = offset.min(self.text.len());
+        let before = &self.text[..offset];
+        let line = before.matches('\n').count() + 1;
+        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
+        let column = self.text[line_start..offset].chars().count() + 1;
+        ConfigIssue {
+            line,
+            column,
+            message: message.into(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// The file as written
+// ---------------------------------------------------------------------------------------------------------
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    defaults: RawDefaults,
+    #[serde(default)]
+    credentials: Option<Spanned<RawCredentials>>,
+    #[serde(default)]
+    accounts: BTreeMap<Spanned<String>, Spanned<RawAccount>>,
+    #[serde(default)]
+    rules: Vec<Spanned<RawRule>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawDefaults {
+    timezone: Option<Spanned<String>>,
+    refresh_before_expiry: Option<Spanned<String>>,
+    session_duration: Option<Spanned<String>>,
+    dry_run: Option<bool>,
+    verify_timeout: Option<Spanned<String>>,
+    credentials_wait: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCredentials {
+    source: Option<Spanned<String>>,
+    profile: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAccount {
+    role_arn: Spanned<String>,
+    external_id: Option<Spanned<String>>,
+    regions: Spanned<Vec<Spanned<String>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: Spanned<String>,
+    account: Spanned<String>,
+    regions: Option<Spanned<Vec<Spanned<String>>>>,
+    #[serde(default)]
+    instances: Vec<Spanned<String>>,
+    #[serde(default)]
+    tags: BTreeMap<Spanned<String>, Spanned<OneOrMany>>,
+    start: Option<Spanned<OneOrMany>>,
+    stop: Option<Spanned<OneOrMany>>,
+    timezone: Option<Spanned<String>>,
+}
+
+/// A string or an array of strings.
+struct OneOrMany(Vec<String>);
+
+impl<'de> Deserialize<'de> for OneOrMany {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = OneOrMany;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a string or an array of strings")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<OneOrMany, E> {
+                Ok(OneOrMany(vec![v.to_string()]))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<OneOrMany, A::Error> {
+                let mut out = Vec::new();
+                while let Some(s) = seq.next_element::<String>()? {
+                    out.push(s);
+                }
+                Ok(OneOrMany(out))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Loading and validation
+// ---------------------------------------------------------------------------------------------------------
+
+impl Config {
+    /// Reads and validates the file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::parse(path, &text)
+    }
+
+    /// Validates `text` as the contents of `path` (the path is only used in messages).
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let loc = Locator { text };
+        let invalid = |issues| ConfigError::Invalid {
+            path: path.to_path_buf(),
+            issues,
+        };
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let offset = e.span().map_or(0, |s| s.start);
+            invalid(vec![loc.at(offset, e.message().trim_end().to_string())])
+        })?;
+        let mut issues = Vec::new();
+        let config = validate(path, raw, &loc, &mut issues);
+        if issues.is_empty() {
+            Ok(config)
+        } else {
+            issues.sort_by_key(|i| (i.line, i.column));
+            Err(invalid(issues))
+        }
+    }
+
+    pub fn account(&self, name: &str) -> Option<&Account> {
+        self.accounts.get(name)
+    }
+}
+
+fn validate(path: &Path, raw: RawConfig, loc: &Locator, issues: &mut Vec<ConfigIssue>) -> Config {
+    let mut report = |offset: usize, msg: String| issues.push(loc.at(offset, msg));
+
+    // [defaults]
+    let d = raw.defaults;
+    let timezone = match &d.timezone {
+        Some(s) => parse_zone(s, &mut report),
+        None => Tz::UTC,
+    };
+    let mut duration = |field: &Option<Spanned<String>>, name: &str, default: Duration| match field
+    {
+        Some(s) => match humantime::parse_duration(s.get_ref()) {
+            Ok(v) if !v.is_zero() => v,
+            _ => {
+                report(
+                    s.span().start,
+                    format!(
+                        "{name}: {:?} is not a duration: expected a positive duration such as \"10m\", \"1h\" or \"90s\"",
+                        s.get_ref()
+                    ),
+                );
+                default
+            }
+        },
+        None => default,
+    };
+    let session_duration = duration(
+        &d.session_duration,
+        "session_duration",
+        Duration::from_secs(3600),
+    );
+    let refresh_before_expiry = duration(
+        &d.refresh_before_expiry,
+        "refresh_before_expiry",
+        Duration::from_secs(600),
+    );
+    let verify_timeout = duration(
+        &d.verify_timeout,
+        "verify_timeout",
+        Duration::from_secs(600),
+    );
+    let credentials_wait = duration(
+        &d.credentials_wait,
+        "credentials_wait",
+        Duration::from_secs(300),
+    );
+    if let Some(s) = &d.session_duration
+        && !(MIN_SESSION..=MAX_SESSION).contains(&session_duration)
+    {
+        report(
+            s.span().start,
+            format!(
+                "session_duration: {:?} is outside what AssumeRole accepts: expected 15m to 12h",
+                s.get_ref()
+            ),
+        );
+    }
+    if refresh_before_expiry + Duration::from_secs(60) > session_duration {
+        let offset = d
+            .refresh_before_expiry
+            .as_ref()
+            .or(d.session_duration.as_ref())
+            .map_or(0, |s| s.span().start);
+        report(
+            offset,
+            format!(
+                "refresh_before_expiry ({}) must be at least 1m shorter than session_duration ({})",
+                humantime::format_duration(refresh_before_expiry),
+                humantime::format_duration(session_duration)
+            ),
+        );
+    }
+
+    // [credentials]
+    let credentials = match raw.credentials {
+        None => CredentialSource::Imds,
+        Some(c) => {
+            let span = c.span();
+            let c = c.into_inner();
+            let source = c
+                .source
+                .as_ref()
+                .map(|s| s.get_ref().as_str())
+                .unwrap_or("imds");
+            match (source, c.profile) {
+                ("imds", None) => CredentialSource::Imds,
+                ("imds", Some(p)) => {
+                    report(
+                        p.span().start,
+                        "profile is only used with source = \"profile\"".to_string(),
+                    );
+                    CredentialSource::Imds
+                }
+                ("profile", Some(p)) if !p.get_ref().trim().is_empty() => {
+                    CredentialSource::Profile(p.into_inner())
+                }
+                ("profile", _) => {
+                    report(
+                        span.start,
+                        "source = \"profile\" needs profile = \"<name of an AWS profile>\""
+                            .to_string(),
+                    );
+                    CredentialSource::Imds
+                }
+                (other, _) => {
+                    let offset = c.source.as_ref().map_or(span.start, |s| s.span().start);
+                    report(
+                        offset,
+                        format!(
+                            "credentials.source: {other:?} is not a credential source: expected \"imds\" or \"profile\""
+                        ),
+                    );
+                    CredentialSource::Imds
+                }
+            }
+        }
+    };
+
+    // [accounts.NAME]
+    let mut accounts = BTreeMap::new();
+    for (name, account) in raw.accounts {
+        let name_span = name.span();
+        let name = name.into_inner();
+        let account = account.into_inner();
+        if !valid_name(&name) {
+            report(
+                name_span.start,
+                format!("account name {name:?}: expected letters, digits, '-', '_' or '.'"),
+            );
+        }
+        let account_id = match parse_role_arn(account.role_arn.get_ref()) {
+            Ok(id) => id,
+            Err(why) => {
+                report(account.role_arn.span().start, format!("role_arn: {why}"));
+                String::new()
+            }
+        };
+        if let Some(x) = &account.external_id {
+            let v = x.get_ref();
+            let ok_chars = v
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "+=,.@:/-_".contains(c));
+            if !(2..=1224).contains(&v.len()) || !ok_chars {
+                report(
+                    x.span().start,
+                    "external_id: expected 2 to 1224 characters of letters, digits and +=,.@:/-_"
+                        .to_string(),
+                );
+            }
+        }
+        if account.regions.get_ref().is_empty() {
+            report(
+                account.regions.span().start,
+                format!(
+                    "accounts.{name}.regions: expected at least one region, e.g. [\"ap-northeast-1\"]"
+                ),
+            );
+        }
+        let mut regions = Vec::new();
+        for r in account.regions.into_inner() {
+            check_region(&r, &mut report);
+            if !regions.contains(r.get_ref()) {
+                regions.push(r.into_inner());
+            }
+        }
+        accounts.insert(
+            name.clone(),
+            Account {
+                name,
+                role_arn: account.role_arn.into_inner(),
+                account_id,
+                external_id: account.external_id.map(Spanned::into_inner),
+                regions,
+            },
+        );
+    }
+
+    // [[rules]]
+    let mut rules = Vec::new();
+    let mut names = BTreeSet::new();
+    for rule in raw.rules {
+        let rule_span = rule.span();
+        let rule = rule.into_inner();
+        let name = rule.name.get_ref().clone();
+        if !valid_name(&name) {
+            report(
+                rule.name.span().start,
+                format!("rule name {name:?}: expected letters, digits, '-', '_' or '.'"),
+            );
+        } else if !names.insert(name.clone()) {
+            report(
+                rule.name.span().start,
+                format!("rule name {name:?} is used twice: rule names must be unique"),
+            );
+        }
+        let account = accounts.get(rule.account.get_ref());
+        if account.is_none() {
+            let known: Vec<&str> = accounts.keys().map(String::as_str).collect();
+            report(
+                rule.account.span().start,
+                format!(
+                    "rule {name:?}: account {:?} is not defined: expected one of [{}]",
+                    rule.account.get_ref(),
+                    known.join(", ")
+                ),
+            );
+        }
+        let regions = match (&rule.regions, account) {
+            (Some(rs), Some(account)) => {
+                if rs.get_ref().is_empty() {
+                    report(
+                        rs.span().start,
+                        format!(
+                            "rule {name:?}: regions is empty: leave it out to use all of the account's regions"
+                        ),
+                    );
+                }
+                let mut out = Vec::new();
+                for r in rs.get_ref() {
+                    if check_region(r, &mut report) && !account.regions.contains(r.get_ref()) {
+                        report(
+                            r.span().start,
+                            format!(
+                                "rule {name:?}: region {:?} is not one of account {:?}'s regions [{}]",
+                                r.get_ref(),
+                                account.name,
+                                account.regions.join(", ")
+                            ),
+                        );
+                    }
+                    if !out.contains(r.get_ref()) {
+                        out.push(r.get_ref().clone());
+                    }
+                }
+                out
+            }
+            (None, Some(account)) => account.regions.clone(),
+            (_, None) => Vec::new(),
+        };
+
+        let mut selection = Selection::default();
+        for id in &rule.instances {
+            if !valid_instance_id(id.get_ref()) {
+                report(
+                    id.span().start,
+                    format!(
+                        "rule {name:?}: {:?} is not an instance ID: expected \"i-\" and 8 or 17 hex digits",
+                        id.get_ref()
+                    ),
+                );
+            } else if !selection.instance_ids.contains(id.get_ref()) {
+                selection.instance_ids.push(id.get_ref().clone());
+            }
+        }
+        for (key, values) in rule.tags {
+            let values_span = values.span();
+            let values = values.into_inner().0;
+            if key.get_ref().is_empty() || key.get_ref().len() > 128 {
+                report(
+                    key.span().start,
+                    format!("rule {name:?}: tag key must be 1 to 128 characters"),
+                );
+            }
+            if values.is_empty() || values.iter().any(|v| v.len() > 256) {
+                report(
+                    values_span.start,
+                    format!(
+                        "rule {name:?}: tag {:?}: expected a value or a non-empty list of values (at most 256 characters each)",
+                        key.get_ref()
+                    ),
+                );
+            }
+            selection.tags.insert(key.into_inner(), values);
+        }
+        if selection.instance_ids.is_empty() && selection.tags.is_empty() {
+            report(
+                rule.name.span().start,
+                format!(
+                    "rule {name:?} selects no instances: give instances = [\"i-...\"] and/or tags = {{ Key = \"value\" }} \
+                     (a rule without a selection would act on every instance of the account)"
+                ),
+            );
+        }
+
+        let mut cron = |field: &Option<Spanned<OneOrMany>>| -> Vec<CronSchedule> {
+            let Some(exprs) = field else {
+                return Vec::new();
+            };
+            if exprs.get_ref().0.is_empty() {
+                report(
+                    exprs.span().start,
+                    format!(
+                        "rule {name:?}: expected a cron expression or a non-empty list of them"
+                    ),
+                );
+            }
+            exprs
+                .get_ref()
+                .0
+                .iter()
+                .filter_map(|e| match CronSchedule::parse(e) {
+                    Ok(s) => Some(s),
+                    Err(err) => {
+                        report(exprs.span().start, format!("rule {name:?}: {err}"));
+                        None
+                    }
+                })
+                .collect()
+        };
+        let start = cron(&rule.start);
+        let stop = cron(&rule.stop);
+        if rule.start.is_none() && rule.stop.is_none() {
+            report(
+                rule_span.start,
+                format!(
+                    "rule {name:?} has neither start nor stop: expected at least one cron expression"
+                ),
+            );
+        }
+        let rule_zone = match &rule.timezone {
+            Some(z) => parse_zone(z, &mut report),
+            None => timezone,
+        };
+        for (field, schedules) in [(&rule.start, &start), (&rule.stop, &stop)] {
+            for s in schedules {
+                if s.next_after(chrono::DateTime::UNIX_EPOCH, rule_zone)
+                    .is_none()
+                {
+                    let offset = field.as_ref().map_or(rule_span.start, |f| f.span().start);
+                    report(
+                        offset,
+                        format!(
+                            "rule {name:?}: cron expression {:?} never fires",
+                            s.source()
+                        ),
+                    );
+                }
+            }
+        }
+        rules.push(Rule {
+            name,
+            account: rule.account.into_inner(),
+            regions,
+            selection,
+            start,
+            stop,
+            timezone: rule_zone,
+        });
+    }
+
+    Config {
+        path: path.to_path_buf(),
+        defaults: Defaults {
+            timezone,
+            refresh_before_expiry,
+            session_duration,
+            dry_run: d.dry_run.unwrap_or(false),
+            verify_timeout,
+            credentials_wait,
+        },
+        credentials,
+        accounts,
+        rules,
+    }
+}
+
+fn parse_zone(s: &Spanned<String>, report: &mut impl FnMut(usize, String)) -> Tz {
+    s.get_ref().parse::<Tz>().unwrap_or_else(|_| {
+        report(
+            s.span().start,
+            format!(
+                "timezone: {:?} is not an IANA time zone: expected a name such as \"Asia/Tokyo\", \"Europe/Berlin\" or \"UTC\"",
+                s.get_ref()
+            ),
+        );
+        Tz::UTC
+    })
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+}
+
+/// `i-` followed by 8 (older) or 17 lowercase hex digits.
+pub fn valid_instance_id(s: &str) -> bool {
+    s.strip_prefix("i-").is_some_and(|hex| {
+        (hex.len() == 8 || hex.len() == 17)
+            && hex
+                .chars()
+                .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+    })
+}
+
+/// Region names such as `ap-northeast-1`, `us-gov-west-1`, `eu-central-2`.
+pub fn valid_region(s: &str) -> bool {
+    let parts: Vec<&str> = s.split('-').collect();
+    parts.len() >= 3
+        && parts[0].len() == 2
+        && parts.iter().all(|p| !p.is_empty())
+        && parts[..parts.len() - 1]
+            .iter()
+            .all(|p| p.chars().all(|c| c.is_ascii_lowercase()))
+        && parts[parts.len() - 1].chars().all(|c| c.is_ascii_digit())
+}
+
+fn check_region(r: &Spanned<String>, report: &mut impl FnMut(usize, String)) -> bool {
+    let ok = valid_region(r.get_ref());
+    if !ok {
+        report(
+            r.span().start,
+            format!(
+                "{:?} is not an AWS region name: expected a name such as \"ap-northeast-1\"",
+                r.get_ref()
+            ),
+        );
+    }
+    ok
+}
+
+/// Checks an IAM role ARN and returns its account ID.
+fn parse_role_arn(arn: &str) -> Result<String, String> {
+    let expected = "expected arn:aws:iam::<12-digit account id>:role/<name>";
+    let parts: Vec<&str> = arn.splitn(6, ':').collect();
+    if parts.len() != 6
+        || parts[0] != "arn"
+        || !parts[1].starts_with("aws")
+        || parts[2] != "iam"
+        || !parts[3].is_empty()
+    {
+        return Err(format!("{arn:?} is not an IAM role ARN: {expected}"));
+    }
+    let account = parts[4];
+    if account.len() != 12 || !account.chars().all(|c| c.is_ascii_digit()) {
+        return Err(format!(
+            "{arn:?}: account {account:?} is not 12 digits: {expected}"
+        ));
+    }
+    let name = parts[5].strip_prefix("role/").unwrap_or("");
+    let name_ok = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "+=,.@_-/".contains(c));
+    if name.is_empty() || name.ends_with('/') || !name_ok {
+        return Err(format!("{arn:?} names no role: {expected}"));
+    }
+    Ok(account.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[accounts.account1]
+role_arn = "arn:aws:iam::111111111111:role/account1-role-ec2"
+regions = ["ap-northeast-1"]
+
+[[rules]]
+name = "office-hours"
+account = "account1"
+instances = ["i-0123456789abcdef0"]
+start = "0 8 * * Mon-Fri"
+stop = ["0 20 * * 1-5", "0 23 * * 0,6"]
+timezone = "Asia/Tokyo"
+"#;
+
+    #[test]
+    fn minimal_config_loads_with_defaults() {
+        let c = Config::parse(Path::new("t.toml"), MINIMAL).unwrap();
+        assert_eq!(c.credentials, CredentialSource::Imds);
+        assert_eq!(c.defaults.timezone, Tz::UTC);
+        assert_eq!(c.defaults.session_duration, Duration::from_secs(3600));
+        assert_eq!(c.defaults.refresh_before_expiry, Duration::from_secs(600));
+        let a = c.account("account1").unwrap();
+        assert_eq!(a.account_id, "111111111111");
+        let r = &c.rules[0];
+        assert_eq!(r.regions, vec!["ap-northeast-1"]);
+        assert_eq!(r.start.len(), 1);
+        assert_eq!(r.stop.len(), 2);
+        assert_eq!(r.timezone, chrono_tz::Asia::Tokyo);
+    }
+
+    #[test]
+    fn tag_values_may_be_strings_or_lists() {
+        let text = MINIMAL.replace(
+            "instances = [\"i-0123456789abcdef0\"]",
+            "tags = { Schedule = \"office-hours\", Environment = [\"dev\", \"stg\"] }",
+        );
+        let c = Config::parse(Path::new("t.toml"), &text).unwrap();
+        let tags = &c.rules[0].selection.tags;
+        assert_eq!(tags["Schedule"], vec!["office-hours"]);
+        assert_eq!(tags["Environment"], vec!["dev", "stg"]);
+    }
+
+    #[test]
+    fn profile_source_is_read() {
+        let text = format!(
+            "[credentials]\nsource = \"profile\"\nprofile = \"assume-role-ec2\"\n{MINIMAL}"
+        );
+        let c = Config::parse(Path::new("t.toml"), &text).unwrap();
+        assert_eq!(
+            c.credentials,
+            CredentialSource::Profile("assume-role-ec2".into())
+        );
+    }
+
+    #[test]
+    fn several_problems_are_reported_together_in_file_order() {
+        let text = MINIMAL
+            .replace("ap-northeast-1", "tokyo")
+            .replace("Asia/Tokyo", "Asia/Tokio");
+        let err = Config::parse(Path::new("t.toml"), &text).unwrap_err();
+        let ConfigError::Invalid { issues, .. } = &err else {
+            panic!("{err}")
+        };
+        assert_eq!(issues.len(), 2, "{err}");
+        assert!(issues[0].message.contains("not an AWS region"), "{err}");
+        assert!(issues[1].message.contains("not an IANA time zone"), "{err}");
+        assert!(issues[0].line < issues[1].line);
+    }
+
+    #[test]
+    fn helpers_accept_and_reject() {
+        assert!(valid_instance_id("i-0123456789abcdef0"));
+        assert!(valid_instance_id("i-01234567"));
+        assert!(!valid_instance_id("i-0123456789ABCDEF0"));
+        assert!(!valid_instance_id("0123456789abcdef0"));
+        assert!(valid_region("us-gov-west-1"));
+        assert!(!valid_region("us-east"));
+        assert!(!valid_region("Tokyo"));
+        assert_eq!(
+            parse_role_arn("arn:aws:iam::111111111111:role/path/x").unwrap(),
+            "111111111111"
+        );
+        assert!(parse_role_arn("arn:aws:iam::1111:role/x").is_err());
+        assert!(parse_role_arn("arn:aws:iam::111111111111:user/x").is_err());
+    }
+}
