@@ -1,0 +1,333 @@
+//! The daemon: `run(settings, deps, shutdown)`.
+//!
+//! It sleeps until the next due instant, hands each account's due work to the executor, keeps every
+//! target account's credentials fresh in the background, reloads its configuration on request (an
+//! invalid new configuration is reported and the running one kept), and on shutdown lets in-flight
+//! calls finish within a bound.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use tokio::sync::{mpsc, watch};
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::aws::AwsEnv;
+use crate::config::{Account, Config, ConfigError};
+use crate::credentials::{self, AccountCredentials, SessionSpec};
+use crate::executor::{self, AccountClients, ExecOptions};
+use crate::outcome::{Outcome, ResultKind};
+use crate::planner;
+
+/// The longest single sleep: the loop re-reads the clock at least this often, so a wall-clock step
+/// (NTP correction, resume from suspend) delays a firing by at most this much.
+const MAX_SLEEP: Duration = Duration::from_secs(60);
+/// How long in-flight Start/Stop calls may take to finish after a shutdown request.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// The wall clock, as a parameter: tests and tools can substitute their own.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> DateTime<Utc>;
+}
+
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> DateTime<Utc> {
+        Utc::now()
+    }
+}
+
+pub struct Settings {
+    pub config_path: PathBuf,
+    /// `--dry-run`: overrides the configuration's `dry_run = false`.
+    pub dry_run: bool,
+}
+
+pub struct Deps {
+    pub clock: Arc<dyn Clock>,
+    /// Each message asks for a configuration reload (SIGHUP in the binary).
+    pub reload: mpsc::UnboundedReceiver<()>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("no rules to run: {0} defines no [[rules]]")]
+    NoRules(String),
+}
+
+struct AccountRuntime {
+    spec: SessionSpec,
+    clients: Arc<AccountClients>,
+    refresher: JoinHandle<()>,
+}
+
+impl Drop for AccountRuntime {
+    fn drop(&mut self) {
+        self.refresher.abort();
+    }
+}
+
+struct Daemon {
+    config: Arc<Config>,
+    dry_run_flag: bool,
+    aws: Arc<AwsEnv>,
+    session_name: String,
+    accounts: BTreeMap<String, AccountRuntime>,
+}
+
+impl Daemon {
+    fn exec_options(&self) -> ExecOptions {
+        ExecOptions {
+            dry_run: self.dry_run_flag || self.config.defaults.dry_run,
+            verify_timeout: self.config.defaults.verify_timeout,
+            credentials_wait: self.config.defaults.credentials_wait,
+        }
+    }
+
+    /// Starts, keeps or replaces each account's credential renewal to match the configuration.
+    async fn reconcile_accounts(&mut self) {
+        let config = self.config.clone();
+        let mut next = BTreeMap::new();
+        for (name, account) in &config.accounts {
+            let spec = SessionSpec::new(
+                account,
+                &self.session_name,
+                config.defaults.session_duration,
+                config.defaults.refresh_before_expiry,
+            );
+            let kept = self
+                .accounts
+                .remove(name)
+                .filter(|rt| rt.spec == spec && rt.clients.account.regions == account.regions);
+            let runtime = match kept {
+                Some(rt) => rt,
+                None => self.start_account(account, spec).await,
+            };
+            next.insert(name.clone(), runtime);
+        }
+        // Accounts left in `self.accounts` were removed or changed: dropping them stops their renewal.
+        self.accounts = next;
+    }
+
+    async fn start_account(&self, account: &Account, spec: SessionSpec) -> AccountRuntime {
+        let credentials = AccountCredentials::new(&account.name);
+        let mut regions = BTreeMap::new();
+        for region in &account.regions {
+            regions.insert(
+                region.clone(),
+                self.aws.ec2(region, credentials.clone()).await,
+            );
+        }
+        let sts = self.aws.sts(&account.regions[0]).await;
+        let refresher = tokio::spawn(credentials::keep_fresh(
+            sts,
+            spec.clone(),
+            credentials.clone(),
+        ));
+        AccountRuntime {
+            spec,
+            clients: Arc::new(AccountClients {
+                account: account.clone(),
+                credentials,
+                regions,
+            }),
+            refresher,
+        }
+    }
+}
+
+fn first_region(config: &Config) -> &str {
+    config
+        .accounts
+        .values()
+        .next()
+        .map_or("us-east-1", |a| a.regions[0].as_str())
+}
+
+/// Loads the configuration for running: valid, and with at least one rule.
+fn load(path: &std::path::Path) -> Result<Config, RunError> {
+    let config = Config::load(path)?;
+    if config.rules.is_empty() {
+        return Err(RunError::NoRules(path.display().to_string()));
+    }
+    Ok(config)
+}
+
+/// Runs until `shutdown` completes. Fails only if the configuration cannot be loaded at start.
+pub async fn run(
+    settings: Settings,
+    deps: Deps,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    let Deps { clock, mut reload } = deps;
+    let config = Arc::new(load(&settings.config_path)?);
+    let aws = Arc::new(AwsEnv::new(&config.credentials, first_region(&config)));
+    let session_name = credentials::session_name(&aws.delegate_name().await);
+    let mut daemon = Daemon {
+        config,
+        dry_run_flag: settings.dry_run,
+        aws,
+        session_name,
+        accounts: BTreeMap::new(),
+    };
+    daemon.reconcile_accounts().await;
+    log_started(&daemon);
+
+    let (cancel_tx, cancel_rx) = watch::channel(false);
+    let mut inflight: JoinSet<Vec<Outcome>> = JoinSet::new();
+    let mut last_checked = clock.now();
+    tokio::pin!(shutdown);
+
+    loop {
+        let now = clock.now();
+        let work = planner::due_between(&daemon.config, last_checked, now);
+        last_checked = now;
+        report_missed(&daemon.config, &work.missed, now);
+        if !work.due.is_empty() {
+            let at = work.due.iter().map(|f| f.at).max().expect("not empty");
+            for batch in planner::batches(&daemon.config, &work.due, at) {
+                let Some(rt) = daemon.accounts.get(&batch.account) else {
+                    continue;
+                };
+                tracing::info!(
+                    account = %batch.account,
+                    "due at {}: {}",
+                    at.to_rfc3339(),
+                    batch
+                        .requests
+                        .iter()
+                        .map(|r| format!("{} {}", r.action, r.rule))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                );
+                inflight.spawn(executor::run_batch(
+                    rt.clients.clone(),
+                    batch,
+                    daemon.exec_options(),
+                    cancel_rx.clone(),
+                ));
+            }
+        }
+
+        let next = planner::next_due(&daemon.config, now);
+        let sleep_for = next
+            .map(|n| (n - now).to_std().unwrap_or_default())
+            .unwrap_or(MAX_SLEEP)
+            .min(MAX_SLEEP);
+        tokio::select! {
+            _ = tokio::time::sleep(sleep_for) => {}
+            Some(()) = reload.recv() => {
+                match load(&settings.config_path) {
+                    Ok(new) => {
+                        let sources_differ = new.credentials != *daemon.aws.source();
+                        daemon.config = Arc::new(new);
+                        if sources_differ {
+                            daemon.aws = Arc::new(AwsEnv::new(&daemon.config.credentials, first_region(&daemon.config)));
+                            daemon.accounts.clear();
+                        }
+                        daemon.reconcile_accounts().await;
+                        tracing::info!("configuration reloaded from {}", settings.config_path.display());
+                        log_started(&daemon);
+                    }
+                    Err(e) => tracing::error!(
+                        error = %e,
+                        "configuration reload failed; still running the previous configuration:\n{e}"
+                    ),
+                }
+            }
+            Some(done) = inflight.join_next(), if !inflight.is_empty() => {
+                log_batch_done(done);
+            }
+            () = &mut shutdown => break,
+        }
+    }
+
+    tracing::info!(
+        "shutting down: {} batch(es) in flight, waiting up to {}",
+        inflight.len(),
+        humantime::format_duration(SHUTDOWN_GRACE)
+    );
+    // In-flight Start/Stop calls finish; following instances to their final state stops now.
+    let _ = cancel_tx.send(true);
+    let drain = async {
+        while let Some(done) = inflight.join_next().await {
+            log_batch_done(done);
+        }
+    };
+    if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
+        tracing::error!(
+            "in-flight actions did not finish within the shutdown grace; abandoning them"
+        );
+        inflight.abort_all();
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn log_started(daemon: &Daemon) {
+    let c = &daemon.config;
+    tracing::info!(
+        config = %c.path.display(),
+        accounts = c.accounts.len(),
+        rules = c.rules.len(),
+        dry_run = daemon.dry_run_flag || c.defaults.dry_run,
+        session_name = %daemon.session_name,
+        "running {} rule(s) over {} account(s) from {}{}",
+        c.rules.len(),
+        c.accounts.len(),
+        c.path.display(),
+        if daemon.dry_run_flag || c.defaults.dry_run { " (dry run: no instance will be started or stopped)" } else { "" }
+    );
+}
+
+fn report_missed(config: &Config, missed: &[planner::Firing], now: DateTime<Utc>) {
+    for f in missed {
+        let Some(rule) = config.rules.iter().find(|r| r.name == f.rule) else {
+            continue;
+        };
+        Outcome {
+            action: f.action,
+            rules: vec![f.rule.clone()],
+            account: rule.account.clone(),
+            region: rule.regions.join(","),
+            instance_id: None,
+            result: ResultKind::Failed,
+            reason: format!(
+                "missed: due at {}, noticed at {} (more than {} late: shiftd was not running or the \
+                 machine was suspended); not acted on (selection: {})",
+                f.at.to_rfc3339(),
+                now.to_rfc3339(),
+                humantime::format_duration(planner::LATE_TOLERANCE),
+                rule.selection
+            ),
+        }
+        .log();
+    }
+}
+
+fn log_batch_done(done: Result<Vec<Outcome>, tokio::task::JoinError>) {
+    match done {
+        Ok(outcomes) => {
+            let count = |k| outcomes.iter().filter(|o| o.result == k).count();
+            if let Some(first) = outcomes.first() {
+                tracing::info!(
+                    account = %first.account,
+                    "batch done for account {}: {} ok, {} skipped, {} failed, {} dry-run",
+                    first.account,
+                    count(ResultKind::Ok),
+                    count(ResultKind::Skipped),
+                    count(ResultKind::Failed),
+                    count(ResultKind::DryRun)
+                );
+            }
+        }
+        Err(e) if e.is_cancelled() => {}
+        Err(e) => tracing::error!("an action batch crashed: {e}"),
+    }
+}

@@ -1,0 +1,81 @@
+//! Log output: native journald entries under systemd, readable lines on stderr otherwise.
+
+use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogTarget {
+    /// journald when stderr is connected to the journal (as under systemd), else stderr.
+    Auto,
+    /// Native journald entries with SHIFTD_* fields.
+    Journald,
+    /// Human-readable lines on stderr.
+    Stderr,
+}
+
+/// The default filter: shiftd at info, the AWS SDK only when it warns. `SHIFTD_LOG` overrides it
+/// (same syntax as `RUST_LOG`, e.g. `SHIFTD_LOG=debug`).
+fn filter() -> EnvFilter {
+    EnvFilter::try_from_env("SHIFTD_LOG").unwrap_or_else(|_| {
+        EnvFilter::new(
+            "info,aws_config=warn,aws_smithy_runtime=warn,aws_sdk_sts=warn,aws_sdk_ec2=warn",
+        )
+    })
+}
+
+/// Installs the global subscriber. Returns a note to log once logging is up (e.g. a fallback taken).
+pub fn init(target: LogTarget) -> Option<String> {
+    let want_journald = match target {
+        LogTarget::Journald => true,
+        LogTarget::Stderr => false,
+        // systemd sets JOURNAL_STREAM when stdout/stderr go to the journal.
+        LogTarget::Auto => std::env::var_os("JOURNAL_STREAM").is_some(),
+    };
+    if want_journald {
+        match tracing_journald::layer() {
+            Ok(layer) => {
+                let layer = layer
+                    .with_field_prefix(Some("SHIFTD".into()))
+                    .with_syslog_identifier("shiftd".into());
+                tracing_subscriber::registry()
+                    .with(filter())
+                    .with(layer)
+                    .init();
+                return None;
+            }
+            Err(e) if target == LogTarget::Journald => {
+                stderr_init();
+                return Some(format!(
+                    "journald is not reachable ({e}); logging to stderr"
+                ));
+            }
+            Err(_) => {}
+        }
+    }
+    stderr_init();
+    None
+}
+
+/// Stderr lines carry the message only: every message already says what its structured fields say
+/// (the fields are for journald queries).
+fn stderr_init() {
+    use std::io::IsTerminal;
+    let message_only = tracing_subscriber::fmt::format::debug_fn(|writer, field, value| {
+        if field.name() == "message" {
+            write!(writer, "{value:?}")
+        } else {
+            Ok(())
+        }
+    });
+    tracing_subscriber::registry()
+        .with(filter())
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::stderr().is_terminal())
+                .with_target(false)
+                .fmt_fields(message_only),
+        )
+        .init();
+}

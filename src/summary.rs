@@ -1,0 +1,83 @@
+//! The short human summary `shiftd check` prints: what the configuration schedules, and when next.
+
+use std::fmt::Write;
+
+use chrono::{DateTime, Utc};
+
+use crate::config::{Action, Config, CredentialSource};
+
+/// Renders the summary of `config` with next firings computed from `now`.
+pub fn render(config: &Config, now: DateTime<Utc>) -> String {
+    let mut out = String::new();
+    let d = &config.defaults;
+    let _ = writeln!(out, "{}: valid", config.path.display());
+    let source = match &config.credentials {
+        CredentialSource::Imds => "instance profile (IMDSv2)".to_string(),
+        CredentialSource::Profile(p) => format!("AWS profile {p:?}"),
+    };
+    let _ = writeln!(out, "credentials: {source}");
+    let _ = writeln!(
+        out,
+        "sessions: {}, renewed {} before expiry{}",
+        humantime::format_duration(d.session_duration),
+        humantime::format_duration(d.refresh_before_expiry),
+        if d.dry_run {
+            "; DRY RUN: nothing will be started or stopped"
+        } else {
+            ""
+        }
+    );
+    let _ = writeln!(out, "accounts ({}):", config.accounts.len());
+    for a in config.accounts.values() {
+        let _ = writeln!(
+            out,
+            "  {}  {}{}  regions: {}",
+            a.name,
+            a.role_arn,
+            if a.external_id.is_some() {
+                " (external ID set)"
+            } else {
+                ""
+            },
+            a.regions.join(", ")
+        );
+    }
+    let _ = writeln!(out, "rules ({}):", config.rules.len());
+    for r in &config.rules {
+        let _ = writeln!(
+            out,
+            "  {}  account {}, {}  {}",
+            r.name,
+            r.account,
+            r.regions.join(", "),
+            r.selection
+        );
+        for action in [Action::Start, Action::Stop] {
+            for s in r.schedules(action) {
+                let next = s
+                    .next_after(now, r.timezone)
+                    .map_or("never".to_string(), |t| {
+                        format!(
+                            "{} ({})",
+                            t.with_timezone(&r.timezone).format("%Y-%m-%d %H:%M:%S %Z"),
+                            t.format("%Y-%m-%dT%H:%M:%SZ")
+                        )
+                    });
+                let _ = writeln!(
+                    out,
+                    "    {:<5} {:<20} {}  next: {next}",
+                    action.as_str(),
+                    s.source(),
+                    r.timezone
+                );
+            }
+        }
+    }
+    if config.rules.is_empty() {
+        let _ = writeln!(
+            out,
+            "  (none: `shiftd run` refuses a configuration without rules)"
+        );
+    }
+    out
+}
