@@ -130,6 +130,7 @@ impl AwsEnv {
             .build();
         Ec2Region {
             client: aws_sdk_ec2::Client::from_conf(config),
+            exclusive: Default::default(),
         }
     }
 
@@ -154,9 +155,16 @@ impl AwsEnv {
 #[derive(Clone, Debug)]
 pub struct Ec2Region {
     client: aws_sdk_ec2::Client,
+    exclusive: std::sync::Arc<tokio::sync::Mutex<()>>,
 }
 
 impl Ec2Region {
+    /// Held while a batch resolves its selection and acts, so that batches due close together for the
+    /// same account and region see each other's effects instead of acting twice.
+    pub async fn lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.exclusive.lock().await
+    }
+
     /// Instances matching `selection` (listed IDs and tags, ANDed), or only the given IDs when
     /// `ids_only` is set. Uses filters rather than `InstanceIds`, so an unknown ID simply matches nothing.
     pub async fn describe(

@@ -589,7 +589,7 @@ fn validate(path: &Path, raw: RawConfig, loc: &Locator, issues: &mut Vec<ConfigI
             }
             selection.tags.insert(key.into_inner(), values);
         }
-        if selection.instance_ids.is_empty() && selection.tags.is_empty() {
+        if rule.instances.is_empty() && selection.tags.is_empty() {
             report(
                 rule.name.span().start,
                 format!(

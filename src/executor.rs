@@ -200,7 +200,9 @@ async fn run_region(
         };
     };
 
-    // Resolve every request's selection in this region and merge by instance.
+    // Resolve every request's selection in this region and merge by instance; act. Verification
+    // happens after the lock is released.
+    let guard = ec2.lock().await;
     let mut selected: BTreeMap<String, Selected> = BTreeMap::new();
     for req in batch
         .requests
@@ -310,18 +312,26 @@ async fn run_region(
         }
     }
 
+    let mut accepted = Vec::new();
     for (action, instances) in to_act {
-        let accepted = act(ec2, account, region, action, instances, &mut report).await;
-        if !accepted.is_empty() {
+        accepted.push((
+            action,
+            act(ec2, account, region, action, instances, &mut report).await,
+        ));
+    }
+    drop(guard);
+    for (action, instances) in accepted {
+        if !instances.is_empty() {
+            let cancel = cancel.clone();
             verify(
                 ec2,
                 account,
                 region,
                 action,
-                accepted,
+                instances,
                 &initial,
                 opts,
-                cancel.clone(),
+                cancel,
                 &mut report,
             )
             .await;

@@ -35,7 +35,15 @@ pub fn init(target: LogTarget) -> Option<String> {
     if want_journald {
         match tracing_journald::layer() {
             Ok(layer) => {
+                // Syslog's meaning of levels: info is 6 and debug 7, so `journalctl -p info` shows shiftd's
+                // normal messages and `-p err` its failures.
+                let priorities = tracing_journald::PriorityMappings {
+                    info: tracing_journald::Priority::Informational,
+                    debug: tracing_journald::Priority::Debug,
+                    ..tracing_journald::PriorityMappings::new()
+                };
                 let layer = layer
+                    .with_priority_mappings(priorities)
                     .with_field_prefix(Some("SHIFTD".into()))
                     .with_syslog_identifier("shiftd".into());
                 tracing_subscriber::registry()

@@ -1,0 +1,101 @@
+//! `shiftd check`: valid configurations pass, every malformed fixture fails with exit 78 and its
+//! expected message at its expected line and column.
+
+use crate::harness::{project_root, shiftd};
+
+#[test]
+fn shipped_configurations_are_valid() {
+    for name in ["config/shiftd.toml", "config/demo.toml"] {
+        let path = project_root().join(name);
+        let out = shiftd(&["check", "--config", path.to_str().unwrap()]);
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains(": valid"), "{stdout}");
+        assert!(
+            stdout.contains("next: "),
+            "{name} should say when rules fire next: {stdout}"
+        );
+    }
+}
+
+#[test]
+fn check_summarises_rules_with_their_next_firing() {
+    let path = project_root().join("config/shiftd.toml");
+    let out = shiftd(&["check", "--config", path.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout
+            .contains("office-hours  account account1, ap-northeast-1  ids [i-0123456789abcdef0]"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("start 0 8 * * Mon-Fri"), "{stdout}");
+    assert!(
+        stdout.contains("JST"),
+        "times shown in the rule's zone: {stdout}"
+    );
+}
+
+#[test]
+fn every_invalid_fixture_fails_with_its_message_and_location() {
+    let dir = project_root().join("tests/fixtures/invalid");
+    let mut checked = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "toml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let expected: Vec<&str> = text
+            .lines()
+            .filter_map(|l| l.strip_prefix("# expect: "))
+            .collect();
+        assert!(
+            !expected.is_empty(),
+            "{} has no '# expect:' line",
+            path.display()
+        );
+        let out = shiftd(&["check", "--config", path.to_str().unwrap()]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{}: {stderr}", path.display());
+        // `# expect: LINE:COLUMN: text`: some line of stderr is "<path>:LINE:COLUMN: ..." containing text.
+        for want in expected {
+            let (line, rest) = want.split_once(':').unwrap();
+            let (column, text) = rest.split_once(": ").unwrap();
+            let prefix = format!("{}:{line}:{column}: ", path.display());
+            assert!(
+                stderr
+                    .lines()
+                    .any(|l| l.starts_with(&prefix) && l.contains(text)),
+                "expected {prefix}...{text}...\n got {stderr}"
+            );
+        }
+        assert!(
+            out.stdout.is_empty(),
+            "nothing on stdout for an invalid file"
+        );
+        checked += 1;
+    }
+    assert!(checked >= 10, "only {checked} fixtures found");
+}
+
+#[test]
+fn a_missing_file_is_a_configuration_error() {
+    let out = shiftd(&["check", "--config", "/nonexistent/shiftd.toml"]);
+    assert_eq!(out.status.code(), Some(78));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("cannot read configuration file /nonexistent/shiftd.toml")
+    );
+}
+
+#[test]
+fn run_refuses_an_invalid_configuration_with_exit_78() {
+    let path = project_root().join("tests/fixtures/invalid/unknown-timezone.toml");
+    let out = shiftd(&["run", "--log", "stderr", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(78));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not an IANA time zone"));
+}

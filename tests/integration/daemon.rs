@@ -1,0 +1,332 @@
+//! `shiftd run` end to end: base credentials from the fake IMDS, AssumeRole into the target account on
+//! moto, second-level rules, instance states in moto, and the journald entries shiftd wrote.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use crate::harness::*;
+
+type Entry = BTreeMap<String, String>;
+
+fn field<'a>(e: &'a Entry, name: &str) -> &'a str {
+    e.get(name).map_or("", String::as_str)
+}
+
+fn entries_for<'a>(entries: &'a [Entry], instance: &str) -> Vec<&'a Entry> {
+    entries
+        .iter()
+        .filter(|e| field(e, "SHIFTD_INSTANCE_ID") == instance)
+        .collect()
+}
+
+#[test]
+fn starts_and_stops_in_the_target_account_and_never_touches_the_delegate_account() {
+    let fake = FakeAws::start();
+    let tagged = fake.seed(TARGET_ACCOUNT, 2, &[("Schedule", "office")], true);
+    let by_id = fake.seed(TARGET_ACCOUNT, 1, &[], false);
+    // Decoys in the delegate's own account: same tag, and a running instance. Never to be touched.
+    let decoy_tagged = fake.seed(BASE_ACCOUNT, 1, &[("Schedule", "office")], true);
+    let decoy_running = fake.seed(BASE_ACCOUNT, 1, &[], false);
+    let gone = "i-0000000000000dead";
+    fake.reset_calls();
+    let config = config_with_rules(
+        "timezone = \"Asia/Tokyo\"",
+        &format!(
+            r#"
+[[rules]]
+name = "office-start"
+account = "account1"
+tags = {{ Schedule = "office" }}
+start = "*/3 * * * * *"
+
+[[rules]]
+name = "by-id"
+account = "account1"
+instances = ["{}", "{gone}"]
+stop = "*/3 * * * * *"
+"#,
+            by_id[0]
+        ),
+    );
+    let daemon = Shiftd::spawn(&fake, &config, &[]);
+    daemon.wait_for_messages(
+        "batch done for account account1",
+        1,
+        Duration::from_secs(30),
+    );
+    let entries = daemon.entries();
+    let pid = daemon.pid();
+    assert!(daemon.stop().success(), "SIGTERM ends shiftd with exit 0");
+
+    // The instances in the target account changed state; the delegate account's did not.
+    let target = fake.states(TARGET_ACCOUNT);
+    for id in &tagged {
+        assert_eq!(target[id], "running", "{id} started");
+    }
+    assert_eq!(target[&by_id[0]], "stopped");
+    let base = fake.states(BASE_ACCOUNT);
+    assert_eq!(
+        base[&decoy_tagged[0]], "stopped",
+        "decoy with the same tag untouched"
+    );
+    assert_eq!(base[&decoy_running[0]], "running", "decoy untouched");
+
+    // One AssumeRole for the one account, named after the delegate instance, on the configured role.
+    let calls = fake.calls();
+    let assumes: Vec<_> = calls
+        .iter()
+        .filter(|c| c.action == "AssumeRole" && c.session_name.as_deref() != Some("fakeaws-seed"))
+        .collect();
+    assert_eq!(assumes.len(), 1, "{calls:?}");
+    assert_eq!(
+        assumes[0].role_arn.as_deref(),
+        Some("arn:aws:iam::111111111111:role/account1-role-ec2")
+    );
+    assert_eq!(
+        assumes[0].session_name.as_deref(),
+        Some(format!("shiftd-{DELEGATE_INSTANCE_ID}").as_str())
+    );
+    // Start/Stop calls named only target instances; the unknown ID never reached a Start/Stop call.
+    for c in calls
+        .iter()
+        .filter(|c| c.action == "StartInstances" || c.action == "StopInstances")
+    {
+        for id in &c.instance_ids {
+            assert!(
+                tagged.contains(id) || by_id.contains(id),
+                "{} called on {id}",
+                c.action
+            );
+        }
+    }
+
+    // journald: one entry per instance action, with the structured fields.
+    for id in &tagged {
+        let e = entries_for(&entries, id);
+        let ok: Vec<_> = e
+            .iter()
+            .filter(|e| field(e, "SHIFTD_RESULT") == "ok")
+            .collect();
+        assert_eq!(ok.len(), 1, "exactly one ok entry for {id}: {e:#?}");
+        let ok = ok[0];
+        assert_eq!(field(ok, "SHIFTD_ACTION"), "start");
+        assert_eq!(field(ok, "SHIFTD_RULE"), "office-start");
+        assert_eq!(field(ok, "SHIFTD_ACCOUNT"), "account1");
+        assert_eq!(field(ok, "SHIFTD_REGION"), REGION);
+        assert_eq!(field(ok, "SYSLOG_IDENTIFIER"), "shiftd");
+        assert_eq!(field(ok, "PRIORITY"), "6");
+        assert!(
+            field(ok, "SHIFTD_REASON").starts_with("running after"),
+            "{ok:?}"
+        );
+    }
+    let stop = entries_for(&entries, &by_id[0]);
+    assert_eq!(field(stop[0], "SHIFTD_ACTION"), "stop");
+    assert_eq!(field(stop[0], "SHIFTD_RESULT"), "ok");
+    let missing = entries_for(&entries, gone);
+    assert_eq!(missing.len(), 1, "{missing:#?}");
+    assert_eq!(field(missing[0], "SHIFTD_RESULT"), "failed");
+    assert_eq!(
+        field(missing[0], "PRIORITY"),
+        "3",
+        "failures are logged as errors"
+    );
+    assert!(
+        field(missing[0], "SHIFTD_REASON").contains("instance not found"),
+        "{missing:?}"
+    );
+
+    // No key material anywhere in what shiftd logged.
+    for e in journal_entries(pid) {
+        for (k, v) in &e {
+            assert!(
+                !v.contains("ASIA") && !v.contains("AKIA"),
+                "key material in {k}: {v}"
+            );
+        }
+    }
+}
+
+#[test]
+fn dry_run_reports_what_would_be_done_and_calls_nothing() {
+    let fake = FakeAws::start();
+    let running = fake.seed(TARGET_ACCOUNT, 1, &[("Env", "dev")], false);
+    fake.reset_calls();
+    let config = config_with_rules(
+        "",
+        r#"
+[[rules]]
+name = "nightly"
+account = "account1"
+tags = { Env = ["dev", "stg"] }
+stop = "*/2 * * * * *"
+"#,
+    );
+    let daemon = Shiftd::spawn(&fake, &config, &["--dry-run"]);
+    daemon.wait_for_messages(
+        "batch done for account account1",
+        1,
+        Duration::from_secs(30),
+    );
+    let actions = daemon.actions();
+    assert!(daemon.stop().success());
+    let e = actions
+        .iter()
+        .find(|e| field(e, "SHIFTD_INSTANCE_ID") == running[0])
+        .expect("an entry for the instance");
+    assert_eq!(field(e, "SHIFTD_RESULT"), "dry-run");
+    assert!(field(e, "SHIFTD_REASON").contains("would stop"), "{e:?}");
+    assert_eq!(fake.states(TARGET_ACCOUNT)[&running[0]], "running");
+    assert!(
+        !fake
+            .calls()
+            .iter()
+            .any(|c| c.action == "StopInstances" || c.action == "StartInstances"),
+        "dry run made a Start/Stop call"
+    );
+}
+
+#[test]
+fn imds_outage_at_boot_is_retried_and_due_actions_wait_for_credentials() {
+    let fake = FakeAws::start();
+    let running = fake.seed(TARGET_ACCOUNT, 1, &[], false);
+    fake.imds_control("/_fake/outage?seconds=6");
+    let config = config_with_rules(
+        "credentials_wait = \"60s\"",
+        &format!(
+            r#"
+[[rules]]
+name = "stopper"
+account = "account1"
+instances = ["{}"]
+stop = "*/2 * * * * *"
+"#,
+            running[0]
+        ),
+    );
+    let daemon = Shiftd::spawn(&fake, &config, &[]);
+    let entries = daemon.wait_for_messages("stop ", 1, Duration::from_secs(60));
+    let entries = if entries.iter().any(|e| field(e, "SHIFTD_RESULT") == "ok") {
+        entries
+    } else {
+        daemon.wait_for_messages(": ok:", 1, Duration::from_secs(30))
+    };
+    assert!(daemon.stop().success());
+    let messages: Vec<&str> = entries.iter().map(|e| field(e, "MESSAGE")).collect();
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("AssumeRole for account account1 failed")),
+        "the failed attempt is logged: {messages:#?}"
+    );
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.contains("assumed role for account account1"))
+    );
+    let acts = entries_for(&entries, &running[0]);
+    assert_eq!(
+        acts.iter()
+            .filter(|e| field(e, "SHIFTD_RESULT") == "ok")
+            .count(),
+        1,
+        "stopped once, once credentials came: {acts:#?}"
+    );
+    assert!(
+        acts.iter().all(|e| field(e, "SHIFTD_RESULT") != "failed"),
+        "no action failed while waiting: {acts:#?}"
+    );
+    assert_eq!(fake.states(TARGET_ACCOUNT)[&running[0]], "stopped");
+}
+
+#[test]
+fn credentials_are_renewed_ahead_of_expiry_without_any_action_due() {
+    let fake = FakeAws::start();
+    // 15-minute sessions renewed 14 minutes early: renewal one minute after each AssumeRole.
+    let config = config_with_rules(
+        "session_duration = \"15m\"\nrefresh_before_expiry = \"14m\"",
+        r#"
+[[rules]]
+name = "yearly"
+account = "account1"
+instances = ["i-0123456789abcdef0"]
+stop = "0 0 1 1 *"
+"#,
+    );
+    let daemon = Shiftd::spawn(&fake, &config, &[]);
+    let entries = daemon.wait_for_messages(
+        "assumed role for account account1",
+        2,
+        Duration::from_secs(100),
+    );
+    assert!(daemon.stop().success());
+    let renewals: Vec<&Entry> = entries
+        .iter()
+        .filter(|e| field(e, "MESSAGE").contains("assumed role for account account1"))
+        .collect();
+    assert_eq!(field(renewals[0], "SHIFTD_ACCOUNT"), "account1");
+    assert!(
+        !field(renewals[0], "SHIFTD_EXPIRES_AT").is_empty(),
+        "new expiry logged"
+    );
+    assert_ne!(
+        field(renewals[0], "SHIFTD_EXPIRES_AT"),
+        field(renewals[1], "SHIFTD_EXPIRES_AT"),
+        "the renewal brought a later expiry"
+    );
+    let assumes = fake
+        .calls()
+        .iter()
+        .filter(|c| c.action == "AssumeRole" && c.session_name.as_deref() != Some("fakeaws-seed"))
+        .count();
+    assert_eq!(assumes, 2, "one AssumeRole at start, one renewal");
+}
+
+#[test]
+fn sighup_applies_a_valid_config_and_keeps_running_the_old_one_when_the_new_is_invalid() {
+    let fake = FakeAws::start();
+    let ids = fake.seed(TARGET_ACCOUNT, 1, &[], false);
+    let rule = |name: &str, action: &str| {
+        config_with_rules(
+            "",
+            &format!(
+                "[[rules]]\nname = \"{name}\"\naccount = \"account1\"\ninstances = [\"{}\"]\n{action} = \"*/2 * * * * *\"\n",
+                ids[0]
+            ),
+        )
+    };
+    let daemon = Shiftd::spawn(&fake, &rule("first", "stop"), &[]);
+    daemon.wait_for_messages("batch done", 1, Duration::from_secs(30));
+
+    daemon.rewrite_config("[defaults]\ntimezone = \"Mars/Olympus\"\n");
+    daemon.signal("HUP");
+    let entries =
+        daemon.wait_for_messages("configuration reload failed", 1, Duration::from_secs(15));
+    let failure = entries
+        .iter()
+        .find(|e| field(e, "MESSAGE").contains("configuration reload failed"))
+        .unwrap();
+    let location = format!("{}:2:12:", daemon.config.display());
+    assert!(field(failure, "MESSAGE").contains(&location), "{failure:?}");
+    // Still running the old schedule: another batch of rule "first" completes.
+    let before = daemon
+        .entries()
+        .iter()
+        .filter(|e| field(e, "MESSAGE").contains("batch done"))
+        .count();
+    daemon.wait_for_messages("batch done", before + 1, Duration::from_secs(15));
+
+    daemon.rewrite_config(&rule("second", "start"));
+    daemon.signal("HUP");
+    daemon.wait_for_messages("configuration reloaded", 1, Duration::from_secs(15));
+    daemon.wait_for_messages("(second): ", 1, Duration::from_secs(15));
+    let actions = daemon.actions();
+    assert!(daemon.stop().success());
+    assert!(
+        actions
+            .iter()
+            .any(|e| field(e, "SHIFTD_RULE") == "second" && field(e, "SHIFTD_ACTION") == "start"),
+        "the new rule ran: {actions:#?}"
+    );
+    assert_eq!(fake.states(TARGET_ACCOUNT)[&ids[0]], "running");
+}

@@ -1,0 +1,414 @@
+//! Shared helpers: the fake AWS (moto server + shiftd's fake IMDS), a real systemd-journald, and the
+//! real shiftd binary started against them.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+pub const BASE_ACCOUNT: &str = "123456789012";
+pub const TARGET_ACCOUNT: &str = "111111111111";
+pub const REGION: &str = "ap-northeast-1";
+/// The instance ID the fake IMDS reports for the delegate.
+pub const DELEGATE_INSTANCE_ID: &str = "i-0de1e6a7e0000cafe";
+
+pub fn project_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// The Python venv holding moto, created once by `scripts/fakes-venv`.
+pub fn venv() -> &'static Path {
+    static VENV: OnceLock<PathBuf> = OnceLock::new();
+    VENV.get_or_init(|| {
+        let out = Command::new(project_root().join("scripts/fakes-venv"))
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run scripts/fakes-venv");
+        assert!(out.status.success(), "scripts/fakes-venv failed");
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    })
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
+    let end = Instant::now() + timeout;
+    while Instant::now() < end {
+        if ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out after {timeout:?} waiting for {what}");
+}
+
+/// Kills the child when dropped.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// moto server and the fake IMDS, on loopback ports of their own. Stopped when dropped.
+pub struct FakeAws {
+    pub endpoint: String,
+    pub imds: String,
+    _moto: Guard,
+    _imds: Guard,
+    _dir: tempfile::TempDir,
+}
+
+impl FakeAws {
+    pub fn start() -> Self {
+        Self::start_with_imds_args(&[])
+    }
+
+    pub fn start_with_imds_args(imds_args: &[&str]) -> Self {
+        let venv = venv();
+        let dir = tempfile::tempdir().unwrap();
+        let port = free_port();
+        let moto = Command::new(venv.join("bin/moto_server"))
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start moto_server");
+        let port_file = dir.path().join("imds.port");
+        let imds = Command::new(venv.join("bin/python"))
+            .arg(project_root().join("tests/fakes/fake_imds.py"))
+            .arg("--port-file")
+            .arg(&port_file)
+            .args(imds_args)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start fake IMDS");
+        let (moto, imds) = (Guard(moto), Guard(imds));
+        let endpoint = format!("http://127.0.0.1:{port}");
+        wait_until("moto server", Duration::from_secs(30), || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        wait_until("fake IMDS", Duration::from_secs(30), || port_file.exists());
+        let imds_port = std::fs::read_to_string(&port_file).unwrap();
+        let fake = FakeAws {
+            endpoint,
+            imds: format!("http://127.0.0.1:{}", imds_port.trim()),
+            _moto: moto,
+            _imds: imds,
+            _dir: dir,
+        };
+        fake.reset_calls();
+        fake
+    }
+
+    /// Forgets the API calls recorded so far (e.g. those that seeded instances).
+    pub fn reset_calls(&self) {
+        self.helper(&["record"]);
+    }
+
+    /// Runs tests/fakes/fakeaws.py with `args` and returns its JSON output.
+    fn helper(&self, args: &[&str]) -> Value {
+        let out = Command::new(venv().join("bin/python"))
+            .arg(project_root().join("tests/fakes/fakeaws.py"))
+            .args(args)
+            .args(["--endpoint", &self.endpoint])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "fakeaws.py {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).unwrap();
+        if text.trim().is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap()
+        }
+    }
+
+    /// Creates `count` instances in `account`, optionally tagged and stopped. Returns their IDs.
+    pub fn seed(
+        &self,
+        account: &str,
+        count: usize,
+        tags: &[(&str, &str)],
+        stopped: bool,
+    ) -> Vec<String> {
+        let count = count.to_string();
+        let mut args = vec![
+            "seed",
+            "--account",
+            account,
+            "--region",
+            REGION,
+            "--count",
+            &count,
+        ];
+        let tags: Vec<String> = tags.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        for t in &tags {
+            args.extend(["--tag", t]);
+        }
+        if stopped {
+            args.extend(["--state", "stopped"]);
+        }
+        serde_json::from_value(self.helper(&args)).unwrap()
+    }
+
+    /// Instance ID -> state, for every instance of `account` in the test region.
+    pub fn states(&self, account: &str) -> BTreeMap<String, String> {
+        serde_json::from_value(self.helper(&["states", "--account", account, "--region", REGION]))
+            .unwrap()
+    }
+
+    /// API calls recorded by moto since the start: (action, RoleArn, RoleSessionName, instance IDs).
+    pub fn calls(&self) -> Vec<Call> {
+        let v = self.helper(&["calls"]);
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|c| Call {
+                action: c["action"].as_str().unwrap().to_string(),
+                role_arn: c["role_arn"].as_str().map(String::from),
+                session_name: c["session_name"].as_str().map(String::from),
+                instance_ids: serde_json::from_value(c["instance_ids"].clone()).unwrap(),
+            })
+            .collect()
+    }
+
+    /// Posts to the fake IMDS's control API (e.g. `/_fake/outage?seconds=5`).
+    pub fn imds_control(&self, path_and_query: &str) {
+        let url = format!("{}{path_and_query}", self.imds);
+        let out = Command::new(venv().join("bin/python"))
+            .args([
+                "-c",
+                "import sys, urllib.request; urllib.request.urlopen(urllib.request.Request(sys.argv[1], method='POST')).read()",
+                &url,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The environment that points shiftd at these fakes (the standard AWS variables, nothing else).
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            ("AWS_ENDPOINT_URL".into(), self.endpoint.clone()),
+            (
+                "AWS_EC2_METADATA_SERVICE_ENDPOINT".into(),
+                self.imds.clone(),
+            ),
+            ("AWS_CONFIG_FILE".into(), "/dev/null".into()),
+            ("AWS_SHARED_CREDENTIALS_FILE".into(), "/dev/null".into()),
+        ]
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Call {
+    pub action: String,
+    pub role_arn: Option<String>,
+    pub session_name: Option<String>,
+    pub instance_ids: Vec<String>,
+}
+
+/// Makes sure a systemd-journald is listening (starting `/lib/systemd/systemd-journald` as a plain
+/// process if none is), once per test run.
+pub fn ensure_journald() {
+    static STARTED: OnceLock<()> = OnceLock::new();
+    STARTED.get_or_init(|| {
+        let socket = Path::new("/run/systemd/journal/socket");
+        if socket.exists() && journald_answers() {
+            return;
+        }
+        // Left running on purpose: later tests (and journalctl) use it; it is a plain process.
+        let child = Command::new("/lib/systemd/systemd-journald")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect(
+                "start /lib/systemd/systemd-journald (the tests need root and systemd installed)",
+            );
+        std::mem::forget(child);
+        wait_until("systemd-journald", Duration::from_secs(10), || {
+            socket.exists() && journald_answers()
+        });
+    });
+}
+
+fn journald_answers() -> bool {
+    Command::new("journalctl")
+        .args(["-n", "0", "--no-pager"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// journald entries of one process, as field maps.
+pub fn journal_entries(pid: u32) -> Vec<BTreeMap<String, String>> {
+    let out = Command::new("journalctl")
+        .args(["-o", "json", "--no-pager", "--all", &format!("_PID={pid}")])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str::<BTreeMap<String, Value>>(l).ok())
+        .map(|m| {
+            m.into_iter()
+                .map(|(k, v)| (k, v.as_str().map_or_else(|| v.to_string(), String::from)))
+                .collect()
+        })
+        .collect()
+}
+
+/// A shiftd process started from the built binary, with its config in a temporary directory.
+pub struct Shiftd {
+    child: Child,
+    pub dir: tempfile::TempDir,
+    pub config: PathBuf,
+    log: PathBuf,
+}
+
+impl Shiftd {
+    /// `shiftd run --config <dir>/shiftd.toml --log journald` with the fakes' environment.
+    pub fn spawn(fake: &FakeAws, config: &str, extra_args: &[&str]) -> Self {
+        ensure_journald();
+        let dir = tempfile::tempdir().unwrap();
+        let config_path = dir.path().join("shiftd.toml");
+        std::fs::write(&config_path, config).unwrap();
+        let log = dir.path().join("stderr.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_shiftd"))
+            .args(["run", "--log", "journald", "--config"])
+            .arg(&config_path)
+            .args(extra_args)
+            .envs(fake.env())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start shiftd");
+        Shiftd {
+            child,
+            dir,
+            config: config_path,
+            log,
+        }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn entries(&self) -> Vec<BTreeMap<String, String>> {
+        journal_entries(self.pid())
+    }
+
+    /// Action entries (those with SHIFTD_ACTION).
+    pub fn actions(&self) -> Vec<BTreeMap<String, String>> {
+        self.entries()
+            .into_iter()
+            .filter(|e| e.contains_key("SHIFTD_ACTION") && e.contains_key("SHIFTD_RESULT"))
+            .collect()
+    }
+
+    /// Waits until an entry's MESSAGE contains `needle` `count` times; returns all entries.
+    pub fn wait_for_messages(
+        &self,
+        needle: &str,
+        count: usize,
+        timeout: Duration,
+    ) -> Vec<BTreeMap<String, String>> {
+        let mut entries = Vec::new();
+        let end = Instant::now() + timeout;
+        while Instant::now() < end {
+            entries = self.entries();
+            let n = entries
+                .iter()
+                .filter(|e| e.get("MESSAGE").is_some_and(|m| m.contains(needle)))
+                .count();
+            if n >= count {
+                return entries;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let messages: Vec<&String> = entries.iter().filter_map(|e| e.get("MESSAGE")).collect();
+        panic!(
+            "timed out waiting for {count} x {needle:?}; journal so far: {messages:#?}\nstderr: {}",
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        );
+    }
+
+    pub fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .args([&format!("-{name}"), &self.pid().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{name}");
+    }
+
+    pub fn rewrite_config(&self, text: &str) {
+        let mut f = std::fs::File::create(&self.config).unwrap();
+        f.write_all(text.as_bytes()).unwrap();
+    }
+
+    /// SIGTERM, then the exit status (bounded wait).
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        self.signal("TERM");
+        let end = Instant::now() + Duration::from_secs(40);
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(Instant::now() < end, "shiftd did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Shiftd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the shiftd binary with `args` to completion.
+pub fn shiftd(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_shiftd"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+/// A config with one account (the target) and the given rules appended.
+pub fn config_with_rules(defaults: &str, rules: &str) -> String {
+    format!(
+        r#"[defaults]
+{defaults}
+
+[accounts.account1]
+role_arn = "arn:aws:iam::{TARGET_ACCOUNT}:role/account1-role-ec2"
+regions = ["{REGION}"]
+
+{rules}
+"#
+    )
+}
