@@ -282,7 +282,7 @@ pub fn journal_entries(pid: u32) -> Vec<BTreeMap<String, String>> {
 /// A shiftd process started from the built binary, with its config in a temporary directory.
 pub struct Shiftd {
     child: Child,
-    pub dir: tempfile::TempDir,
+    _dir: tempfile::TempDir,
     pub config: PathBuf,
     log: PathBuf,
 }
@@ -306,7 +306,7 @@ impl Shiftd {
             .expect("start shiftd");
         Shiftd {
             child,
-            dir,
+            _dir: dir,
             config: config_path,
             log,
         }
