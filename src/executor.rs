@@ -103,7 +103,14 @@ pub async fn run_batch(
     let mut report = Report::default();
     let account = clients.account.name.clone();
 
-    if let Err(reason) = clients.credentials.wait_usable(opts.credentials_wait).await {
+    let mut shutdown = cancel.clone();
+    let credentials = tokio::select! {
+        r = clients.credentials.wait_usable(opts.credentials_wait) => r,
+        Ok(_) = shutdown.wait_for(|c| *c) => {
+            Err("shiftd is shutting down: no valid credentials came before the shutdown".to_string())
+        }
+    };
+    if let Err(reason) = credentials {
         for req in &batch.requests {
             fail_request(&mut report, &account, &req.regions.join(","), req, &reason);
         }

@@ -330,3 +330,52 @@ fn sighup_applies_a_valid_config_and_keeps_running_the_old_one_when_the_new_is_i
     );
     assert_eq!(fake.states(TARGET_ACCOUNT)[&ids[0]], "running");
 }
+
+#[test]
+fn the_walkthrough_profile_with_credential_source_ec2_instance_metadata_works_as_written() {
+    let fake = FakeAws::start();
+    let stopped = fake.seed(TARGET_ACCOUNT, 1, &[("Schedule", "office")], true);
+    fake.reset_calls();
+    let dir = tempfile::tempdir().unwrap();
+    let aws_config = dir.path().join("config");
+    // The walkthrough's profile, as written (it uses the credentials file; either file works).
+    std::fs::write(
+        &aws_config,
+        "[profile assume-role-ec2]\nrole_arn = arn:aws:iam::111111111111:role/account1-role-ec2\ncredential_source=Ec2InstanceMetadata\n",
+    )
+    .unwrap();
+    let config = format!(
+        "[credentials]\nsource = \"profile\"\nprofile = \"assume-role-ec2\"\n\n{}",
+        config_with_rules(
+            "",
+            r#"
+[[rules]]
+name = "office-start"
+account = "account1"
+tags = { Schedule = "office" }
+start = "*/2 * * * * *"
+"#
+        )
+    );
+    let daemon = Shiftd::spawn_with_env(
+        &fake,
+        &config,
+        &[],
+        &[("AWS_CONFIG_FILE", aws_config.to_str().unwrap())],
+    );
+    daemon.wait_for_messages(
+        "batch done for account account1",
+        1,
+        Duration::from_secs(30),
+    );
+    assert!(daemon.stop().success());
+    assert_eq!(fake.states(TARGET_ACCOUNT)[&stopped[0]], "running");
+    let roles: Vec<Option<String>> = fake
+        .calls()
+        .into_iter()
+        .filter(|c| c.action == "AssumeRole" && c.session_name.as_deref() != Some("fakeaws-seed"))
+        .map(|c| c.role_arn)
+        .collect();
+    // The profile's own role chain, then shiftd's session for the account.
+    assert_eq!(roles.len(), 2, "{roles:?}");
+}

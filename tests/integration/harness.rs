@@ -290,6 +290,16 @@ pub struct Shiftd {
 impl Shiftd {
     /// `shiftd run --config <dir>/shiftd.toml --log journald` with the fakes' environment.
     pub fn spawn(fake: &FakeAws, config: &str, extra_args: &[&str]) -> Self {
+        Self::spawn_with_env(fake, config, extra_args, &[])
+    }
+
+    /// As `spawn`, with environment variables added after the fakes' (so they can override them).
+    pub fn spawn_with_env(
+        fake: &FakeAws,
+        config: &str,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Self {
         ensure_journald();
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("shiftd.toml");
@@ -300,6 +310,7 @@ impl Shiftd {
             .arg(&config_path)
             .args(extra_args)
             .envs(fake.env())
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
