@@ -35,7 +35,7 @@ pub struct AwsError {
 }
 
 impl AwsError {
-    fn from_sdk<E, R>(e: &aws_sdk_ec2::error::SdkError<E, R>) -> Self
+    pub(crate) fn from_sdk<E, R>(e: &aws_sdk_ec2::error::SdkError<E, R>) -> Self
     where
         E: ProvideErrorMetadata + std::error::Error + 'static,
         R: std::fmt::Debug,
@@ -131,6 +131,52 @@ impl AwsEnv {
         Ec2Region {
             client: aws_sdk_ec2::Client::from_conf(config),
             exclusive: Default::default(),
+        }
+    }
+
+    /// The delegate's own identity (GetCallerIdentity with the base credentials): (account, ARN).
+    pub async fn caller_identity(&self, region: &str) -> Result<(String, String), AwsError> {
+        let out = self
+            .sts(region)
+            .await
+            .get_caller_identity()
+            .send()
+            .await
+            .map_err(|e| AwsError::from_sdk(&e))?;
+        Ok((
+            out.account().unwrap_or_default().to_string(),
+            out.arn().unwrap_or_default().to_string(),
+        ))
+    }
+
+    /// Whether the base credentials resolve; the error says why not.
+    pub async fn check_base_credentials(&self) -> Result<(), String> {
+        use aws_credential_types::provider::ProvideCredentials;
+        self.base
+            .provide_credentials()
+            .await
+            .map(drop)
+            .map_err(|e| aws_sdk_ec2::error::DisplayErrorContext(e).to_string())
+    }
+
+    /// The instance profile role's name as IMDS reports it: `Ok(None)` when IMDS answers but no role
+    /// is attached.
+    pub async fn instance_profile_role(&self) -> Result<Option<String>, String> {
+        let client = imds::Client::builder()
+            .max_attempts(2)
+            .operation_timeout(Duration::from_secs(5))
+            .build();
+        match client
+            .get("/latest/meta-data/iam/security-credentials/")
+            .await
+        {
+            Ok(role) => Ok(Some(role.as_ref().trim().to_string()).filter(|r| !r.is_empty())),
+            Err(imds::client::error::ImdsError::ErrorResponse(r))
+                if r.response().status().as_u16() == 404 =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(aws_sdk_ec2::error::DisplayErrorContext(e).to_string()),
         }
     }
 
@@ -236,6 +282,58 @@ impl Ec2Region {
             }
         }
         Ok(out)
+    }
+
+    /// How many instances DescribeInstanceStatus lists (the walkthrough's final check).
+    pub async fn count_instance_status(&self) -> Result<usize, AwsError> {
+        let mut pages = self
+            .client
+            .describe_instance_status()
+            .include_all_instances(true)
+            .into_paginator()
+            .send();
+        let mut n = 0;
+        while let Some(page) = pages.next().await {
+            n += page
+                .map_err(|e| AwsError::from_sdk(&e))?
+                .instance_statuses()
+                .len();
+        }
+        Ok(n)
+    }
+
+    /// StartInstances/StopInstances with DryRun: `Ok(())` when EC2 says the call would be allowed
+    /// (`DryRunOperation`), the error otherwise (`UnauthorizedOperation` when it would be denied).
+    pub async fn dry_run(&self, action: Action, ids: &[String]) -> Result<(), AwsError> {
+        let ids = Some(ids.to_vec());
+        let result = match action {
+            Action::Start => self
+                .client
+                .start_instances()
+                .set_instance_ids(ids)
+                .dry_run(true)
+                .send()
+                .await
+                .map(drop)
+                .map_err(|e| AwsError::from_sdk(&e)),
+            Action::Stop => self
+                .client
+                .stop_instances()
+                .set_instance_ids(ids)
+                .dry_run(true)
+                .send()
+                .await
+                .map(drop)
+                .map_err(|e| AwsError::from_sdk(&e)),
+        };
+        match result {
+            Err(e) if e.code.as_deref() == Some("DryRunOperation") => Ok(()),
+            Ok(()) => Err(AwsError {
+                code: None,
+                message: "EC2 did not honour DryRun: the call was made".into(),
+            }),
+            Err(e) => Err(e),
+        }
     }
 
     /// Calls StartInstances or StopInstances for `ids` (one call).

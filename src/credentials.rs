@@ -13,6 +13,7 @@ use aws_credential_types::Credentials;
 use aws_credential_types::provider::{self, ProvideCredentials, error::CredentialsError};
 use tokio::sync::watch;
 
+use crate::aws::AwsError;
 use crate::config::Account;
 
 /// Credentials this close to expiry are no longer handed out: a request signed now must still be valid
@@ -185,7 +186,11 @@ pub fn session_name(delegate: &str) -> String {
 pub async fn assume_role(
     sts: &aws_sdk_sts::Client,
     spec: &SessionSpec,
-) -> Result<Credentials, String> {
+) -> Result<Credentials, AwsError> {
+    let fail = |message: &str| AwsError {
+        code: None,
+        message: message.to_string(),
+    };
     let out = sts
         .assume_role()
         .role_arn(&spec.role_arn)
@@ -194,12 +199,12 @@ pub async fn assume_role(
         .set_external_id(spec.external_id.clone())
         .send()
         .await
-        .map_err(|e| crate::aws::describe_sdk_error(&e))?;
+        .map_err(|e| AwsError::from_sdk(&e))?;
     let c = out
         .credentials()
-        .ok_or("AssumeRole answered without credentials")?;
+        .ok_or_else(|| fail("AssumeRole answered without credentials"))?;
     let expiry = SystemTime::try_from(*c.expiration())
-        .map_err(|_| "AssumeRole answered with an unreadable expiration".to_string())?;
+        .map_err(|_| fail("AssumeRole answered with an unreadable expiration"))?;
     Ok(Credentials::new(
         c.access_key_id(),
         c.secret_access_key(),
@@ -234,6 +239,7 @@ pub async fn keep_fresh(sts: aws_sdk_sts::Client, spec: SessionSpec, store: Acco
                 tokio::time::sleep(wait).await;
             }
             Err(error) => {
+                let error = error.to_string();
                 let retry_in = backoff(attempt, rand::random::<f64>());
                 attempt = attempt.saturating_add(1);
                 let still_valid = store.usable_at(SystemTime::now()).is_some();

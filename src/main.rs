@@ -9,10 +9,12 @@ use futures::StreamExt;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_tokio::Signals;
 
+use chrono::{DateTime, Utc};
 use shiftd::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
 use shiftd::daemon::{self, RunError};
 use shiftd::logging::{self, LogTarget};
 use shiftd::summary;
+use shiftd::upcoming;
 
 /// sysexits(3) EX_CONFIG: the configuration is invalid. systemd's unit does not restart on it.
 const EXIT_CONFIG: u8 = 78;
@@ -55,6 +57,51 @@ enum Command {
         #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
+    /// List upcoming actions in time order (reads only the configuration)
+    Plan {
+        /// Configuration file
+        #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Start of the window: RFC 3339, or a UTC date/time like 2026-12-01 or 2026-12-01T08:00 [default: now]
+        #[arg(long, value_parser = upcoming::parse_time)]
+        from: Option<DateTime<Utc>>,
+        /// End of the window (same forms as --from) [default: 7 days after --from]
+        #[arg(long, value_parser = upcoming::parse_time, conflicts_with = "hours")]
+        until: Option<DateTime<Utc>>,
+        /// Length of the window in hours
+        #[arg(long)]
+        hours: Option<u32>,
+        /// Print one JSON array (fields documented in the README)
+        #[arg(long)]
+        json: bool,
+        /// List at most this many actions
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+    /// Check the live setup: IMDS, identity, AssumeRole, instances, permissions (DryRun only)
+    Doctor {
+        /// Configuration file
+        #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// Print the IAM policies the configuration needs
+    Policy {
+        /// Configuration file
+        #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Only this account's documents (and the delegate's policy for it)
+        #[arg(long)]
+        account: Option<String>,
+        /// The delegate account ID, as the target roles' trust policy principal
+        #[arg(long, conflicts_with = "delegate_role")]
+        delegate_account: Option<String>,
+        /// The delegate instance's role ARN, as a narrower trust policy principal
+        #[arg(long)]
+        delegate_role: Option<String>,
+        /// Print one JSON array of {title, notes, document}
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn main() -> ExitCode {
@@ -65,6 +112,28 @@ fn main() -> ExitCode {
             dry_run,
             log,
         } => run(config, dry_run, log),
+        Command::Plan {
+            config,
+            from,
+            until,
+            hours,
+            json,
+            limit,
+        } => plan(&config, from, until, hours, json, limit),
+        Command::Doctor { config } => doctor(&config),
+        Command::Policy {
+            config,
+            account,
+            delegate_account,
+            delegate_role,
+            json,
+        } => policy(
+            &config,
+            account.as_deref(),
+            delegate_account,
+            delegate_role,
+            json,
+        ),
     }
 }
 
@@ -165,4 +234,137 @@ fn run(config_path: PathBuf, dry_run: bool, log: LogTarget) -> ExitCode {
 enum RunFailure {
     Signals(std::io::Error),
     Run(RunError),
+}
+
+fn load_or_exit(path: &std::path::Path) -> Result<Config, ExitCode> {
+    Config::load(path).map_err(|e| config_error(&e))
+}
+
+fn plan(
+    path: &std::path::Path,
+    from: Option<DateTime<Utc>>,
+    until: Option<DateTime<Utc>>,
+    hours: Option<u32>,
+    json: bool,
+    limit: usize,
+) -> ExitCode {
+    let config = match load_or_exit(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let from = from.unwrap_or_else(Utc::now);
+    let until =
+        until.unwrap_or_else(|| from + chrono::Duration::hours(i64::from(hours.unwrap_or(24 * 7))));
+    if until <= from {
+        eprintln!("--until must be after --from");
+        return ExitCode::from(2);
+    }
+    let (items, truncated) = upcoming::upcoming(&config, from, until, limit);
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&items).expect("serializable")
+        );
+        if truncated {
+            eprintln!("cut at {limit} actions: narrow the window or raise --limit");
+        }
+    } else {
+        print!(
+            "{}",
+            upcoming::render_text(&config, &items, from, until, truncated)
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+fn doctor(path: &std::path::Path) -> ExitCode {
+    let config = match load_or_exit(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let report = runtime.block_on(shiftd::doctor::run(&config));
+    println!(
+        "\n{} failure(s), {} warning(s)",
+        report.failures(),
+        report.warnings()
+    );
+    if report.failures() > 0 {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+fn policy(
+    path: &std::path::Path,
+    account: Option<&str>,
+    delegate_account: Option<String>,
+    delegate_role: Option<String>,
+    json: bool,
+) -> ExitCode {
+    use shiftd::policy::{self, Delegate};
+    let config = match load_or_exit(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if let Some(name) = account
+        && config.account(name).is_none()
+    {
+        let known: Vec<&str> = config.accounts.keys().map(String::as_str).collect();
+        eprintln!(
+            "account {name:?} is not in {}: expected one of [{}]",
+            path.display(),
+            known.join(", ")
+        );
+        return ExitCode::from(2);
+    }
+    let delegate = match (delegate_account, delegate_role) {
+        (Some(id), _) if id.len() == 12 && id.chars().all(|c| c.is_ascii_digit()) => {
+            Some(Delegate::Account(id))
+        }
+        (Some(id), _) => {
+            eprintln!("--delegate-account {id:?}: expected a 12-digit account ID");
+            return ExitCode::from(2);
+        }
+        (None, Some(arn)) if arn.starts_with("arn:") && arn.contains(":role/") => {
+            Some(Delegate::Role(arn))
+        }
+        (None, Some(arn)) => {
+            eprintln!(
+                "--delegate-role {arn:?}: expected a role ARN (arn:aws:iam::<account>:role/<name>)"
+            );
+            return ExitCode::from(2);
+        }
+        (None, None) => {
+            eprintln!(
+                "note: trust policies left out: pass --delegate-account ID or --delegate-role ARN \
+                 (`shiftd doctor` shows the delegate's identity)"
+            );
+            None
+        }
+    };
+    let docs = policy::documents(&config, account, delegate.as_ref());
+    if json {
+        let array: Vec<serde_json::Value> = docs
+            .iter()
+            .map(|d| serde_json::json!({ "title": d.title, "notes": d.notes, "document": d.json }))
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&array).expect("serializable")
+        );
+    } else {
+        print!("{}", policy::render(&docs));
+    }
+    ExitCode::SUCCESS
 }

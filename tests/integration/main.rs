@@ -4,3 +4,4 @@
 mod check;
 mod daemon;
 mod harness;
+mod operator;

@@ -1,0 +1,372 @@
+//! `shiftd doctor`: live checks of the cross-account setup, in the order things depend on each other,
+//! each printed as ok / warn / FAIL with what to do about a failure. Acts on nothing: Start/Stop are
+//! only tried with `DryRun`.
+
+use std::collections::BTreeSet;
+use std::fmt::Write;
+
+use crate::aws::AwsEnv;
+use crate::config::{Action, Config, CredentialSource};
+use crate::credentials::{self, AccountCredentials, SessionSpec};
+use crate::policy::{self, Delegate};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Ok,
+    Warn,
+    Fail,
+}
+
+#[derive(Default)]
+pub struct Report {
+    text: String,
+    failures: usize,
+    warnings: usize,
+}
+
+impl Report {
+    fn line(&mut self, verdict: Verdict, what: impl AsRef<str>, fix: Option<String>) {
+        let tag = match verdict {
+            Verdict::Ok => "ok  ",
+            Verdict::Warn => {
+                self.warnings += 1;
+                "warn"
+            }
+            Verdict::Fail => {
+                self.failures += 1;
+                "FAIL"
+            }
+        };
+        let _ = writeln!(self.text, "{tag}  {}", what.as_ref());
+        if let Some(fix) = fix {
+            for l in fix.lines() {
+                let _ = writeln!(self.text, "      {l}");
+            }
+        }
+        // Shown as it goes: some checks wait on the network.
+        print!("{}", std::mem::take(&mut self.text));
+    }
+
+    pub fn failures(&self) -> usize {
+        self.failures
+    }
+
+    pub fn warnings(&self) -> usize {
+        self.warnings
+    }
+}
+
+/// Runs every check and prints each as it completes.
+pub async fn run(config: &Config) -> Report {
+    let mut report = Report::default();
+    let first_region = config
+        .accounts
+        .values()
+        .next()
+        .map_or("us-east-1", |a| a.regions[0].as_str());
+    let aws = AwsEnv::new(&config.credentials, first_region);
+
+    // 1. Base credentials.
+    match &config.credentials {
+        CredentialSource::Imds => match aws.instance_profile_role().await {
+            Ok(Some(role)) => report.line(Verdict::Ok, format!("IMDSv2 reachable; instance profile role: {role}"), None),
+            Ok(None) => report.line(
+                Verdict::Fail,
+                "IMDSv2 answers, but no instance profile role is attached to this instance",
+                Some("attach an instance profile whose role may call sts:AssumeRole on the target roles \
+                      (`shiftd policy` prints that policy)".into()),
+            ),
+            Err(e) => report.line(
+                Verdict::Fail,
+                format!("IMDSv2 not reachable: {e}"),
+                Some("shiftd must run on an EC2 instance with IMDSv2 enabled (and a hop limit of 2 or more \
+                      inside a container), or use [credentials] source = \"profile\"".into()),
+            ),
+        },
+        // The profile's chain is checked by resolving its credentials, below.
+        CredentialSource::Profile(_) => {}
+    }
+    if let Err(e) = aws.check_base_credentials().await {
+        let what = match &config.credentials {
+            CredentialSource::Imds => "instance profile credentials".to_string(),
+            CredentialSource::Profile(p) => format!("credentials of AWS profile {p:?}"),
+        };
+        report.line(
+            Verdict::Fail,
+            format!("{what} could not be loaded: {e}"),
+            Some("nothing below can work without them".into()),
+        );
+        return report;
+    }
+    if let CredentialSource::Profile(p) = &config.credentials {
+        report.line(
+            Verdict::Ok,
+            format!("credentials of AWS profile {p:?} resolve"),
+            None,
+        );
+    }
+
+    // 2. Who the delegate is.
+    let delegate = match aws.caller_identity(first_region).await {
+        Ok((account, arn)) => {
+            report.line(
+                Verdict::Ok,
+                format!("delegate identity: account {account}, {arn}"),
+                None,
+            );
+            Some(delegate_from_identity(&account, &arn))
+        }
+        Err(e) => {
+            report.line(
+                Verdict::Fail,
+                format!("sts:GetCallerIdentity failed: {e}"),
+                Some("the base credentials are not accepted by STS".into()),
+            );
+            None
+        }
+    };
+
+    let session_name = credentials::session_name(&aws.delegate_name().await);
+    for account in config.accounts.values() {
+        // 3. AssumeRole.
+        let spec = SessionSpec::new(
+            account,
+            &session_name,
+            config.defaults.session_duration,
+            config.defaults.refresh_before_expiry,
+        );
+        let sts = aws.sts(&account.regions[0]).await;
+        let creds = match credentials::assume_role(&sts, &spec).await {
+            Ok(c) => c,
+            Err(e) => {
+                let fix = assume_role_fix(account, delegate.as_ref(), e.code.as_deref());
+                report.line(
+                    Verdict::Fail,
+                    format!(
+                        "{}: AssumeRole {} failed: {e}",
+                        account.name, account.role_arn
+                    ),
+                    Some(fix),
+                );
+                continue;
+            }
+        };
+        report.line(
+            Verdict::Ok,
+            format!(
+                "{}: AssumeRole {} as session {session_name}",
+                account.name, account.role_arn
+            ),
+            None,
+        );
+        let store = AccountCredentials::new(&account.name);
+        store.publish(creds);
+
+        for region in &account.regions {
+            let ec2 = aws.ec2(region, store.clone()).await;
+            let place = format!("{}/{region}", account.name);
+            // 4. The walkthrough's final check, then each rule's selection.
+            match ec2.count_instance_status().await {
+                Ok(n) => report.line(
+                    Verdict::Ok,
+                    format!("{place}: DescribeInstanceStatus lists {n} instance(s)"),
+                    None,
+                ),
+                Err(e) => {
+                    report.line(
+                        Verdict::Fail,
+                        format!("{place}: DescribeInstanceStatus failed: {e}"),
+                        Some(format!("the role needs ec2:DescribeInstanceStatus and ec2:DescribeInstances (`shiftd policy --account {}`)", account.name)),
+                    );
+                    continue;
+                }
+            }
+            for rule in config
+                .rules
+                .iter()
+                .filter(|r| r.account == account.name && r.regions.contains(region))
+            {
+                let found = match ec2.describe(&rule.selection, None).await {
+                    Ok(v) => v,
+                    Err(e) => {
+                        report.line(
+                            Verdict::Fail,
+                            format!("{place}: rule {}: DescribeInstances failed: {e}", rule.name),
+                            None,
+                        );
+                        continue;
+                    }
+                };
+                let ids: Vec<String> = found.iter().map(|v| v.id.clone()).collect();
+                if !rule.selection.instance_ids.is_empty() {
+                    let present: BTreeSet<&String> = ids.iter().collect();
+                    let missing: Vec<&String> = rule
+                        .selection
+                        .instance_ids
+                        .iter()
+                        .filter(|i| !present.contains(i))
+                        .collect();
+                    if missing.is_empty() {
+                        report.line(
+                            Verdict::Ok,
+                            format!(
+                                "{place}: rule {}: all {} listed instance(s) found",
+                                rule.name,
+                                rule.selection.instance_ids.len()
+                            ),
+                            None,
+                        );
+                    } else {
+                        // With several regions, an ID lives in one of them: a warning per region, not a failure.
+                        let verdict = if rule.regions.len() > 1 {
+                            Verdict::Warn
+                        } else {
+                            Verdict::Fail
+                        };
+                        let shown: Vec<&str> = missing.iter().map(|s| s.as_str()).collect();
+                        report.line(
+                            verdict,
+                            format!(
+                                "{place}: rule {}: not found here{}: {}",
+                                rule.name,
+                                if rule.selection.tags.is_empty() {
+                                    ""
+                                } else {
+                                    " (or without the rule's tags)"
+                                },
+                                shown.join(", ")
+                            ),
+                            Some("check the IDs, the account and the regions of the rule".into()),
+                        );
+                    }
+                }
+                if !rule.selection.tags.is_empty() {
+                    let verdict = if ids.is_empty() {
+                        Verdict::Warn
+                    } else {
+                        Verdict::Ok
+                    };
+                    report.line(
+                        verdict,
+                        format!(
+                            "{place}: rule {}: selection {} matches {} instance(s)",
+                            rule.name,
+                            rule.selection,
+                            ids.len()
+                        ),
+                        None,
+                    );
+                }
+                // 5. Permission to act, without acting.
+                if ids.is_empty() {
+                    continue;
+                }
+                for action in [Action::Start, Action::Stop] {
+                    if rule.schedules(action).is_empty() {
+                        continue;
+                    }
+                    let api = if action == Action::Start {
+                        "StartInstances"
+                    } else {
+                        "StopInstances"
+                    };
+                    match ec2.dry_run(action, &ids).await {
+                        Ok(()) => report.line(Verdict::Ok, format!("{place}: rule {}: {api} allowed on {} instance(s) (DryRun)", rule.name, ids.len()), None),
+                        Err(e) => report.line(
+                            Verdict::Fail,
+                            format!("{place}: rule {}: {api} (DryRun) refused: {e}", rule.name),
+                            Some(format!("the target role needs ec2:{api} on these instances: `shiftd policy --account {}` prints the statement", account.name)),
+                        ),
+                    }
+                }
+            }
+        }
+    }
+    report
+}
+
+/// The delegate as a trust policy principal: its role ARN when the identity is an assumed role.
+fn delegate_from_identity(account: &str, arn: &str) -> Delegate {
+    // arn:aws:sts::123456789012:assumed-role/ROLE/SESSION -> arn:aws:iam::123456789012:role/ROLE
+    let parts: Vec<&str> = arn.split(':').collect();
+    if parts.len() == 6
+        && parts[2] == "sts"
+        && let Some(rest) = parts[5].strip_prefix("assumed-role/")
+        && let Some((role, _session)) = rest.rsplit_once('/')
+    {
+        return Delegate::Role(format!("arn:{}:iam::{}:role/{role}", parts[1], parts[4]));
+    }
+    Delegate::Account(account.to_string())
+}
+
+/// What to do about a failed AssumeRole, with the exact statements each side needs.
+fn assume_role_fix(
+    account: &crate::config::Account,
+    delegate: Option<&Delegate>,
+    code: Option<&str>,
+) -> String {
+    let delegate_side =
+        serde_json::to_string_pretty(&policy::delegate_policy(&[account]).json).expect("json");
+    let mut fix = String::new();
+    if code == Some("AccessDenied") {
+        let _ = writeln!(
+            fix,
+            "AccessDenied has two possible causes; check both sides:"
+        );
+    }
+    match delegate {
+        Some(d) => {
+            let trust =
+                serde_json::to_string_pretty(&policy::trust_policy(account, d).json).expect("json");
+            let _ = writeln!(
+                fix,
+                "1. the target role's trust policy (in account {}) must allow the delegate:\n{trust}",
+                account.account_id
+            );
+        }
+        None => {
+            let _ = writeln!(
+                fix,
+                "1. the target role's trust policy (in account {}) must allow the delegate account",
+                account.account_id
+            );
+        }
+    }
+    let _ = writeln!(
+        fix,
+        "2. the delegate's instance role must be allowed sts:AssumeRole on the role:\n{delegate_side}"
+    );
+    if account.external_id.is_some() {
+        let _ = writeln!(
+            fix,
+            "3. the external_id in shiftd.toml must equal the trust policy's sts:ExternalId"
+        );
+    }
+    fix
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delegate_principal_from_caller_identity() {
+        let cases = [
+            (
+                "arn:aws:sts::123456789012:assumed-role/shiftd-delegate/i-0123456789abcdef0",
+                Delegate::Role("arn:aws:iam::123456789012:role/shiftd-delegate".into()),
+            ),
+            (
+                "arn:aws-cn:sts::123456789012:assumed-role/r/s",
+                Delegate::Role("arn:aws-cn:iam::123456789012:role/r".into()),
+            ),
+            (
+                "arn:aws:iam::123456789012:user/alice",
+                Delegate::Account("123456789012".into()),
+            ),
+        ];
+        for (arn, want) in cases {
+            assert_eq!(delegate_from_identity("123456789012", arn), want, "{arn}");
+        }
+    }
+}

@@ -1,0 +1,229 @@
+//! `shiftd plan`: the actions the configuration schedules in a window, in time order. Reads only the
+//! configuration and uses the daemon's schedule code, so DST days show exactly what will happen.
+
+use std::collections::BTreeSet;
+use std::fmt::Write;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::config::{Action, Config};
+
+/// One scheduled action. Its JSON form is the documented, stable output of `shiftd plan --json`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Upcoming {
+    /// RFC 3339 in the rule's time zone, with its offset.
+    pub at: String,
+    /// RFC 3339 in UTC.
+    pub at_utc: String,
+    pub action: &'static str,
+    pub rule: String,
+    pub account: String,
+    pub account_id: String,
+    pub regions: Vec<String>,
+    pub timezone: String,
+    pub instance_ids: Vec<String>,
+    pub tags: std::collections::BTreeMap<String, Vec<String>>,
+    #[serde(skip)]
+    pub instant: DateTime<Utc>,
+    #[serde(skip)]
+    pub local: String,
+}
+
+/// The actions in `(from, until]`, in time order (then by rule name), at most `limit`. The second value
+/// says whether the list was cut at the limit.
+pub fn upcoming(
+    config: &Config,
+    from: DateTime<Utc>,
+    until: DateTime<Utc>,
+    limit: usize,
+) -> (Vec<Upcoming>, bool) {
+    let mut out = Vec::new();
+    for rule in &config.rules {
+        let account_id = config
+            .account(&rule.account)
+            .map(|a| a.account_id.clone())
+            .unwrap_or_default();
+        for action in [Action::Start, Action::Stop] {
+            // Several expressions of one rule firing at the same instant are one action, as in the daemon.
+            let instants: BTreeSet<DateTime<Utc>> = rule
+                .schedules(action)
+                .iter()
+                .flat_map(|s| s.firings_between(from, until, rule.timezone, limit + 1))
+                .collect();
+            for t in instants {
+                let local = t.with_timezone(&rule.timezone);
+                out.push(Upcoming {
+                    at: local.to_rfc3339(),
+                    at_utc: t.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
+                    action: action.as_str(),
+                    rule: rule.name.clone(),
+                    account: rule.account.clone(),
+                    account_id: account_id.clone(),
+                    regions: rule.regions.clone(),
+                    timezone: rule.timezone.name().to_string(),
+                    instance_ids: rule.selection.instance_ids.clone(),
+                    tags: rule.selection.tags.clone(),
+                    instant: t,
+                    local: local.format("%Y-%m-%d %H:%M:%S %Z").to_string(),
+                });
+            }
+        }
+    }
+    out.sort_by(|a, b| (a.instant, &a.rule, a.action).cmp(&(b.instant, &b.rule, b.action)));
+    let truncated = out.len() > limit;
+    out.truncate(limit);
+    (out, truncated)
+}
+
+/// The human table of `shiftd plan`.
+pub fn render_text(
+    config: &Config,
+    items: &[Upcoming],
+    from: DateTime<Utc>,
+    until: DateTime<Utc>,
+    truncated: bool,
+) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{} action(s) from {} to {} (UTC){}",
+        items.len(),
+        from.format("%Y-%m-%d %H:%M"),
+        until.format("%Y-%m-%d %H:%M"),
+        if config.defaults.dry_run {
+            "; dry_run = true: none would be carried out"
+        } else {
+            ""
+        }
+    );
+    for u in items {
+        let rule = config
+            .rules
+            .iter()
+            .find(|r| r.name == u.rule)
+            .expect("rule of this config");
+        let _ = writeln!(
+            out,
+            "{}  ({})  {:<5}  {}  {} ({})  {}  {}",
+            u.local,
+            u.instant.format("%Y-%m-%d %H:%M:%S UTC"),
+            u.action,
+            u.rule,
+            u.account,
+            u.account_id,
+            u.regions.join(","),
+            rule.selection
+        );
+    }
+    if truncated {
+        let _ = writeln!(
+            out,
+            "... cut at {} actions: narrow the window with --until or --hours, or raise --limit",
+            items.len()
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn utc(s: &str) -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
+    }
+
+    #[test]
+    fn plan_is_ordered_and_shows_dst_as_the_daemon_fires() {
+        let config = Config::parse(
+            Path::new("t.toml"),
+            r#"
+[accounts.a]
+role_arn = "arn:aws:iam::111111111111:role/r"
+regions = ["us-east-1"]
+[[rules]]
+name = "ny"
+account = "a"
+instances = ["i-01234567"]
+start = "30 2 * * *"
+stop = ["0 22 * * *", "0 22 * * Sun"]
+timezone = "America/New_York"
+"#,
+        )
+        .unwrap();
+        // 2027-03-14: New York springs forward at 02:00; 02:30 fires at 03:00 EDT.
+        let (items, cut) = upcoming(
+            &config,
+            utc("2027-03-13T12:00:00Z"),
+            utc("2027-03-15T12:00:00Z"),
+            100,
+        );
+        assert!(!cut);
+        let got: Vec<(&str, &str)> = items.iter().map(|u| (u.at.as_str(), u.action)).collect();
+        assert_eq!(
+            got,
+            vec![
+                ("2027-03-13T22:00:00-05:00", "stop"),
+                ("2027-03-14T03:00:00-04:00", "start"),
+                // Sunday: two stop expressions at the same instant are one action.
+                ("2027-03-14T22:00:00-04:00", "stop"),
+                ("2027-03-15T02:30:00-04:00", "start"),
+            ]
+        );
+        assert_eq!(items[1].at_utc, "2027-03-14T07:00:00Z");
+        let (items, cut) = upcoming(
+            &config,
+            utc("2027-03-13T12:00:00Z"),
+            utc("2027-03-15T12:00:00Z"),
+            2,
+        );
+        assert!(cut);
+        assert_eq!(items.len(), 2);
+    }
+}
+
+/// Reads a `--from`/`--until` value: RFC 3339 (`2026-12-01T08:00:00+09:00`), or a UTC date
+/// (`2026-12-01`) or date and time (`2026-12-01T08:00`, `2026-12-01 08:00`).
+pub fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(s) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    for format in [
+        "%Y-%m-%dT%H:%M",
+        "%Y-%m-%d %H:%M",
+        "%Y-%m-%dT%H:%M:%S",
+        "%Y-%m-%d %H:%M:%S",
+    ] {
+        if let Ok(t) = chrono::NaiveDateTime::parse_from_str(s, format) {
+            return Ok(t.and_utc());
+        }
+    }
+    if let Ok(d) = chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d") {
+        return Ok(d.and_time(chrono::NaiveTime::MIN).and_utc());
+    }
+    Err(format!(
+        "{s:?} is not a time: expected RFC 3339 (2026-12-01T08:00:00+09:00) or a UTC date/time (2026-12-01, 2026-12-01T08:00)"
+    ))
+}
+
+#[cfg(test)]
+mod parse_tests {
+    use super::*;
+
+    #[test]
+    fn time_arguments() {
+        let want = DateTime::parse_from_rfc3339("2026-11-30T23:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        assert_eq!(parse_time("2026-12-01T08:00:00+09:00").unwrap(), want);
+        assert_eq!(parse_time("2026-11-30T23:00").unwrap(), want);
+        assert_eq!(parse_time("2026-11-30 23:00").unwrap(), want);
+        assert_eq!(
+            parse_time("2026-12-01").unwrap().to_rfc3339(),
+            "2026-12-01T00:00:00+00:00"
+        );
+        assert!(parse_time("tomorrow").unwrap_err().contains("not a time"));
+    }
+}

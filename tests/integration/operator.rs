@@ -1,0 +1,262 @@
+//! Operator commands: `shiftd plan`, `shiftd policy`, `shiftd doctor`.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::harness::*;
+
+fn fixture(name: &str) -> String {
+    project_root()
+        .join("tests/fixtures")
+        .join(name)
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+fn stdout(out: &std::process::Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn plan_lists_actions_in_time_order_across_a_dst_change() {
+    let config = fixture("plan-new-york.toml");
+    let out = shiftd(&[
+        "plan",
+        "--config",
+        &config,
+        "--from",
+        "2027-03-13T12:00",
+        "--hours",
+        "48",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let items: Vec<Value> = serde_json::from_str(&stdout(&out)).unwrap();
+    let got: Vec<(&str, &str, &str)> = items
+        .iter()
+        .map(|i| {
+            (
+                i["at"].as_str().unwrap(),
+                i["at_utc"].as_str().unwrap(),
+                i["action"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            // 02:30 does not exist on 2027-03-14: it fires at the end of the gap, 03:00 EDT.
+            ("2027-03-14T03:00:00-04:00", "2027-03-14T07:00:00Z", "start"),
+            ("2027-03-14T06:00:00-04:00", "2027-03-14T10:00:00Z", "stop"),
+            ("2027-03-15T02:30:00-04:00", "2027-03-15T06:30:00Z", "start"),
+            ("2027-03-15T06:00:00-04:00", "2027-03-15T10:00:00Z", "stop"),
+        ]
+    );
+    let first = &items[0];
+    assert_eq!(first["rule"], "batch-window");
+    assert_eq!(first["account"], "us");
+    assert_eq!(first["regions"], serde_json::json!(["us-east-1"]));
+    assert_eq!(first["timezone"], "America/New_York");
+
+    let text = shiftd(&[
+        "plan",
+        "--config",
+        &config,
+        "--from",
+        "2027-03-13T12:00",
+        "--until",
+        "2027-03-14T12:00",
+    ]);
+    let text = stdout(&text);
+    assert!(
+        text.starts_with("2 action(s) from 2027-03-13 12:00 to 2027-03-14 12:00 (UTC)"),
+        "{text}"
+    );
+    assert!(
+        text.contains("2027-03-14 03:00:00 EDT  (2027-03-14 07:00:00 UTC)  start  batch-window"),
+        "{text}"
+    );
+}
+
+#[test]
+fn plan_refuses_an_invalid_config_and_a_bad_time() {
+    let out = shiftd(&[
+        "plan",
+        "--config",
+        &fixture("invalid/unknown-timezone.toml"),
+    ]);
+    assert_eq!(out.status.code(), Some(78));
+    let out = shiftd(&[
+        "plan",
+        "--config",
+        &fixture("plan-new-york.toml"),
+        "--from",
+        "next tuesday",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a time"));
+}
+
+#[test]
+fn policy_documents_match_the_expected_json() {
+    let out = shiftd(&[
+        "policy",
+        "--config",
+        &fixture("policy/two-accounts.toml"),
+        "--delegate-role",
+        "arn:aws:iam::123456789012:role/shiftd-delegate",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Vec<Value> = serde_json::from_str(&stdout(&out)).unwrap();
+    let want: Vec<Value> = serde_json::from_str(
+        &std::fs::read_to_string(fixture("policy/two-accounts.expected.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(got.len(), want.len());
+    for (g, w) in got.iter().zip(&want) {
+        assert_eq!(g["title"], w["title"]);
+        assert_eq!(g["document"], w["document"], "{}", w["title"]);
+    }
+    // The KMS note travels with each target permission policy.
+    assert!(
+        got[1]["notes"][0]
+            .as_str()
+            .unwrap()
+            .contains("kms:CreateGrant")
+    );
+}
+
+#[test]
+fn policy_for_one_account_and_its_text_form_is_valid_json_per_document() {
+    let out = shiftd(&[
+        "policy",
+        "--config",
+        &fixture("policy/two-accounts.toml"),
+        "--account",
+        "prod",
+        "--delegate-account",
+        "123456789012",
+    ]);
+    assert!(out.status.success());
+    let text = stdout(&out);
+    let blocks: Vec<Value> = text
+        .split("\n\n")
+        .filter(|b| !b.trim().is_empty())
+        .map(|b| {
+            let json: String = b
+                .lines()
+                .filter(|l| !l.starts_with('#'))
+                .collect::<Vec<_>>()
+                .join("\n");
+            serde_json::from_str(&json).unwrap_or_else(|e| panic!("{e}: {b}"))
+        })
+        .collect();
+    assert_eq!(blocks.len(), 3, "trust, permission, delegate: {text}");
+    assert_eq!(
+        blocks[0]["Statement"][0]["Principal"]["AWS"],
+        "arn:aws:iam::123456789012:root"
+    );
+    assert_eq!(
+        blocks[2]["Statement"][0]["Resource"],
+        serde_json::json!(["arn:aws:iam::111111111111:role/shiftd-target"])
+    );
+}
+
+fn doctor_config(ids: &[String]) -> String {
+    config_with_rules(
+        "",
+        &format!(
+            r#"
+[[rules]]
+name = "listed"
+account = "account1"
+instances = ["{}", "i-0000000000000dead"]
+start = "0 8 * * *"
+stop = "0 20 * * *"
+
+[[rules]]
+name = "tagged"
+account = "account1"
+tags = {{ Schedule = "office" }}
+stop = "0 20 * * *"
+
+[[rules]]
+name = "nothing-tagged"
+account = "account1"
+tags = {{ Schedule = "nobody" }}
+stop = "0 20 * * *"
+"#,
+            ids[0]
+        ),
+    )
+}
+
+fn run_doctor(fake: &FakeAws, config: &str) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shiftd.toml");
+    std::fs::write(&path, config).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_shiftd"))
+        .args(["doctor", "--config", path.to_str().unwrap()])
+        .envs(fake.env())
+        .output()
+        .unwrap();
+    (out.status.code(), stdout(&out))
+}
+
+#[test]
+fn doctor_walks_the_setup_and_names_each_problem() {
+    let fake = FakeAws::start();
+    let ids = fake.seed(TARGET_ACCOUNT, 1, &[("Schedule", "office")], false);
+    fake.reset_calls();
+    let (code, out) = run_doctor(&fake, &doctor_config(&ids));
+    assert_eq!(code, Some(1), "a listed ID is missing: {out}");
+    for want in [
+        "ok    IMDSv2 reachable; instance profile role: shiftd-delegate",
+        "ok    delegate identity: account 123456789012",
+        "ok    account1: AssumeRole arn:aws:iam::111111111111:role/account1-role-ec2",
+        "ok    account1/ap-northeast-1: DescribeInstanceStatus lists 1 instance(s)",
+        "FAIL  account1/ap-northeast-1: rule listed: not found here: i-0000000000000dead",
+        "ok    account1/ap-northeast-1: rule tagged: selection tags Schedule=office matches 1 instance(s)",
+        "warn  account1/ap-northeast-1: rule nothing-tagged: selection tags Schedule=nobody matches 0 instance(s)",
+        "ok    account1/ap-northeast-1: rule listed: StartInstances allowed on 1 instance(s) (DryRun)",
+        "ok    account1/ap-northeast-1: rule tagged: StopInstances allowed on 1 instance(s) (DryRun)",
+        "1 failure(s), 1 warning(s)",
+    ] {
+        assert!(out.contains(want), "missing {want:?} in:\n{out}");
+    }
+    // Acting was only tried: the instance is still running and every Start/Stop call was a DryRun.
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(fake.states(TARGET_ACCOUNT)[&ids[0]], "running");
+}
+
+#[test]
+fn doctor_without_an_instance_profile_says_so_and_stops() {
+    let fake = FakeAws::start_with_imds_args(&["--role", ""]);
+    let (code, out) = run_doctor(&fake, &doctor_config(&["i-0123456789abcdef0".to_string()]));
+    assert_eq!(code, Some(1));
+    assert!(
+        out.contains(
+            "FAIL  IMDSv2 answers, but no instance profile role is attached to this instance"
+        ),
+        "{out}"
+    );
+    assert!(
+        out.contains("instance profile credentials could not be loaded"),
+        "{out}"
+    );
+    assert!(
+        !out.contains("AssumeRole arn"),
+        "no further checks without credentials: {out}"
+    );
+}
