@@ -156,6 +156,12 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
+    #[error(
+        "{}: refusing a configuration file that {why}: it controls production fleets \
+         (fix: chown root {} && chmod go-w {})",
+        path.display(), path.display(), path.display()
+    )]
+    Permissions { path: PathBuf, why: String },
     #[error("{}", render_issues(path, issues))]
     Invalid {
         path: PathBuf,
@@ -310,9 +316,47 @@ impl Config {
         }
     }
 
+    /// Like [`Config::load`], and first refuses a file that others could have changed (as sshd's
+    /// StrictModes does): writable by group or others, or owned by neither root nor the user running.
+    pub fn load_strict(path: &Path) -> Result<Config, ConfigError> {
+        use std::os::unix::fs::MetadataExt;
+        let config = Config::load(path)?;
+        let meta = std::fs::metadata(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        let euid = unsafe { libc::geteuid() };
+        match permission_problem(meta.mode(), meta.uid(), euid) {
+            Some(why) => Err(ConfigError::Permissions {
+                path: path.to_path_buf(),
+                why,
+            }),
+            None => Ok(config),
+        }
+    }
+
     pub fn account(&self, name: &str) -> Option<&Account> {
         self.accounts.get(name)
     }
+}
+
+/// What is wrong with a configuration file's mode and owner, if anything.
+pub fn permission_problem(mode: u32, owner: u32, euid: u32) -> Option<String> {
+    if mode & 0o022 != 0 {
+        let who = match (mode & 0o020 != 0, mode & 0o002 != 0) {
+            (true, true) => "group and others",
+            (true, false) => "its group",
+            _ => "others",
+        };
+        return Some(format!("is writable by {who} (mode {:04o})", mode & 0o7777));
+    }
+    if owner != 0 && owner != euid {
+        return Some(format!(
+            "is owned by uid {owner}, neither root nor the user shiftd runs as (uid {euid})"
+        ));
+    }
+    None
 }
 
 fn validate(path: &Path, raw: RawConfig, loc: &Locator, issues: &mut Vec<ConfigIssue>) -> Config {
@@ -836,6 +880,41 @@ timezone = "Asia/Tokyo"
         assert!(issues[0].message.contains("not an AWS region"), "{err}");
         assert!(issues[1].message.contains("not an IANA time zone"), "{err}");
         assert!(issues[0].line < issues[1].line);
+    }
+
+    #[test]
+    fn permission_table() {
+        let cases = [
+            (0o100640, 0, 999, None),
+            (0o100600, 999, 999, None),
+            (0o100644, 0, 0, None),
+            (
+                0o100660,
+                0,
+                999,
+                Some("is writable by its group (mode 0660)"),
+            ),
+            (0o100646, 0, 999, Some("is writable by others (mode 0646)")),
+            (
+                0o100666,
+                0,
+                999,
+                Some("is writable by group and others (mode 0666)"),
+            ),
+            (
+                0o100640,
+                1000,
+                999,
+                Some("is owned by uid 1000, neither root nor the user shiftd runs as (uid 999)"),
+            ),
+        ];
+        for (mode, owner, euid, want) in cases {
+            assert_eq!(
+                permission_problem(mode, owner, euid).as_deref(),
+                want,
+                "{mode:o} {owner} {euid}"
+            );
+        }
     }
 
     #[test]

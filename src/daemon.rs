@@ -19,6 +19,7 @@ use crate::aws::AwsEnv;
 use crate::config::{Account, Config, ConfigError};
 use crate::credentials::{self, AccountCredentials, SessionSpec};
 use crate::executor::{self, AccountClients, ExecOptions};
+use crate::notify::ServiceManager;
 use crate::outcome::{Outcome, ResultKind};
 use crate::planner;
 
@@ -142,6 +143,31 @@ impl Daemon {
     }
 }
 
+impl Daemon {
+    fn status_line(&self, now: DateTime<Utc>) -> String {
+        let waiting: Vec<(String, String)> = self
+            .accounts
+            .iter()
+            .filter(|(_, rt)| {
+                rt.clients
+                    .credentials
+                    .usable_at(std::time::SystemTime::now())
+                    .is_none()
+            })
+            .map(|(name, rt)| {
+                let why = rt
+                    .clients
+                    .credentials
+                    .last_error()
+                    .unwrap_or_else(|| "no AssumeRole has succeeded yet".to_string());
+                (name.clone(), why)
+            })
+            .collect();
+        let dry_run = self.dry_run_flag || self.config.defaults.dry_run;
+        crate::upcoming::status_line(&self.config, now, dry_run, &waiting)
+    }
+}
+
 fn first_region(config: &Config) -> &str {
     config
         .accounts
@@ -152,7 +178,7 @@ fn first_region(config: &Config) -> &str {
 
 /// Loads the configuration for running: valid, and with at least one rule.
 fn load(path: &std::path::Path) -> Result<Config, RunError> {
-    let config = Config::load(path)?;
+    let config = Config::load_strict(path)?;
     if config.rules.is_empty() {
         return Err(RunError::NoRules(path.display().to_string()));
     }
@@ -178,6 +204,11 @@ pub async fn run(
     };
     daemon.reconcile_accounts().await;
     log_started(&daemon);
+    // Ready once the configuration is loaded and the schedule armed. Credential trouble is not fatal
+    // (IMDS can be slow right after boot): the renewal retries, and STATUS= says so.
+    let mut service = ServiceManager::from_env();
+    service.ready();
+    let max_sleep = service.max_sleep().map_or(MAX_SLEEP, |w| w.min(MAX_SLEEP));
 
     let (cancel_tx, cancel_rx) = watch::channel(false);
     let mut inflight: JoinSet<Vec<Outcome>> = JoinSet::new();
@@ -215,14 +246,18 @@ pub async fn run(
             }
         }
 
+        service.status(&daemon.status_line(now));
+        // From the scheduling loop itself: a hung loop stops the pings and systemd restarts shiftd.
+        service.watchdog();
         let next = planner::next_due(&daemon.config, now);
         let sleep_for = next
             .map(|n| (n - now).to_std().unwrap_or_default())
-            .unwrap_or(MAX_SLEEP)
-            .min(MAX_SLEEP);
+            .unwrap_or(max_sleep)
+            .min(max_sleep);
         tokio::select! {
             _ = tokio::time::sleep(sleep_for) => {}
             Some(()) = reload.recv() => {
+                service.reloading();
                 match load(&settings.config_path) {
                     Ok(new) => {
                         let sources_differ = new.credentials != *daemon.aws.source();
@@ -240,6 +275,7 @@ pub async fn run(
                         "configuration reload failed; still running the previous configuration:\n{e}"
                     ),
                 }
+                service.ready();
             }
             Some(done) = inflight.join_next(), if !inflight.is_empty() => {
                 log_batch_done(done);
@@ -248,6 +284,8 @@ pub async fn run(
         }
     }
 
+    service.stopping();
+    service.status("stopping");
     tracing::info!(
         "shutting down: {} batch(es) in flight, waiting up to {}",
         inflight.len(),

@@ -10,6 +10,7 @@ pub mod daemon;
 pub mod doctor;
 pub mod executor;
 pub mod logging;
+pub mod notify;
 pub mod outcome;
 pub mod planner;
 pub mod policy;

@@ -138,7 +138,7 @@ fn main() -> ExitCode {
 }
 
 fn check(path: &std::path::Path) -> ExitCode {
-    match Config::load(path) {
+    match Config::load_strict(path) {
         Ok(config) => {
             print!("{}", summary::render(&config, chrono::Utc::now()));
             ExitCode::SUCCESS
@@ -150,7 +150,9 @@ fn check(path: &std::path::Path) -> ExitCode {
 fn config_error(e: &ConfigError) -> ExitCode {
     eprintln!("{e}");
     match e {
-        ConfigError::Invalid { .. } => ExitCode::from(EXIT_CONFIG),
+        ConfigError::Invalid { .. } | ConfigError::Permissions { .. } => {
+            ExitCode::from(EXIT_CONFIG)
+        }
         ConfigError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
             ExitCode::from(EXIT_CONFIG)
         }

@@ -1,12 +1,18 @@
 //! `shiftd check`: valid configurations pass, every malformed fixture fails with exit 78 and its
 //! expected message at its expected line and column.
 
-use crate::harness::{project_root, shiftd};
+use crate::harness::{project_root, shiftd, write_config};
 
 #[test]
 fn shipped_configurations_are_valid() {
+    let dir = tempfile::tempdir().unwrap();
     for name in ["config/shiftd.toml", "config/demo.toml"] {
-        let path = project_root().join(name);
+        // A copy with a mode shiftd accepts: a checkout's modes follow the umask.
+        let path = dir.path().join(name.replace('/', "-"));
+        write_config(
+            &path,
+            &std::fs::read_to_string(project_root().join(name)).unwrap(),
+        );
         let out = shiftd(&["check", "--config", path.to_str().unwrap()]);
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
@@ -23,8 +29,43 @@ fn shipped_configurations_are_valid() {
 }
 
 #[test]
+fn a_config_others_could_change_is_refused_with_exit_78() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shiftd.toml");
+    write_config(
+        &path,
+        &std::fs::read_to_string(project_root().join("config/shiftd.toml")).unwrap(),
+    );
+    for (mode, why) in [
+        (0o664, "writable by its group (mode 0664)"),
+        (0o646, "writable by others (mode 0646)"),
+    ] {
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+        let config = path.to_str().unwrap();
+        let commands: [&[&str]; 2] = [
+            &["check", "--config", config],
+            &["run", "--log", "stderr", "--config", config],
+        ];
+        for args in commands {
+            let command = args[0];
+            let out = shiftd(args);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(78), "{command} {mode:o}: {stderr}");
+            assert!(stderr.contains(why), "{command}: {stderr}");
+            assert!(stderr.contains("refusing a configuration file"), "{stderr}");
+        }
+    }
+}
+
+#[test]
 fn check_summarises_rules_with_their_next_firing() {
-    let path = project_root().join("config/shiftd.toml");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shiftd.toml");
+    write_config(
+        &path,
+        &std::fs::read_to_string(project_root().join("config/shiftd.toml")).unwrap(),
+    );
     let out = shiftd(&["check", "--config", path.to_str().unwrap()]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(

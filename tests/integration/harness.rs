@@ -303,7 +303,7 @@ impl Shiftd {
         ensure_journald();
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("shiftd.toml");
-        std::fs::write(&config_path, config).unwrap();
+        write_config(&config_path, config);
         let log = dir.path().join("stderr.log");
         let child = Command::new(env!("CARGO_BIN_EXE_shiftd"))
             .args(["run", "--log", "journald", "--config"])
@@ -376,8 +376,7 @@ impl Shiftd {
     }
 
     pub fn rewrite_config(&self, text: &str) {
-        let mut f = std::fs::File::create(&self.config).unwrap();
-        f.write_all(text.as_bytes()).unwrap();
+        write_config(&self.config, text);
     }
 
     /// SIGTERM, then the exit status (bounded wait).
@@ -399,6 +398,15 @@ impl Drop for Shiftd {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Writes a configuration file with the mode shiftd accepts (0600), whatever the umask.
+pub fn write_config(path: &Path, text: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    let mut f = std::fs::File::create(path).unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .unwrap();
 }
 
 /// Runs the shiftd binary with `args` to completion.

@@ -4,4 +4,5 @@
 mod check;
 mod daemon;
 mod harness;
+mod lifecycle;
 mod operator;
