@@ -81,8 +81,12 @@ impl FakeAws {
         let venv = venv();
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
+        // The request recorder writes to a file, by default in the working directory: each server
+        // gets its own, or parallel tests would reset each other's recordings.
         let moto = Command::new(venv.join("bin/moto_server"))
             .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .current_dir(dir.path())
+            .env("MOTO_RECORDER_FILEPATH", dir.path().join("moto_recording"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()

@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Builds the .deb and .rpm from the release profile (the one profile the tests use too) and writes
+# SHA256SUMS beside them, in target/packaging/.
+# Installs cargo-deb and cargo-generate-rpm (pinned) when they are missing.
+set -euo pipefail
+top=$(cd "$(dirname "$0")/.." && pwd)
+cd "$top"
+out=target/packaging
+need() { # crate version
+  if ! cargo "${1#cargo-}" --version 2>/dev/null | grep -q "$2"; then
+    cargo install --locked --quiet "$1" --version "$2"
+  fi
+}
+need cargo-deb 3.8.0
+need cargo-generate-rpm 0.21.1
+cargo build --release --locked --bin shiftd
+mkdir -p "$out/man" "$out/bin"
+# The packaged binary: the release build, without debug information.
+install -m 755 target/release/shiftd "$out/bin/shiftd"
+strip --strip-unneeded --remove-section=.comment --remove-section=.note "$out/bin/shiftd"
+for page in shiftd.8 shiftd.toml.5; do
+  gzip -9n <"packaging/man/$page" >"$out/man/$page.gz"
+done
+gzip -9n <CHANGELOG.md >"$out/changelog.gz"
+# Debian wants its own changelog beside the upstream one; it points at CHANGELOG.md.
+version=$(cargo metadata --no-deps --format-version 1 | sed -n 's/.*"name":"shiftd","version":"\([^"]*\)".*/\1/p')
+date=$(date -u -R -d "@${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}")
+cat <<CHANGELOG | gzip -9n >"$out/changelog.Debian.gz"
+shiftd ($version-1) unstable; urgency=medium
+
+  * Upstream release $version; changes in /usr/share/doc/shiftd/changelog.gz.
+
+ -- shiftd developers <shiftd@example.invalid>  $date
+CHANGELOG
+rm -f "$out"/*.deb "$out"/*.rpm "$out"/SHA256SUMS
+cargo deb --no-build --locked --output "$out/"
+cargo generate-rpm --output "$out/"
+(cd "$out" && sha256sum -- *.deb *.rpm >SHA256SUMS && cat SHA256SUMS)

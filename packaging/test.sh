@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# Package tests: the unit's hardening and validity, the .deb and .rpm contents and scripts, lintian,
+# and (as root, with CI=true or SHIFTD_TEST_INSTALL=1) the installed life cycle on this machine:
+# install, check, upgrade keeping an edited config, remove, purge.
+set -euo pipefail
+top=$(cd "$(dirname "$0")/.." && pwd)
+cd "$top"
+out=target/packaging
+failures=0
+pass() { echo "ok    $*"; }
+fail() { echo "FAIL  $*"; failures=$((failures + 1)); }
+expect() { # description command...
+  local what=$1; shift
+  if "$@" >/dev/null 2>&1; then pass "$what"; else fail "$what"; fi
+}
+
+for tool in lintian rpm; do
+  command -v "$tool" >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq lintian rpm >/dev/null; }
+done
+
+# --- The unit: exposure at most 1.5.
+exposure=$(systemd-analyze security --offline=yes systemd/shiftd.service 2>/dev/null | sed -n 's/.*Overall exposure level for shiftd.service: \([0-9.]*\).*/\1/p')
+if [ -n "$exposure" ] && awk -v e="$exposure" 'BEGIN { exit !(e <= 1.5) }'; then
+  pass "systemd-analyze security: exposure $exposure <= 1.5"
+else
+  fail "systemd-analyze security: exposure '${exposure}' > 1.5"
+fi
+
+packaging/build.sh
+deb=$(ls "$out"/*.deb)
+rpm=$(ls "$out"/*.rpm)
+expect "SHA256SUMS verifies" bash -c "cd $out && sha256sum -c SHA256SUMS"
+
+# --- .deb contents.
+listing=$(dpkg-deb -c "$deb")
+has() { grep -qE "$1" <<<"$listing"; }
+expect "deb: /usr/bin/shiftd 0755" has '^-rwxr-xr-x 0/0 .* \./usr/bin/shiftd$'
+expect "deb: /etc/shiftd/shiftd.toml 0640" has '^-rw-r----- 0/0 .* \./etc/shiftd/shiftd.toml$'
+expect "deb: unit shiftd.service" has '\./(usr/)?lib/systemd/system/shiftd.service$'
+expect "deb: sysusers shiftd.conf" has '\./(usr/)?lib/sysusers.d/shiftd.conf$'
+expect "deb: pristine example in docs" has '\./usr/share/doc/shiftd/examples/shiftd.toml$'
+expect "deb: man page shiftd(8)" has '\./usr/share/man/man8/shiftd.8.gz$'
+expect "deb: man page shiftd.toml(5)" has '\./usr/share/man/man5/shiftd.toml.5.gz$'
+expect "deb: conffile /etc/shiftd/shiftd.toml" bash -c "dpkg-deb --ctrl-tarfile '$deb' | tar -xOf - ./conffiles | grep -qx /etc/shiftd/shiftd.toml"
+expect "deb: postinst never starts the service" bash -c "! dpkg-deb --ctrl-tarfile '$deb' | tar -xOf - ./postinst | grep -Eq 'invoke (start|[$]_dh_action)'"
+expect "deb: prerm stops the service on removal" bash -c "dpkg-deb --ctrl-tarfile '$deb' | tar -xOf - ./prerm | grep -q 'deb-systemd-invoke stop shiftd.service'"
+if lintian --fail-on error,warning --suppress-tags-from-file /dev/null "$deb"; then
+  pass "lintian clean (overrides: packaging/debian/lintian-overrides)"
+else
+  fail "lintian"
+fi
+
+# --- .rpm contents and scriptlets.
+rpm_files=$(rpm -qlp "$rpm" 2>/dev/null)
+for f in /usr/bin/shiftd /etc/shiftd/shiftd.toml /usr/lib/systemd/system/shiftd.service \
+         /usr/lib/sysusers.d/shiftd.conf /usr/share/man/man8/shiftd.8.gz /usr/share/doc/shiftd/examples/shiftd.toml; do
+  expect "rpm: $f" grep -qx "$f" <<<"$rpm_files"
+done
+expect "rpm: config is %config(noreplace), 0640 root:shiftd" bash -c \
+  "rpm -qp --qf '[%{FILEFLAGS:fflags} %{FILEMODES:perms} %{FILEUSERNAME}:%{FILEGROUPNAME} %{FILENAMES}\n]' '$rpm' 2>/dev/null | grep -qx 'cn -rw-r----- root:shiftd /etc/shiftd/shiftd.toml'"
+scripts=$(rpm -qp --scripts "$rpm" 2>/dev/null)
+expect "rpm: preinstall creates the shiftd user" grep -q 'systemd-sysusers\|useradd' <<<"$scripts"
+expect "rpm: preuninstall stops the service on erase" grep -q 'disable --now shiftd.service' <<<"$scripts"
+expect "rpm: nothing enables or starts on install" bash -c "! grep -Eq 'systemctl (--no-reload )?(enable|start) ' <<<\"\$0\"" "$scripts"
+
+# --- Installed life cycle (changes this machine: CI only unless asked).
+if [ "${CI:-}" = "true" ] || [ "${SHIFTD_TEST_INSTALL:-}" = "1" ]; then
+  if dpkg -s shiftd >/dev/null 2>&1; then dpkg -P shiftd >/dev/null; fi
+  expect "dpkg -i installs" dpkg -i "$deb"
+  expect "installed: /usr/bin/shiftd runs" /usr/bin/shiftd --version
+  expect "installed: user shiftd exists" getent passwd shiftd
+  expect "installed: config root:shiftd 0640" bash -c '[ "$(stat -c %U:%G:%a /etc/shiftd/shiftd.toml)" = root:shiftd:640 ]'
+  expect "installed: shiftd check accepts the installed example" /usr/bin/shiftd check --config /etc/shiftd/shiftd.toml
+  unit=$(ls /lib/systemd/system/shiftd.service /usr/lib/systemd/system/shiftd.service 2>/dev/null | head -n1)
+  expect "installed: systemd-analyze verify $unit" systemd-analyze verify "$unit"
+  expect "installed: man shiftd.toml resolves" man -w shiftd.toml
+  expect "installed: unit not enabled" bash -c '! ls /etc/systemd/system/*.wants/shiftd.service 2>/dev/null | grep -q .'
+  # Upgrade to a newer version of the package keeps an edited config.
+  sed -i 's/^timezone = "UTC"/timezone = "Asia\/Tokyo"/' /etc/shiftd/shiftd.toml
+  cargo deb --no-build --locked --deb-version 99.0.0 --output "$out/upgrade.deb" >/dev/null
+  expect "dpkg -i upgrades" dpkg -i --force-confold "$out/upgrade.deb"
+  expect "upgrade kept the edited config" grep -qx 'timezone = "Asia/Tokyo"' /etc/shiftd/shiftd.toml
+  expect "upgrade kept root:shiftd 0640" bash -c '[ "$(stat -c %U:%G:%a /etc/shiftd/shiftd.toml)" = root:shiftd:640 ]'
+  rm -f "$out/upgrade.deb"
+  expect "dpkg -r removes" dpkg -r shiftd
+  expect "removed: binary gone" test ! -e /usr/bin/shiftd
+  expect "removed: config kept" test -f /etc/shiftd/shiftd.toml
+  expect "dpkg -P purges" dpkg -P shiftd
+  expect "purged: /etc/shiftd gone" test ! -e /etc/shiftd
+else
+  echo "skip  installed life cycle (set CI=true or SHIFTD_TEST_INSTALL=1; it installs and purges the package)"
+fi
+
+echo "packages: $((failures)) failed"
+[ "$failures" -eq 0 ]
