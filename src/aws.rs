@@ -302,16 +302,20 @@ impl Ec2Region {
         Ok(n)
     }
 
-    /// StartInstances/StopInstances with DryRun: `Ok(())` when EC2 says the call would be allowed
-    /// (`DryRunOperation`), the error otherwise (`UnauthorizedOperation` when it would be denied).
-    pub async fn dry_run(&self, action: Action, ids: &[String]) -> Result<(), AwsError> {
+    /// One StartInstances or StopInstances call, with `DryRun` set as asked.
+    async fn start_or_stop(
+        &self,
+        action: Action,
+        ids: &[String],
+        dry_run: bool,
+    ) -> Result<(), AwsError> {
         let ids = Some(ids.to_vec());
-        let result = match action {
+        match action {
             Action::Start => self
                 .client
                 .start_instances()
                 .set_instance_ids(ids)
-                .dry_run(true)
+                .dry_run(dry_run)
                 .send()
                 .await
                 .map(drop)
@@ -320,13 +324,18 @@ impl Ec2Region {
                 .client
                 .stop_instances()
                 .set_instance_ids(ids)
-                .dry_run(true)
+                .dry_run(dry_run)
                 .send()
                 .await
                 .map(drop)
                 .map_err(|e| AwsError::from_sdk(&e)),
-        };
-        match result {
+        }
+    }
+
+    /// StartInstances/StopInstances with DryRun: `Ok(())` when EC2 says the call would be allowed
+    /// (`DryRunOperation`), the error otherwise (`UnauthorizedOperation` when it would be denied).
+    pub async fn dry_run(&self, action: Action, ids: &[String]) -> Result<(), AwsError> {
+        match self.start_or_stop(action, ids, true).await {
             Err(e) if e.code.as_deref() == Some("DryRunOperation") => Ok(()),
             Ok(()) => Err(AwsError {
                 code: None,
@@ -338,24 +347,6 @@ impl Ec2Region {
 
     /// Calls StartInstances or StopInstances for `ids` (one call).
     pub async fn change_state(&self, action: Action, ids: &[String]) -> Result<(), AwsError> {
-        let ids = Some(ids.to_vec());
-        match action {
-            Action::Start => self
-                .client
-                .start_instances()
-                .set_instance_ids(ids)
-                .send()
-                .await
-                .map(drop)
-                .map_err(|e| AwsError::from_sdk(&e)),
-            Action::Stop => self
-                .client
-                .stop_instances()
-                .set_instance_ids(ids)
-                .send()
-                .await
-                .map(drop)
-                .map_err(|e| AwsError::from_sdk(&e)),
-        }
+        self.start_or_stop(action, ids, false).await
     }
 }

@@ -481,39 +481,29 @@ async fn verify(
                 *left = true;
             }
             *last = v.state.clone();
-            match planner::progress(action, &v, *left) {
-                Progress::Waiting => {}
-                Progress::Reached => {
-                    let rules = std::mem::take(rules);
-                    pending.remove(&v.id);
-                    report.push(outcome(
-                        account,
-                        region,
-                        action,
-                        rules,
-                        Some(v.id),
-                        ResultKind::Ok,
-                        format!(
-                            "{} after {}s",
-                            action.target_state(),
-                            started.elapsed().as_secs()
-                        ),
-                    ));
-                }
-                Progress::Failed(why) => {
-                    let rules = std::mem::take(rules);
-                    pending.remove(&v.id);
-                    report.push(outcome(
-                        account,
-                        region,
-                        action,
-                        rules,
-                        Some(v.id),
-                        ResultKind::Failed,
-                        why,
-                    ));
-                }
-            }
+            let (result, reason) = match planner::progress(action, &v, *left) {
+                Progress::Waiting => continue,
+                Progress::Reached => (
+                    ResultKind::Ok,
+                    format!(
+                        "{} after {}s",
+                        action.target_state(),
+                        started.elapsed().as_secs()
+                    ),
+                ),
+                Progress::Failed(why) => (ResultKind::Failed, why),
+            };
+            let rules = std::mem::take(rules);
+            pending.remove(&v.id);
+            report.push(outcome(
+                account,
+                region,
+                action,
+                rules,
+                Some(v.id),
+                result,
+                reason,
+            ));
         }
     }
 }
