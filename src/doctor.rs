@@ -350,6 +350,42 @@ mod tests {
     use super::*;
 
     #[test]
+    fn access_denied_names_both_sides_with_their_statements() {
+        let account = crate::config::Account {
+            name: "account1".into(),
+            role_arn: "arn:aws:iam::111111111111:role/account1-role-ec2".into(),
+            account_id: "111111111111".into(),
+            external_id: Some("xid-123".into()),
+            regions: vec!["ap-northeast-1".into()],
+        };
+        let delegate = Delegate::Role("arn:aws:iam::123456789012:role/shiftd-delegate".into());
+        let fix = assume_role_fix(&account, Some(&delegate), Some("AccessDenied"));
+        assert!(
+            fix.starts_with("AccessDenied has two possible causes"),
+            "{fix}"
+        );
+        assert!(
+            fix.contains("trust policy (in account 111111111111)"),
+            "{fix}"
+        );
+        assert!(
+            fix.contains("\"AWS\": \"arn:aws:iam::123456789012:role/shiftd-delegate\""),
+            "{fix}"
+        );
+        assert!(fix.contains("\"sts:ExternalId\": \"xid-123\""), "{fix}");
+        assert!(
+            fix.contains(
+                "\"Resource\": [\n        \"arn:aws:iam::111111111111:role/account1-role-ec2\""
+            ),
+            "{fix}"
+        );
+        assert!(
+            fix.contains("external_id in shiftd.toml must equal"),
+            "{fix}"
+        );
+    }
+
+    #[test]
     fn delegate_principal_from_caller_identity() {
         let cases = [
             (
