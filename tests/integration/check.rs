@@ -1,18 +1,25 @@
 //! `shiftd check`: valid configurations pass, every malformed fixture fails with exit 78 and its
 //! expected message at its expected line and column.
 
+use std::path::PathBuf;
+
 use crate::harness::{project_root, shiftd, write_config};
+
+/// A copy of a shipped configuration with a mode shiftd accepts (a checkout's modes follow the umask).
+fn shipped_copy(dir: &tempfile::TempDir, name: &str) -> PathBuf {
+    let path = dir.path().join(name.replace('/', "-"));
+    write_config(
+        &path,
+        &std::fs::read_to_string(project_root().join(name)).unwrap(),
+    );
+    path
+}
 
 #[test]
 fn shipped_configurations_are_valid() {
     let dir = tempfile::tempdir().unwrap();
     for name in ["config/shiftd.toml", "config/demo.toml"] {
-        // A copy with a mode shiftd accepts: a checkout's modes follow the umask.
-        let path = dir.path().join(name.replace('/', "-"));
-        write_config(
-            &path,
-            &std::fs::read_to_string(project_root().join(name)).unwrap(),
-        );
+        let path = shipped_copy(&dir, name);
         let out = shiftd(&["check", "--config", path.to_str().unwrap()]);
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(
@@ -32,11 +39,7 @@ fn shipped_configurations_are_valid() {
 fn a_config_others_could_change_is_refused_with_exit_78() {
     use std::os::unix::fs::PermissionsExt;
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("shiftd.toml");
-    write_config(
-        &path,
-        &std::fs::read_to_string(project_root().join("config/shiftd.toml")).unwrap(),
-    );
+    let path = shipped_copy(&dir, "config/shiftd.toml");
     for (mode, why) in [
         (0o664, "writable by its group (mode 0664)"),
         (0o646, "writable by others (mode 0646)"),
@@ -61,11 +64,7 @@ fn a_config_others_could_change_is_refused_with_exit_78() {
 #[test]
 fn check_summarises_rules_with_their_next_firing() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("shiftd.toml");
-    write_config(
-        &path,
-        &std::fs::read_to_string(project_root().join("config/shiftd.toml")).unwrap(),
-    );
+    let path = shipped_copy(&dir, "config/shiftd.toml");
     let out = shiftd(&["check", "--config", path.to_str().unwrap()]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
