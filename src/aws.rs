@@ -49,7 +49,7 @@ impl AwsError {
 
 /// A one-line description of an SDK error: the service's code and message when the service answered,
 /// otherwise the whole chain of causes (timeouts, connection failures, credential errors).
-pub fn describe_sdk_error<E, R>(e: &aws_sdk_ec2::error::SdkError<E, R>) -> String
+fn describe_sdk_error<E, R>(e: &aws_sdk_ec2::error::SdkError<E, R>) -> String
 where
     E: ProvideErrorMetadata + std::error::Error + 'static,
     R: std::fmt::Debug,

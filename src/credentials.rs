@@ -85,14 +85,6 @@ impl AccountCredentials {
         usable(expiry, now).then(|| creds.clone())
     }
 
-    pub fn expiry(&self) -> Option<SystemTime> {
-        self.state
-            .borrow()
-            .credentials
-            .as_ref()
-            .and_then(|c| c.expiry())
-    }
-
     pub fn last_error(&self) -> Option<String> {
         self.state.borrow().last_error.clone()
     }
