@@ -235,11 +235,15 @@ pub struct Call {
 
 /// Makes sure a systemd-journald is listening (starting `/lib/systemd/systemd-journald` as a plain
 /// process if none is), once per test run.
+///
+/// "Listening" means the native socket accepts a connection: a socket file left behind by a journald
+/// that has exited (a previous run, a package install) is not enough, and `journalctl` succeeds
+/// without any journald since it reads the journal files directly.
 pub fn ensure_journald() {
     static STARTED: OnceLock<()> = OnceLock::new();
     STARTED.get_or_init(|| {
-        let socket = Path::new("/run/systemd/journal/socket");
-        if socket.exists() && journald_answers() {
+        let socket = Path::new(JOURNAL_SOCKET);
+        if journald_listens() {
             return;
         }
         // Left running on purpose: later tests (and journalctl) use it; it is a plain process.
@@ -252,18 +256,17 @@ pub fn ensure_journald() {
             );
         std::mem::forget(child);
         wait_until("systemd-journald", Duration::from_secs(10), || {
-            socket.exists() && journald_answers()
+            socket.exists() && journald_listens()
         });
     });
 }
 
-fn journald_answers() -> bool {
-    Command::new("journalctl")
-        .args(["-n", "0", "--no-pager"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
+const JOURNAL_SOCKET: &str = "/run/systemd/journal/socket";
+
+fn journald_listens() -> bool {
+    std::os::unix::net::UnixDatagram::unbound()
+        .and_then(|s| s.connect(JOURNAL_SOCKET))
+        .is_ok()
 }
 
 /// journald entries of one process, as field maps.
