@@ -11,7 +11,7 @@ use crate::aws::Ec2Region;
 use crate::config::{Account, Action};
 use crate::credentials::AccountCredentials;
 use crate::outcome::{Outcome, ResultKind};
-use crate::planner::{self, AccountBatch, Decision, Progress, Request, Selected};
+use crate::planner::{self, AccountBatch, Decision, InstanceView, Progress, Request, Selected};
 
 /// StartInstances/StopInstances calls carry at most this many IDs.
 const IDS_PER_CALL: usize = 100;
@@ -285,9 +285,9 @@ async fn run_region(
     }
 
     let selected: Vec<Selected> = selected.into_values().collect();
-    let initial: BTreeMap<String, String> = selected
+    let initial: BTreeMap<String, InstanceView> = selected
         .iter()
-        .map(|s| (s.instance.id.clone(), s.instance.state.clone()))
+        .map(|s| (s.instance.id.clone(), s.instance.clone()))
         .collect();
     let mut to_act: BTreeMap<Action, Vec<(String, Vec<String>)>> = BTreeMap::new();
     for p in planner::decide(&selected) {
@@ -309,7 +309,7 @@ async fn run_region(
                 ResultKind::DryRun,
                 format!(
                     "would {} (currently {}); dry run, nothing called",
-                    p.action, initial[&p.instance_id]
+                    p.action, initial[&p.instance_id].state
                 ),
             )),
             Decision::Act => to_act
@@ -418,7 +418,7 @@ async fn verify(
     region: &str,
     action: Action,
     accepted: Vec<(String, Vec<String>)>,
-    initial: &BTreeMap<String, String>,
+    initial: &BTreeMap<String, InstanceView>,
     opts: &ExecOptions,
     mut cancel: watch::Receiver<bool>,
     report: &mut Report,
@@ -428,7 +428,10 @@ async fn verify(
     let mut pending: BTreeMap<String, (Vec<String>, String, bool)> = accepted
         .into_iter()
         .map(|(id, rules)| {
-            let state = initial.get(&id).cloned().unwrap_or_default();
+            let state = initial
+                .get(&id)
+                .map(|v| v.state.clone())
+                .unwrap_or_default();
             (id, (rules, state, false))
         })
         .collect();
@@ -477,11 +480,13 @@ async fn verify(
             let Some((rules, last, left)) = pending.get_mut(&v.id) else {
                 continue;
             };
-            if initial.get(&v.id).is_some_and(|s| *s != v.state) {
+            let before = initial.get(&v.id);
+            if before.is_some_and(|b| b.state != v.state) {
                 *left = true;
             }
             *last = v.state.clone();
-            let (result, reason) = match planner::progress(action, &v, *left) {
+            let initial_reason = before.and_then(|b| b.state_reason.as_deref());
+            let (result, reason) = match planner::progress(action, &v, *left, initial_reason) {
                 Progress::Waiting => continue,
                 Progress::Reached => (
                     ResultKind::Ok,

@@ -226,7 +226,12 @@ pub enum Progress {
 /// Reads one observation of an instance that was asked to `action`. `left_initial_state` says whether an
 /// earlier observation already showed it move away from where it was (describe is eventually consistent:
 /// right after StartInstances, a `stopped` can simply be stale).
-pub fn progress(action: Action, view: &InstanceView, left_initial_state: bool) -> Progress {
+pub fn progress(
+    action: Action,
+    view: &InstanceView,
+    left_initial_state: bool,
+    initial_reason: Option<&str>,
+) -> Progress {
     let reason = || {
         view.state_reason
             .clone()
@@ -236,12 +241,13 @@ pub fn progress(action: Action, view: &InstanceView, left_initial_state: bool) -
         (Action::Start, "running") | (Action::Stop, "stopped") => Progress::Reached,
         (Action::Start, "stopped" | "stopping") => {
             // The classic case: an encrypted EBS volume whose KMS key grant is missing. EC2 gives a
-            // Client.* or Server.* state reason.
-            let has_error_reason = view
-                .state_reason
-                .as_deref()
-                .is_some_and(|r| r.starts_with("Client.") || r.starts_with("Server."));
-            if left_initial_state || has_error_reason {
+            // Client.* or Server.* state reason. A stopped instance already carries one from its last
+            // stop (Client.UserInitiatedShutdown), and DescribeInstances may still show that view
+            // right after the call: only a reason the instance did not have before counts.
+            let has_new_error_reason = view.state_reason.as_deref().is_some_and(|r| {
+                (r.starts_with("Client.") || r.starts_with("Server.")) && Some(r) != initial_reason
+            });
+            if left_initial_state || has_new_error_reason {
                 Progress::Failed(format!(
                     "fell back to {} after start{}",
                     view.state,
@@ -485,44 +491,95 @@ stop = "0 11 * * *"
             state_reason: reason.map(String::from),
         };
         let kms = "Client.InternalError: Client error on launch";
+        let user = "Client.UserInitiatedShutdown: User initiated shutdown";
+        // (action, observed, left the initial state, initial state reason, expected)
         let cases = [
-            (Action::Start, v("running", None), false, Progress::Reached),
-            (Action::Start, v("pending", None), false, Progress::Waiting),
-            // Right after the call a stale `stopped` is not a failure...
-            (Action::Start, v("stopped", None), false, Progress::Waiting),
-            // ...but after pending, or with an error reason, it is.
+            (
+                Action::Start,
+                v("running", None),
+                false,
+                None,
+                Progress::Reached,
+            ),
+            (
+                Action::Start,
+                v("pending", None),
+                false,
+                None,
+                Progress::Waiting,
+            ),
+            // Right after the call a stale `stopped` is not a failure, even with the reason of the
+            // stop that preceded it...
+            (
+                Action::Start,
+                v("stopped", None),
+                false,
+                None,
+                Progress::Waiting,
+            ),
+            (
+                Action::Start,
+                v("stopped", Some(user)),
+                false,
+                Some(user),
+                Progress::Waiting,
+            ),
+            // ...but after pending, or with a new error reason, it is.
+            (
+                Action::Start,
+                v("stopped", Some(user)),
+                true,
+                Some(user),
+                Progress::Failed(format!("fell back to stopped after start: {user}")),
+            ),
             (
                 Action::Start,
                 v("stopped", None),
                 true,
+                None,
                 Progress::Failed("fell back to stopped after start".into()),
             ),
             (
                 Action::Start,
                 v("stopped", Some(kms)),
                 false,
+                Some(user),
                 Progress::Failed(format!("fell back to stopped after start: {kms}")),
             ),
             (
                 Action::Start,
                 v("stopping", Some(kms)),
                 true,
+                None,
                 Progress::Failed(format!("fell back to stopping after start: {kms}")),
             ),
-            (Action::Stop, v("stopping", None), true, Progress::Waiting),
-            (Action::Stop, v("stopped", None), true, Progress::Reached),
+            (
+                Action::Stop,
+                v("stopping", None),
+                true,
+                None,
+                Progress::Waiting,
+            ),
+            (
+                Action::Stop,
+                v("stopped", Some(user)),
+                true,
+                None,
+                Progress::Reached,
+            ),
             (
                 Action::Stop,
                 v("terminated", None),
                 true,
+                None,
                 Progress::Failed("instance is terminated".into()),
             ),
         ];
-        for (action, view, left, want) in cases {
+        for (action, view, left, initial_reason, want) in cases {
             assert_eq!(
-                progress(action, &view, left),
+                progress(action, &view, left, initial_reason),
                 want,
-                "{action} {view:?} {left}"
+                "{action} {view:?} {left} {initial_reason:?}"
             );
         }
     }

@@ -63,10 +63,15 @@ impl Drop for Guard {
     }
 }
 
-/// moto server and the fake IMDS, on loopback ports of their own. Stopped when dropped.
+/// moto server and the fake IMDS, on loopback ports of their own, optionally with the fault-injecting
+/// proxy (tests/fakes/fault_proxy.py) between shiftd and moto. Stopped when dropped.
 pub struct FakeAws {
+    /// moto itself: the tests seed and inspect through it.
     pub endpoint: String,
     pub imds: String,
+    /// The fault proxy's address, when started with one: shiftd talks to it instead of moto.
+    faults: Option<String>,
+    _proxy: Option<Guard>,
     _moto: Guard,
     _imds: Guard,
     _dir: tempfile::TempDir,
@@ -110,12 +115,88 @@ impl FakeAws {
         let fake = FakeAws {
             endpoint,
             imds: format!("http://127.0.0.1:{}", imds_port.trim()),
+            faults: None,
+            _proxy: None,
             _moto: moto,
             _imds: imds,
             _dir: dir,
         };
         fake.reset_calls();
         fake
+    }
+
+    /// As `start`, with the fault-injecting proxy in front of moto: shiftd's calls go through it.
+    pub fn start_with_faults() -> Self {
+        let mut fake = Self::start();
+        let port_file = fake._dir.path().join("proxy.port");
+        let proxy = Command::new(venv().join("bin/python"))
+            .arg(project_root().join("tests/fakes/fault_proxy.py"))
+            .args(["--upstream", &fake.endpoint, "--port-file"])
+            .arg(&port_file)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start the fault proxy");
+        let proxy = Guard(proxy);
+        wait_until("fault proxy", Duration::from_secs(30), || {
+            port_file.exists()
+        });
+        let port = std::fs::read_to_string(&port_file).unwrap();
+        fake.faults = Some(format!("http://127.0.0.1:{}", port.trim()));
+        fake._proxy = Some(proxy);
+        fake
+    }
+
+    /// Posts a fault to the proxy, e.g. `("/_fault/error", json!({...}))` (see fault_proxy.py).
+    pub fn inject(&self, path: &str, spec: Value) {
+        let url = format!(
+            "{}{path}",
+            self.faults.as_ref().expect("started with faults")
+        );
+        let out = Command::new(venv().join("bin/python"))
+            .args([
+                "-c",
+                "import sys, urllib.request; urllib.request.urlopen(urllib.request.Request(sys.argv[1], data=sys.argv[2].encode(), method='POST')).read()",
+                &url,
+                &spec.to_string(),
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// The calls the fault proxy received: (action, instance IDs, injected error code).
+    pub fn proxied_calls(&self) -> Vec<(String, Vec<String>, Option<String>)> {
+        let url = format!(
+            "{}/_fault/seen",
+            self.faults.as_ref().expect("started with faults")
+        );
+        let out = Command::new(venv().join("bin/python"))
+            .args([
+                "-c",
+                "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1]).read().decode())",
+                &url,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let seen: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+        seen.into_iter()
+            .map(|c| {
+                (
+                    c["action"].as_str().unwrap().to_string(),
+                    serde_json::from_value(c["instance_ids"].clone()).unwrap(),
+                    c["fault"].as_str().map(String::from),
+                )
+            })
+            .collect()
     }
 
     /// Forgets the API calls recorded so far (e.g. those that seeded instances).
@@ -214,7 +295,10 @@ impl FakeAws {
     /// The environment that points shiftd at these fakes (the standard AWS variables, nothing else).
     pub fn env(&self) -> Vec<(String, String)> {
         vec![
-            ("AWS_ENDPOINT_URL".into(), self.endpoint.clone()),
+            (
+                "AWS_ENDPOINT_URL".into(),
+                self.faults.clone().unwrap_or_else(|| self.endpoint.clone()),
+            ),
             (
                 "AWS_EC2_METADATA_SERVICE_ENDPOINT".into(),
                 self.imds.clone(),
@@ -422,6 +506,13 @@ pub fn shiftd(args: &[&str]) -> Output {
         .args(args)
         .output()
         .unwrap()
+}
+
+/// A six-field cron expression (UTC) that fires once, `seconds` from now.
+pub fn once_in(seconds: i64) -> String {
+    use chrono::Timelike;
+    let at = chrono::Utc::now() + chrono::Duration::seconds(seconds);
+    format!("{} {} {} * * *", at.second(), at.minute(), at.hour())
 }
 
 /// A config with one account (the target) and the given rules appended.

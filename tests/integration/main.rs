@@ -3,6 +3,7 @@
 
 mod check;
 mod daemon;
+mod faults;
 mod harness;
 mod lifecycle;
 mod operator;

@@ -1,0 +1,150 @@
+//! `shiftd run` against EC2 misbehaving the way the real one does, through the fault-injecting proxy
+//! (tests/fakes/fault_proxy.py) in front of moto: throttling, capacity errors, an instance falling back
+//! to stopped after a start, and DescribeInstances answering from a stale view.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use serde_json::json;
+
+use crate::harness::*;
+
+type Entry = BTreeMap<String, String>;
+
+fn field<'a>(e: &'a Entry, name: &str) -> &'a str {
+    e.get(name).map_or("", String::as_str)
+}
+
+/// The action entries for one instance.
+fn actions_for<'a>(entries: &'a [Entry], instance: &str) -> Vec<&'a Entry> {
+    entries
+        .iter()
+        .filter(|e| field(e, "SHIFTD_INSTANCE_ID") == instance && e.contains_key("SHIFTD_RESULT"))
+        .collect()
+}
+
+fn start_rule(ids: &[String]) -> String {
+    config_with_rules(
+        "",
+        &format!(
+            r#"
+[[rules]]
+name = "morning"
+account = "account1"
+instances = {ids:?}
+start = "{}"
+"#,
+            once_in(6)
+        ),
+    )
+}
+
+#[test]
+fn throttled_and_capacity_refused_starts_are_each_reported_once() {
+    let fake = FakeAws::start_with_faults();
+    let ids = fake.seed(TARGET_ACCOUNT, 3, &[], true);
+    let (a, b, short) = (&ids[0], &ids[1], &ids[2]);
+    // The first StartInstances is throttled; every one naming `short` gets no capacity.
+    fake.inject(
+        "/_fault/error",
+        json!({"action": "StartInstances", "status": 503, "code": "RequestLimitExceeded",
+               "message": "Request limit exceeded.", "times": 1}),
+    );
+    fake.inject(
+        "/_fault/error",
+        json!({"action": "StartInstances", "instance": short, "status": 500,
+               "code": "InsufficientInstanceCapacity",
+               "message": "We currently do not have sufficient t3.micro capacity.", "times": -1}),
+    );
+
+    let daemon = Shiftd::spawn(&fake, &start_rule(&ids), &[]);
+    daemon.wait_for_messages(
+        "batch done for account account1",
+        1,
+        Duration::from_secs(60),
+    );
+    let entries = daemon.entries();
+    assert!(daemon.stop().success());
+
+    for id in [a, b] {
+        let e = actions_for(&entries, id);
+        assert_eq!(e.len(), 1, "one entry for {id}: {e:#?}");
+        assert_eq!(field(e[0], "SHIFTD_RESULT"), "ok", "{e:#?}");
+    }
+    let e = actions_for(&entries, short);
+    assert_eq!(e.len(), 1, "one entry for {short}: {e:#?}");
+    assert_eq!(field(e[0], "SHIFTD_ACTION"), "start");
+    assert_eq!(field(e[0], "SHIFTD_RESULT"), "failed");
+    assert_eq!(field(e[0], "PRIORITY"), "3");
+    assert!(
+        field(e[0], "SHIFTD_REASON").contains("InsufficientInstanceCapacity"),
+        "the reason names EC2's error: {e:#?}"
+    );
+
+    let states = fake.states(TARGET_ACCOUNT);
+    assert_eq!(states[a], "running");
+    assert_eq!(states[b], "running");
+    assert_eq!(states[short], "stopped");
+
+    // The throttled call was retried; each startable instance reached moto in exactly one accepted
+    // call, and the refused one in none.
+    let starts: Vec<_> = fake
+        .proxied_calls()
+        .into_iter()
+        .filter(|(action, _, _)| action == "StartInstances")
+        .collect();
+    assert_eq!(
+        starts
+            .iter()
+            .filter(|(_, _, f)| f.as_deref() == Some("RequestLimitExceeded"))
+            .count(),
+        1,
+        "{starts:?}"
+    );
+    for id in [a, b, short] {
+        let accepted = starts
+            .iter()
+            .filter(|(_, called, f)| f.is_none() && called.contains(id))
+            .count();
+        assert_eq!(accepted, usize::from(id != short), "{id}: {starts:?}");
+    }
+}
+
+#[test]
+fn a_start_that_falls_back_to_stopped_fails_and_a_stale_view_does_not() {
+    let fake = FakeAws::start_with_faults();
+    let ids = fake.seed(TARGET_ACCOUNT, 2, &[], true);
+    let (kms, lagging) = (&ids[0], &ids[1]);
+    // `kms` stops again right after its start, with EC2's reason for a volume it cannot decrypt;
+    // `lagging` starts, but DescribeInstances shows it stopped (with the reason of its last stop) for
+    // a few seconds after the call.
+    fake.inject("/_fault/fall-back", json!({"instance": kms}));
+    fake.inject("/_fault/stale", json!({"instance": lagging, "seconds": 4}));
+
+    let daemon = Shiftd::spawn(&fake, &start_rule(&ids), &[]);
+    daemon.wait_for_messages(
+        "batch done for account account1",
+        1,
+        Duration::from_secs(60),
+    );
+    let entries = daemon.entries();
+    assert!(daemon.stop().success());
+
+    let e = actions_for(&entries, kms);
+    assert_eq!(e.len(), 1, "{e:#?}");
+    assert_eq!(field(e[0], "SHIFTD_RESULT"), "failed");
+    let reason = field(e[0], "SHIFTD_REASON");
+    assert!(
+        reason.contains("fell back to") && reason.contains("Client.InternalError"),
+        "{reason}"
+    );
+
+    let e = actions_for(&entries, lagging);
+    assert_eq!(e.len(), 1, "{e:#?}");
+    assert_eq!(
+        field(e[0], "SHIFTD_RESULT"),
+        "ok",
+        "a stale stopped view is not a failure: {e:#?}"
+    );
+    assert_eq!(fake.states(TARGET_ACCOUNT)[lagging], "running");
+}
