@@ -10,6 +10,9 @@ of the test, does what moto does not:
                            "status": 503, "code": "RequestLimitExceeded", "message": "...",
                            "times": 1 (default; -1 for always)}
       Answer matching requests with that EC2 error instead of forwarding them.
+  POST /_fault/error      {"action": "StopInstances", "delay": 25, "times": 1}
+      Without "code": hold matching requests that long, then forward them (a hung endpoint; the
+      request still takes effect, as a real one may after the client gave up).
   POST /_fault/fall-back  {"instance": "i-...", "code": "Client.InternalError",
                            "message": "Client.InternalError: Client error on launch"}
       After moto accepts a StartInstances naming the instance, stop it again in moto and show that
@@ -18,7 +21,7 @@ of the test, does what moto does not:
       For that long after a StartInstances/StopInstances naming the instance, DescribeInstances shows
       it as it was before the call (EC2's eventual consistency).
   GET  /_fault/seen       JSON array of the EC2/STS calls the proxy received, in order:
-                          {"action", "instance_ids", "fault"} (fault: the injected error code or null)
+                          {"action", "instance_ids", "fault"} (fault: the injected error code, "delay", or null)
 
 Usage: fault_proxy.py --upstream http://127.0.0.1:PORT --port-file FILE
 """
@@ -174,8 +177,11 @@ def make_handler(faults, upstream):
             error = faults.error_for(action, ids) if action else None
             if action:
                 with faults.lock:
-                    faults.seen.append({"action": action, "instance_ids": ids, "fault": error and error["code"]})
-            if error:
+                    fault = error and error.get("code", "delay")
+                    faults.seen.append({"action": action, "instance_ids": ids, "fault": fault})
+            if error and error.get("delay"):
+                time.sleep(float(error["delay"]))
+            if error and error.get("code"):
                 return self._reply(int(error.get("status", 400)), ec2_error(error["code"], error.get("message", error["code"])))
 
             if action in ("StartInstances", "StopInstances"):

@@ -148,3 +148,48 @@ fn a_start_that_falls_back_to_stopped_fails_and_a_stale_view_does_not() {
     );
     assert_eq!(fake.states(TARGET_ACCOUNT)[lagging], "running");
 }
+
+#[test]
+fn a_hung_stop_call_is_abandoned_retried_and_reported_once() {
+    let fake = FakeAws::start_with_faults();
+    let ids = fake.seed(TARGET_ACCOUNT, 1, &[], false);
+    // The first StopInstances hangs past shiftd's 20 s attempt timeout (and then takes effect).
+    fake.inject(
+        "/_fault/error",
+        json!({"action": "StopInstances", "delay": 25, "times": 1}),
+    );
+    let config = config_with_rules(
+        "",
+        &format!(
+            r#"
+[[rules]]
+name = "evening"
+account = "account1"
+instances = {ids:?}
+stop = "{}"
+"#,
+            once_in(6)
+        ),
+    );
+    let daemon = Shiftd::spawn(&fake, &config, &[]);
+    daemon.wait_for_messages(
+        "batch done for account account1",
+        1,
+        Duration::from_secs(90),
+    );
+    let entries = daemon.entries();
+    assert!(daemon.stop().success());
+
+    let e = actions_for(&entries, &ids[0]);
+    assert_eq!(e.len(), 1, "{e:#?}");
+    assert_eq!(field(e[0], "SHIFTD_ACTION"), "stop");
+    assert_eq!(field(e[0], "SHIFTD_RESULT"), "ok", "{e:#?}");
+    assert_eq!(fake.states(TARGET_ACCOUNT)[&ids[0]], "stopped");
+    let stops: Vec<_> = fake
+        .proxied_calls()
+        .into_iter()
+        .filter(|(action, _, _)| action == "StopInstances")
+        .map(|(_, _, fault)| fault)
+        .collect();
+    assert_eq!(stops, vec![Some("delay".to_string()), None], "retried once");
+}
