@@ -34,7 +34,7 @@ account = "account1"
 instances = {ids:?}
 start = "{}"
 "#,
-            once_in(6)
+            once_in(8)
         ),
     )
 }
@@ -168,7 +168,7 @@ account = "account1"
 instances = {ids:?}
 stop = "{}"
 "#,
-            once_in(6)
+            once_in(8)
         ),
     );
     let daemon = Shiftd::spawn(&fake, &config, &[]);
