@@ -9,7 +9,8 @@ of the test, does what moto does not:
   POST /_fault/error      {"action": "StartInstances", "instance": "i-..." (optional),
                            "status": 503, "code": "RequestLimitExceeded", "message": "...",
                            "times": 1 (default; -1 for always)}
-      Answer matching requests with that EC2 error instead of forwarding them.
+      Answer matching requests with that error (in STS's format for STS actions, EC2's otherwise)
+      instead of forwarding them.
   POST /_fault/error      {"action": "StopInstances", "delay": 25, "times": 1}
       Without "code": hold matching requests that long, then forward them (a hung endpoint; the
       request still takes effect, as a real one may after the client gave up).
@@ -66,7 +67,17 @@ class Faults:
         return None
 
 
-def ec2_error(code, message):
+STS_ACTIONS = {"AssumeRole", "GetCallerIdentity", "GetSessionToken"}
+
+
+def error_body(action, code, message):
+    if action in STS_ACTIONS:
+        return (
+            '<?xml version="1.0" encoding="UTF-8"?>\n'
+            '<ErrorResponse xmlns="https://sts.amazonaws.com/doc/2011-06-15/"><Error><Type>Sender</Type>'
+            f"<Code>{code}</Code><Message>{message}</Message></Error><RequestId>fault-proxy</RequestId>"
+            "</ErrorResponse>"
+        ).encode()
     return (
         '<?xml version="1.0" encoding="UTF-8"?>\n'
         f"<Response><Errors><Error><Code>{code}</Code><Message>{message}</Message></Error></Errors>"
@@ -182,7 +193,7 @@ def make_handler(faults, upstream):
             if error and error.get("delay"):
                 time.sleep(float(error["delay"]))
             if error and error.get("code"):
-                return self._reply(int(error.get("status", 400)), ec2_error(error["code"], error.get("message", error["code"])))
+                return self._reply(int(error.get("status", 400)), error_body(action, error["code"], error.get("message", error["code"])))
 
             if action in ("StartInstances", "StopInstances"):
                 with faults.lock:

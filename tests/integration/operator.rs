@@ -260,3 +260,77 @@ fn doctor_without_an_instance_profile_says_so_and_stops() {
         "no further checks without credentials: {out}"
     );
 }
+
+/// The JSON document doctor printed (indented, as a fix) right after the line containing `heading`.
+fn json_after(out: &str, heading: &str) -> Value {
+    let mut lines = out.lines().skip_while(|l| !l.contains(heading)).skip(1);
+    let mut doc = String::new();
+    for line in lines.by_ref() {
+        doc.push_str(line.trim_start());
+        doc.push('\n');
+        if line == "      }" {
+            break;
+        }
+    }
+    serde_json::from_str(&doc)
+        .unwrap_or_else(|e| panic!("{e}: no JSON after {heading:?} in:\n{out}"))
+}
+
+#[test]
+fn doctor_on_access_denied_prints_both_sides_statements_and_on_unauthorized_stop_says_so() {
+    let fake = FakeAws::start_with_faults();
+    let ids = fake.seed(TARGET_ACCOUNT, 1, &[("Schedule", "office")], false);
+    let role = format!("arn:aws:iam::{TARGET_ACCOUNT}:role/account1-role-ec2");
+    // The target role refuses the delegate once (as IAM words it, whichever side is missing).
+    fake.inject(
+        "/_fault/error",
+        serde_json::json!({"action": "AssumeRole", "status": 403, "code": "AccessDenied", "times": 1,
+            "message": format!("User: arn:aws:sts::{BASE_ACCOUNT}:assumed-role/shiftd-delegate/\
+                {DELEGATE_INSTANCE_ID} is not authorized to perform: sts:AssumeRole on resource: {role}")}),
+    );
+    let config = doctor_config(&ids);
+    let (code, out) = run_doctor(&fake, &config);
+    assert_eq!(code, Some(1), "{out}");
+    let fail = format!("FAIL  account1: AssumeRole {role} failed: AccessDenied: User: ");
+    assert!(out.contains(&fail), "missing {fail:?} in:\n{out}");
+    assert!(
+        out.contains("AccessDenied has two possible causes"),
+        "{out}"
+    );
+    // Both statements, as IAM JSON: the trust policy names the delegate (moto's caller identity is
+    // a user, so its account); the delegate's policy allows sts:AssumeRole on exactly this role.
+    let trust = json_after(&out, "1. the target role's trust policy");
+    assert_eq!(
+        trust["Statement"][0]["Principal"]["AWS"],
+        format!("arn:aws:iam::{BASE_ACCOUNT}:root")
+    );
+    assert_eq!(trust["Statement"][0]["Action"], "sts:AssumeRole");
+    let delegate = json_after(&out, "2. the delegate's instance role");
+    assert_eq!(delegate["Statement"][0]["Action"], "sts:AssumeRole");
+    assert_eq!(
+        delegate["Statement"][0]["Resource"],
+        serde_json::json!([role])
+    );
+    assert!(
+        !out.contains("DescribeInstanceStatus"),
+        "no EC2 checks without the role: {out}"
+    );
+
+    // Now the role is assumed, but the target role may not stop instances.
+    fake.inject(
+        "/_fault/error",
+        serde_json::json!({"action": "StopInstances", "status": 403, "code": "UnauthorizedOperation",
+            "message": "You are not authorized to perform this operation.", "times": -1}),
+    );
+    let (code, out) = run_doctor(&fake, &config);
+    assert_eq!(code, Some(1), "{out}");
+    for want in [
+        format!("ok    account1: AssumeRole {role}"),
+        "ok    account1/ap-northeast-1: rule listed: StartInstances allowed on 1 instance(s) (DryRun)".to_string(),
+        "FAIL  account1/ap-northeast-1: rule tagged: StopInstances (DryRun) refused: UnauthorizedOperation".to_string(),
+        "the target role needs ec2:StopInstances on these instances".to_string(),
+    ] {
+        assert!(out.contains(&want), "missing {want:?} in:\n{out}");
+    }
+    assert_eq!(fake.states(TARGET_ACCOUNT)[&ids[0]], "running");
+}
