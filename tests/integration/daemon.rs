@@ -379,3 +379,48 @@ start = "*/2 * * * * *"
     // The profile's own role chain, then shiftd's session for the account.
     assert_eq!(roles.len(), 2, "{roles:?}");
 }
+
+#[test]
+fn a_large_selection_is_resolved_and_started_in_as_few_calls_as_ec2_allows() {
+    let fake = FakeAws::start();
+    // More IDs than one DescribeInstances filter (200) and than one StartInstances call (100) takes.
+    let ids = fake.seed(TARGET_ACCOUNT, 230, &[], true);
+    fake.reset_calls();
+    let config = config_with_rules(
+        "",
+        &format!(
+            r#"
+[[rules]]
+name = "fleet"
+account = "account1"
+instances = {ids:?}
+start = "*/5 * * * * *"
+"#
+        ),
+    );
+    let daemon = Shiftd::spawn(&fake, &config, &[]);
+    daemon.wait_for_messages(
+        "batch done for account account1",
+        1,
+        Duration::from_secs(90),
+    );
+    let entries = daemon.entries();
+    assert!(daemon.stop().success());
+
+    let states = fake.states(TARGET_ACCOUNT);
+    let mut sizes = Vec::new();
+    for c in fake.calls().iter().filter(|c| c.action == "StartInstances") {
+        sizes.push(c.instance_ids.len());
+    }
+    sizes.sort_unstable();
+    assert_eq!(sizes, vec![30, 100, 100], "StartInstances calls by size");
+    for id in &ids {
+        assert_eq!(states[id], "running", "{id}");
+        let ok = entries_for(&entries, id)
+            .into_iter()
+            .filter(|e| field(e, "SHIFTD_ACTION") == "start")
+            .filter(|e| field(e, "SHIFTD_RESULT") == "ok")
+            .count();
+        assert_eq!(ok, 1, "{id}: exactly one ok entry");
+    }
+}
