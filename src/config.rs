@@ -255,8 +255,14 @@ struct RawRule {
     timezone: Option<Spanned<String>>,
 }
 
-/// A string or an array of strings.
-struct OneOrMany(Vec<String>);
+/// A string or an array of strings; each element of an array keeps its own place in the file.
+struct OneOrMany(Vec<(String, Option<std::ops::Range<usize>>)>);
+
+impl OneOrMany {
+    fn values(self) -> Vec<String> {
+        self.0.into_iter().map(|(v, _)| v).collect()
+    }
+}
 
 impl<'de> Deserialize<'de> for OneOrMany {
     fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
@@ -267,12 +273,13 @@ impl<'de> Deserialize<'de> for OneOrMany {
                 f.write_str("a string or an array of strings")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<OneOrMany, E> {
-                Ok(OneOrMany(vec![v.to_string()]))
+                Ok(OneOrMany(vec![(v.to_string(), None)]))
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<OneOrMany, A::Error> {
                 let mut out = Vec::new();
-                while let Some(s) = seq.next_element::<String>()? {
-                    out.push(s);
+                while let Some(s) = seq.next_element::<Spanned<String>>()? {
+                    let span = s.span();
+                    out.push((s.into_inner(), Some(span)));
                 }
                 Ok(OneOrMany(out))
             }
@@ -615,7 +622,7 @@ fn validate(path: &Path, raw: RawConfig, loc: &Locator, issues: &mut Vec<ConfigI
         }
         for (key, values) in rule.tags {
             let values_span = values.span();
-            let values = values.into_inner().0;
+            let values = values.into_inner().values();
             if key.get_ref().is_empty() || key.get_ref().len() > 128 {
                 report(
                     key.span().start,
@@ -659,10 +666,11 @@ fn validate(path: &Path, raw: RawConfig, loc: &Locator, issues: &mut Vec<ConfigI
                 .get_ref()
                 .0
                 .iter()
-                .filter_map(|e| match CronSchedule::parse(e) {
+                .filter_map(|(e, span)| match CronSchedule::parse(e) {
                     Ok(s) => Some(s),
                     Err(err) => {
-                        report(exprs.span().start, format!("rule {name:?}: {err}"));
+                        let at = span.as_ref().map_or(exprs.span().start, |s| s.start);
+                        report(at, format!("rule {name:?}: {err}"));
                         None
                     }
                 })

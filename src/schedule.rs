@@ -29,6 +29,23 @@ pub struct CronError {
     pub reason: String,
 }
 
+/// The cron crate's error, as a user of shiftd can act on it. The crate echoes the expression it was
+/// given (shiftd's translation, with seconds and day names added) and points a caret into it: only
+/// its last line, the cause, is about what the user wrote. Its bounds are inclusive ("Minutes must be
+/// less than 59" accepts 59), so they are worded as such.
+fn cron_reason(e: &cron::error::Error) -> String {
+    let text = e.to_string();
+    let cause = text.lines().last().unwrap_or(&text).trim();
+    format!(
+        "{}; expected \"minute hour day-of-month month day-of-week\", optionally with seconds first",
+        cause
+            .trim_end_matches('.')
+            .replace(". (", " (")
+            .replace(".)", ")")
+            .replace("must be less than", "must be at most")
+    )
+}
+
 /// A parsed cron expression. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct CronSchedule {
@@ -58,7 +75,7 @@ impl CronSchedule {
         let (minute, hour, dom, month, dow) = (rest[0], rest[1], rest[2], rest[3], rest[4]);
         let dow_names = crontab_day_of_week_to_names(dow).map_err(err)?;
         let translated = format!("{seconds} {minute} {hour} {dom} {month} {dow_names}");
-        let parsed = cron::Schedule::from_str(&translated).map_err(|e| err(e.to_string()))?;
+        let parsed = cron::Schedule::from_str(&translated).map_err(|e| err(cron_reason(&e)))?;
         Ok(Self {
             source: expression.to_string(),
             fields: parsed,
@@ -503,14 +520,27 @@ mod tests {
             ("0 8 * * * * *", "found 7"),
             ("0 8 * * 8", "out of range"),
             ("0 8 * * 5-2", "runs backwards"),
-            ("61 8 * * *", "invalid cron expression"),
-            ("0 25 * * *", "invalid cron expression"),
-            ("0 8 * * Funday", "invalid cron expression"),
+            (
+                "61 8 * * *",
+                "Minutes must be at most 59 ('61' specified); expected \"minute hour",
+            ),
+            ("0 25 * * *", "Hours must be at most 23 ('25' specified)"),
+            (
+                "0 8 32 * *",
+                "Days of Month must be at most 31 ('32' specified)",
+            ),
+            ("0 8 * * Funday", "'Funday' is not a valid day of the week;"),
+            ("0 8 * Jam *", "'Jam' is not a valid month name;"),
             ("0 8 * * */0", "not a positive number"),
         ];
         for (expr, want) in cases {
             let err = CronSchedule::parse(expr).unwrap_err().to_string();
             assert!(err.contains(want), "{expr}: {err}");
+            assert!(!err.contains('\n'), "one line: {err}");
+            assert!(
+                !err.contains("SUN,MON"),
+                "nothing of shiftd's translation: {err}"
+            );
         }
     }
 }
