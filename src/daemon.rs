@@ -26,8 +26,13 @@ use crate::planner;
 /// The longest single sleep: the loop re-reads the clock at least this often, so a wall-clock step
 /// (NTP correction, resume from suspend) delays a firing by at most this much.
 const MAX_SLEEP: Duration = Duration::from_secs(60);
-/// How long in-flight Start/Stop calls may take to finish after a shutdown request.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+/// After a shutdown request, how long in-flight batches may go on: acting, and following their
+/// instances to the target state, so that an action taken just before the request is confirmed.
+pub const SHUTDOWN_FOLLOW: Duration = Duration::from_secs(20);
+/// Then, once told to stop following, how long they may take to report what is still unconfirmed
+/// (each as failed, "requested but not confirmed"). Both together stay under the unit's
+/// TimeoutStopSec (45 s).
+pub const SHUTDOWN_REPORT: Duration = Duration::from_secs(10);
 
 /// The wall clock, as a parameter: tests and tools can substitute their own.
 pub trait Clock: Send + Sync {
@@ -287,22 +292,31 @@ pub async fn run(
     service.stopping();
     service.status("stopping");
     tracing::info!(
-        "shutting down: {} batch(es) in flight, waiting up to {}",
+        "shutting down: {} batch(es) in flight, following them for up to {}",
         inflight.len(),
-        humantime::format_duration(SHUTDOWN_GRACE)
+        humantime::format_duration(SHUTDOWN_FOLLOW)
     );
-    // In-flight Start/Stop calls finish; following instances to their final state stops now.
-    let _ = cancel_tx.send(true);
     let drain = async {
         while let Some(done) = inflight.join_next().await {
             log_batch_done(done);
         }
     };
-    if tokio::time::timeout(SHUTDOWN_GRACE, drain).await.is_err() {
-        tracing::error!(
-            "in-flight actions did not finish within the shutdown grace; abandoning them"
-        );
-        inflight.abort_all();
+    tokio::pin!(drain);
+    if tokio::time::timeout(SHUTDOWN_FOLLOW, &mut drain)
+        .await
+        .is_err()
+    {
+        // Stop following: every instance still unconfirmed is reported as such.
+        let _ = cancel_tx.send(true);
+        if tokio::time::timeout(SHUTDOWN_REPORT, &mut drain)
+            .await
+            .is_err()
+        {
+            tracing::error!(
+                "in-flight actions did not finish within the shutdown grace; abandoning them \
+                 (their Start/Stop calls may have been made: check the instances)"
+            );
+        }
     }
     tracing::info!("stopped");
     Ok(())

@@ -193,3 +193,65 @@ stop = "{}"
         .collect();
     assert_eq!(stops, vec![Some("delay".to_string()), None], "retried once");
 }
+
+#[test]
+fn sigterm_while_following_confirms_what_it_can_and_reports_the_rest_once() {
+    let fake = FakeAws::start_with_faults();
+    let ids = fake.seed(TARGET_ACCOUNT, 2, &[], false);
+    let (quick, slow) = (&ids[0], &ids[1]);
+    // After the stop call, DescribeInstances shows `quick` running for 4 s more and `slow` for
+    // longer than shiftd follows instances after a shutdown request.
+    fake.inject("/_fault/stale", json!({"instance": quick, "seconds": 4}));
+    fake.inject("/_fault/stale", json!({"instance": slow, "seconds": 120}));
+    let config = config_with_rules(
+        "",
+        &format!(
+            r#"
+[[rules]]
+name = "evening"
+account = "account1"
+instances = {ids:?}
+stop = "{}"
+"#,
+            once_in(8)
+        ),
+    );
+    let daemon = Shiftd::spawn(&fake, &config, &[]);
+    // SIGTERM as soon as the stop call has been made.
+    let end = std::time::Instant::now() + Duration::from_secs(60);
+    while !fake
+        .proxied_calls()
+        .iter()
+        .any(|(action, _, fault)| action == "StopInstances" && fault.is_none())
+    {
+        assert!(std::time::Instant::now() < end, "no StopInstances call");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let pid = daemon.pid();
+    let started = std::time::Instant::now();
+    assert!(
+        daemon.stop().success(),
+        "exit 0 after a shutdown with work in flight"
+    );
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_secs(15) && took < Duration::from_secs(40),
+        "followed for the grace, then stopped: {took:?}"
+    );
+
+    let entries = journal_entries(pid);
+    let e = actions_for(&entries, quick);
+    assert_eq!(e.len(), 1, "{e:#?}");
+    assert_eq!(
+        field(e[0], "SHIFTD_RESULT"),
+        "ok",
+        "confirmed during the grace: {e:#?}"
+    );
+    let e = actions_for(&entries, slow);
+    assert_eq!(e.len(), 1, "{e:#?}");
+    assert_eq!(field(e[0], "SHIFTD_RESULT"), "failed");
+    assert!(
+        field(e[0], "SHIFTD_REASON").contains("requested but not confirmed (last seen: running)"),
+        "{e:#?}"
+    );
+}
