@@ -16,12 +16,13 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::aws::AwsEnv;
-use crate::config::{Account, Config, ConfigError};
+use crate::config::{Account, Action, Config, ConfigError};
 use crate::credentials::{self, AccountCredentials, SessionSpec};
 use crate::executor::{self, AccountClients, ExecOptions};
 use crate::notify::ServiceManager;
 use crate::outcome::{Outcome, ResultKind};
 use crate::planner;
+use crate::state::{self, StateFile};
 
 /// The longest single sleep: the loop re-reads the clock at least this often, so a wall-clock step
 /// (NTP correction, resume from suspend) delays a firing by at most this much.
@@ -51,6 +52,9 @@ pub struct Settings {
     pub config_path: PathBuf,
     /// `--dry-run`: overrides the configuration's `dry_run = false`.
     pub dry_run: bool,
+    /// Where the instant up to which occurrences were handled is kept across restarts; `None`: nowhere
+    /// (a restart then starts from its own start time).
+    pub state_dir: Option<PathBuf>,
 }
 
 pub struct Deps {
@@ -217,7 +221,9 @@ pub async fn run(
 
     let (cancel_tx, cancel_rx) = watch::channel(false);
     let mut inflight: JoinSet<Vec<Outcome>> = JoinSet::new();
-    let mut last_checked = clock.now();
+    let state = settings.state_dir.as_deref().map(StateFile::in_dir);
+    let mut last_checked = resume_point(state.as_ref(), clock.now());
+    let mut state_saved = true;
     tokio::pin!(shutdown);
 
     loop {
@@ -248,6 +254,21 @@ pub async fn run(
                     daemon.exec_options(),
                     cancel_rx.clone(),
                 ));
+            }
+        }
+
+        if let Some(state) = &state {
+            // After dispatching: a crash before this line repeats the dispatch after the restart,
+            // where the instances are found in the wanted state and reported skipped.
+            match state.save(now) {
+                Ok(()) => state_saved = true,
+                Err(e) if state_saved => {
+                    state_saved = false;
+                    tracing::warn!(
+                        "cannot save state ({e}): after a restart, occurrences due meanwhile would go unnoticed"
+                    );
+                }
+                Err(_) => {}
             }
         }
 
@@ -338,28 +359,76 @@ fn log_started(daemon: &Daemon) {
     );
 }
 
+/// Where the scheduling loop starts: the saved instant when there is one, so the occurrences shiftd
+/// slept through are caught up (at most `LATE_TOLERANCE` late) or reported as missed.
+fn resume_point(state: Option<&StateFile>, now: DateTime<Utc>) -> DateTime<Utc> {
+    let saved = match state.map(StateFile::load) {
+        None | Some(Ok(None)) => None,
+        Some(Ok(Some(at))) => Some(at),
+        Some(Err(e)) => {
+            tracing::warn!("{e}");
+            None
+        }
+    };
+    let (from, note) = state::resume_from(saved, now, state::MAX_LOOKBACK);
+    if let Some(note) = note {
+        tracing::warn!("{note}");
+    }
+    if from < now {
+        tracing::info!(
+            "resuming from {} (last run): occurrences since then are caught up when at most {} late, \
+             reported as missed otherwise",
+            from.to_rfc3339(),
+            humantime::format_duration(planner::LATE_TOLERANCE)
+        );
+    }
+    from
+}
+
+/// Missed occurrences reported one by one per rule and action; beyond that, one summary entry.
+const MISSED_DETAIL: usize = 10;
+
 fn report_missed(config: &Config, missed: &[planner::Firing], now: DateTime<Utc>) {
+    let mut by_rule: BTreeMap<(&str, Action), Vec<&planner::Firing>> = BTreeMap::new();
     for f in missed {
-        let Some(rule) = config.rules.iter().find(|r| r.name == f.rule) else {
+        by_rule.entry((&f.rule, f.action)).or_default().push(f);
+    }
+    for ((rule_name, action), firings) in by_rule {
+        let Some(rule) = config.rules.iter().find(|r| r.name == rule_name) else {
             continue;
         };
-        Outcome {
-            action: f.action,
-            rules: vec![f.rule.clone()],
+        let entry = |reason: String| Outcome {
+            action,
+            rules: vec![rule.name.clone()],
             account: rule.account.clone(),
             region: rule.regions.join(","),
             instance_id: None,
             result: ResultKind::Failed,
-            reason: format!(
+            reason,
+        };
+        // Firings come sorted; the latest are the ones reported one by one.
+        let detailed = firings.len().saturating_sub(MISSED_DETAIL);
+        if detailed > 0 {
+            entry(format!(
+                "missed {detailed} occurrence(s) from {} to {} (shiftd was not running or the machine \
+                 was suspended); not acted on (selection: {})",
+                firings[0].at.to_rfc3339(),
+                firings[detailed - 1].at.to_rfc3339(),
+                rule.selection
+            ))
+            .log();
+        }
+        for f in &firings[detailed..] {
+            entry(format!(
                 "missed: due at {}, noticed at {} (more than {} late: shiftd was not running or the \
                  machine was suspended); not acted on (selection: {})",
                 f.at.to_rfc3339(),
                 now.to_rfc3339(),
                 humantime::format_duration(planner::LATE_TOLERANCE),
                 rule.selection
-            ),
+            ))
+            .log();
         }
-        .log();
     }
 }
 

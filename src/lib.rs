@@ -15,5 +15,6 @@ pub mod outcome;
 pub mod planner;
 pub mod policy;
 pub mod schedule;
+pub mod state;
 pub mod summary;
 pub mod upcoming;

@@ -13,6 +13,7 @@ use chrono::{DateTime, Utc};
 use shiftd::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
 use shiftd::daemon::{self, RunError};
 use shiftd::logging::{self, LogTarget};
+use shiftd::state::DEFAULT_STATE_DIR;
 use shiftd::summary;
 use shiftd::upcoming;
 
@@ -50,6 +51,9 @@ enum Command {
         /// Where logs go
         #[arg(long, value_enum, default_value_t = LogTarget::Auto)]
         log: LogTarget,
+        /// Directory for state kept across restarts (systemd's StateDirectory= sets STATE_DIRECTORY)
+        #[arg(long, env = "STATE_DIRECTORY", default_value = DEFAULT_STATE_DIR)]
+        state_dir: PathBuf,
     },
     /// Validate the configuration and print what it schedules (exit 78 if invalid)
     Check {
@@ -111,7 +115,8 @@ fn main() -> ExitCode {
             config,
             dry_run,
             log,
-        } => run(config, dry_run, log),
+            state_dir,
+        } => run(config, dry_run, log, state_dir),
         Command::Plan {
             config,
             from,
@@ -160,10 +165,21 @@ fn config_error(e: &ConfigError) -> ExitCode {
     }
 }
 
-fn run(config_path: PathBuf, dry_run: bool, log: LogTarget) -> ExitCode {
+fn run(config_path: PathBuf, dry_run: bool, log: LogTarget, state_dir: PathBuf) -> ExitCode {
     if let Some(note) = logging::init(log) {
         tracing::warn!("{note}");
     }
+    let state_dir = match std::fs::create_dir_all(&state_dir) {
+        Ok(()) => Some(state_dir),
+        Err(e) => {
+            tracing::warn!(
+                "state directory {}: {e}; running without state: occurrences due while shiftd is \
+                 not running will be neither caught up nor reported",
+                state_dir.display()
+            );
+            None
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -203,6 +219,7 @@ fn run(config_path: PathBuf, dry_run: bool, log: LogTarget) -> ExitCode {
         let settings = daemon::Settings {
             config_path,
             dry_run,
+            state_dir,
         };
         let deps = daemon::Deps {
             clock: Arc::new(daemon::SystemClock),

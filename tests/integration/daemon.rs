@@ -424,3 +424,153 @@ start = "*/5 * * * * *"
         assert_eq!(ok, 1, "{id}: exactly one ok entry");
     }
 }
+
+#[test]
+fn an_occurrence_slept_through_during_a_crash_is_caught_up_after_the_restart() {
+    let fake = FakeAws::start();
+    let ids = fake.seed(TARGET_ACCOUNT, 1, &[], false);
+    let state = tempfile::tempdir().unwrap();
+    let state_dir = state.path().to_str().unwrap();
+    let config = config_with_rules(
+        "",
+        &format!(
+            r#"
+[[rules]]
+name = "evening"
+account = "account1"
+instances = {ids:?}
+stop = "{}"
+"#,
+            once_in(10)
+        ),
+    );
+    let env = [("STATE_DIRECTORY", state_dir)];
+    let first = Shiftd::spawn_with_env(&fake, &config, &[], &env);
+    first.wait_for_messages("running 1 rule(s)", 1, Duration::from_secs(30));
+    let state_file = state.path().join("state.json");
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while !state_file.exists() {
+        assert!(std::time::Instant::now() < end, "no state saved");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // A crash (or an upgrade, a reboot) across the rule's instant.
+    first.signal("KILL");
+    drop(first);
+    std::thread::sleep(Duration::from_secs(12));
+    assert_eq!(
+        fake.states(TARGET_ACCOUNT)[&ids[0]],
+        "running",
+        "nobody acted yet"
+    );
+
+    let second = Shiftd::spawn_with_env(&fake, &config, &[], &env);
+    let entries = second.wait_for_messages(
+        "batch done for account account1",
+        1,
+        Duration::from_secs(30),
+    );
+    assert!(second.stop().success());
+    assert!(
+        entries
+            .iter()
+            .any(|e| field(e, "MESSAGE").starts_with("resuming from ")),
+        "the restart says where it resumes"
+    );
+    let e = entries_for(&entries, &ids[0]);
+    assert_eq!(e.len(), 1, "{e:#?}");
+    assert_eq!(field(e[0], "SHIFTD_ACTION"), "stop");
+    assert_eq!(field(e[0], "SHIFTD_RESULT"), "ok");
+    assert_eq!(fake.states(TARGET_ACCOUNT)[&ids[0]], "stopped");
+}
+
+#[test]
+fn occurrences_missed_while_shiftd_was_down_are_reported_and_not_acted_on() {
+    use chrono::Timelike;
+    let fake = FakeAws::start();
+    let running = fake.seed(TARGET_ACCOUNT, 1, &[], false);
+    let stopped = fake.seed(TARGET_ACCOUNT, 1, &[], true);
+    let now = chrono::Utc::now();
+    let half_an_hour_ago = now - chrono::Duration::minutes(30);
+    let config = config_with_rules(
+        "",
+        &format!(
+            r#"
+[[rules]]
+name = "nightly"
+account = "account1"
+instances = {running:?}
+stop = "{} {} * * *"
+
+[[rules]]
+name = "every-minute"
+account = "account1"
+instances = {stopped:?}
+start = "* * * * *"
+"#,
+            half_an_hour_ago.minute(),
+            half_an_hour_ago.hour()
+        ),
+    );
+    // shiftd last ran an hour ago.
+    let state = tempfile::tempdir().unwrap();
+    let last_run = now - chrono::Duration::hours(1);
+    std::fs::write(
+        state.path().join("state.json"),
+        format!(
+            r#"{{"version": 1, "checked_until": "{}"}}"#,
+            last_run.to_rfc3339()
+        ),
+    )
+    .unwrap();
+    let daemon = Shiftd::spawn_with_env(
+        &fake,
+        &config,
+        &[],
+        &[("STATE_DIRECTORY", state.path().to_str().unwrap())],
+    );
+    let entries = daemon.wait_for_messages(
+        "batch done for account account1",
+        1,
+        Duration::from_secs(30),
+    );
+    assert!(daemon.stop().success());
+
+    let failed = |rule: &str| -> Vec<&Entry> {
+        entries
+            .iter()
+            .filter(|e| field(e, "SHIFTD_RULE") == rule && field(e, "SHIFTD_RESULT") == "failed")
+            .collect()
+    };
+    // The nightly stop half an hour ago: one entry, at error priority, and the instance untouched.
+    let nightly = failed("nightly");
+    assert_eq!(nightly.len(), 1, "{nightly:#?}");
+    assert_eq!(field(nightly[0], "SHIFTD_ACTION"), "stop");
+    assert_eq!(field(nightly[0], "PRIORITY"), "3");
+    let due = half_an_hour_ago
+        .with_second(0)
+        .unwrap()
+        .with_nanosecond(0)
+        .unwrap();
+    assert!(
+        field(nightly[0], "SHIFTD_REASON")
+            .starts_with(&format!("missed: due at {}", due.to_rfc3339())),
+        "{nightly:#?}"
+    );
+    assert_eq!(fake.states(TARGET_ACCOUNT)[&running[0]], "running");
+    // The every-minute rule: its latest occurrence is on time and acted on; the ~59 before it are
+    // reported, the latest ten one by one and the rest in one summary.
+    let minutely = failed("every-minute");
+    assert_eq!(minutely.len(), 11, "{minutely:#?}");
+    // 60 minute marks in the hour (61 if a minute turned while shiftd started): all but the latest
+    // missed, ten of them reported one by one.
+    assert!(
+        minutely.iter().any(|e| {
+            let reason = field(e, "SHIFTD_REASON");
+            reason.starts_with("missed 49 occurrence(s) from ")
+                || reason.starts_with("missed 50 occurrence(s) from ")
+        }),
+        "{minutely:#?}"
+    );
+    let started = entries_for(&entries, &stopped[0]);
+    assert_eq!(field(started[0], "SHIFTD_RESULT"), "ok", "{started:#?}");
+}

@@ -401,6 +401,8 @@ impl Shiftd {
             .arg(&config_path)
             .args(extra_args)
             .envs(fake.env())
+            // Its own state; a test that restarts shiftd passes the same STATE_DIRECTORY twice.
+            .env("STATE_DIRECTORY", dir.path().join("state"))
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())
