@@ -224,12 +224,21 @@ pub async fn run(
     let state = settings.state_dir.as_deref().map(StateFile::in_dir);
     let mut last_checked = resume_point(state.as_ref(), clock.now());
     let mut state_saved = true;
+    let mut clock_behind = false;
     tokio::pin!(shutdown);
 
     loop {
         let now = clock.now();
         let work = planner::due_between(&daemon.config, last_checked, now);
-        last_checked = now;
+        if now < last_checked - chrono::Duration::seconds(1) && !clock_behind {
+            tracing::warn!(
+                "the clock went back by {}s; occurrences already handled will not be repeated",
+                (last_checked - now).num_seconds()
+            );
+        }
+        clock_behind = now < last_checked;
+        // A clock stepped back does not make occurrences already handled due again.
+        last_checked = last_checked.max(now);
         report_missed(&daemon.config, &work.missed, now);
         if !work.due.is_empty() {
             let at = work.due.iter().map(|f| f.at).max().expect("not empty");
@@ -260,7 +269,7 @@ pub async fn run(
         if let Some(state) = &state {
             // After dispatching: a crash before this line repeats the dispatch after the restart,
             // where the instances are found in the wanted state and reported skipped.
-            match state.save(now) {
+            match state.save(last_checked) {
                 Ok(()) => state_saved = true,
                 Err(e) if state_saved => {
                     state_saved = false;
