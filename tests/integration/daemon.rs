@@ -1,23 +1,9 @@
 //! `shiftd run` end to end: base credentials from the fake IMDS, AssumeRole into the target account on
 //! moto, second-level rules, instance states in moto, and the journald entries shiftd wrote.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use crate::harness::*;
-
-type Entry = BTreeMap<String, String>;
-
-fn field<'a>(e: &'a Entry, name: &str) -> &'a str {
-    e.get(name).map_or("", String::as_str)
-}
-
-fn entries_for<'a>(entries: &'a [Entry], instance: &str) -> Vec<&'a Entry> {
-    entries
-        .iter()
-        .filter(|e| field(e, "SHIFTD_INSTANCE_ID") == instance)
-        .collect()
-}
 
 #[test]
 fn starts_and_stops_in_the_target_account_and_never_touches_the_delegate_account() {
@@ -386,26 +372,8 @@ fn a_large_selection_is_resolved_and_started_in_as_few_calls_as_ec2_allows() {
     // More IDs than one DescribeInstances filter (200) and than one StartInstances call (100) takes.
     let ids = fake.seed(TARGET_ACCOUNT, 230, &[], true);
     fake.reset_calls();
-    let config = config_with_rules(
-        "",
-        &format!(
-            r#"
-[[rules]]
-name = "fleet"
-account = "account1"
-instances = {ids:?}
-start = "*/5 * * * * *"
-"#
-        ),
-    );
-    let daemon = Shiftd::spawn(&fake, &config, &[]);
-    daemon.wait_for_messages(
-        "batch done for account account1",
-        1,
-        Duration::from_secs(90),
-    );
-    let entries = daemon.entries();
-    assert!(daemon.stop().success());
+    let config = one_rule_config("fleet", "start", &ids, "*/5 * * * * *");
+    let entries = run_until_first_batch(&fake, &config, Duration::from_secs(90));
 
     let states = fake.states(TARGET_ACCOUNT);
     let mut sizes = Vec::new();
@@ -431,19 +399,7 @@ fn an_occurrence_slept_through_during_a_crash_is_caught_up_after_the_restart() {
     let ids = fake.seed(TARGET_ACCOUNT, 1, &[], false);
     let state = tempfile::tempdir().unwrap();
     let state_dir = state.path().to_str().unwrap();
-    let config = config_with_rules(
-        "",
-        &format!(
-            r#"
-[[rules]]
-name = "evening"
-account = "account1"
-instances = {ids:?}
-stop = "{}"
-"#,
-            once_in(10)
-        ),
-    );
+    let config = one_rule_config("evening", "stop", &ids, &once_in(10));
     let env = [("STATE_DIRECTORY", state_dir)];
     let first = Shiftd::spawn_with_env(&fake, &config, &[], &env);
     first.wait_for_messages("running 1 rule(s)", 1, Duration::from_secs(30));

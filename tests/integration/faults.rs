@@ -2,42 +2,11 @@
 //! (tests/fakes/fault_proxy.py) in front of moto: throttling, capacity errors, an instance falling back
 //! to stopped after a start, and DescribeInstances answering from a stale view.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde_json::json;
 
 use crate::harness::*;
-
-type Entry = BTreeMap<String, String>;
-
-fn field<'a>(e: &'a Entry, name: &str) -> &'a str {
-    e.get(name).map_or("", String::as_str)
-}
-
-/// The action entries for one instance.
-fn actions_for<'a>(entries: &'a [Entry], instance: &str) -> Vec<&'a Entry> {
-    entries
-        .iter()
-        .filter(|e| field(e, "SHIFTD_INSTANCE_ID") == instance && e.contains_key("SHIFTD_RESULT"))
-        .collect()
-}
-
-fn start_rule(ids: &[String]) -> String {
-    config_with_rules(
-        "",
-        &format!(
-            r#"
-[[rules]]
-name = "morning"
-account = "account1"
-instances = {ids:?}
-start = "{}"
-"#,
-            once_in(8)
-        ),
-    )
-}
 
 #[test]
 fn throttled_and_capacity_refused_starts_are_each_reported_once() {
@@ -57,21 +26,18 @@ fn throttled_and_capacity_refused_starts_are_each_reported_once() {
                "message": "We currently do not have sufficient t3.micro capacity.", "times": -1}),
     );
 
-    let daemon = Shiftd::spawn(&fake, &start_rule(&ids), &[]);
-    daemon.wait_for_messages(
-        "batch done for account account1",
-        1,
+    let entries = run_until_first_batch(
+        &fake,
+        &one_rule_config("morning", "start", &ids, &once_in(8)),
         Duration::from_secs(60),
     );
-    let entries = daemon.entries();
-    assert!(daemon.stop().success());
 
     for id in [a, b] {
-        let e = actions_for(&entries, id);
+        let e = entries_for(&entries, id);
         assert_eq!(e.len(), 1, "one entry for {id}: {e:#?}");
         assert_eq!(field(e[0], "SHIFTD_RESULT"), "ok", "{e:#?}");
     }
-    let e = actions_for(&entries, short);
+    let e = entries_for(&entries, short);
     assert_eq!(e.len(), 1, "one entry for {short}: {e:#?}");
     assert_eq!(field(e[0], "SHIFTD_ACTION"), "start");
     assert_eq!(field(e[0], "SHIFTD_RESULT"), "failed");
@@ -121,16 +87,13 @@ fn a_start_that_falls_back_to_stopped_fails_and_a_stale_view_does_not() {
     fake.inject("/_fault/fall-back", json!({"instance": kms}));
     fake.inject("/_fault/stale", json!({"instance": lagging, "seconds": 4}));
 
-    let daemon = Shiftd::spawn(&fake, &start_rule(&ids), &[]);
-    daemon.wait_for_messages(
-        "batch done for account account1",
-        1,
+    let entries = run_until_first_batch(
+        &fake,
+        &one_rule_config("morning", "start", &ids, &once_in(8)),
         Duration::from_secs(60),
     );
-    let entries = daemon.entries();
-    assert!(daemon.stop().success());
 
-    let e = actions_for(&entries, kms);
+    let e = entries_for(&entries, kms);
     assert_eq!(e.len(), 1, "{e:#?}");
     assert_eq!(field(e[0], "SHIFTD_RESULT"), "failed");
     let reason = field(e[0], "SHIFTD_REASON");
@@ -139,7 +102,7 @@ fn a_start_that_falls_back_to_stopped_fails_and_a_stale_view_does_not() {
         "{reason}"
     );
 
-    let e = actions_for(&entries, lagging);
+    let e = entries_for(&entries, lagging);
     assert_eq!(e.len(), 1, "{e:#?}");
     assert_eq!(
         field(e[0], "SHIFTD_RESULT"),
@@ -158,29 +121,10 @@ fn a_hung_stop_call_is_abandoned_retried_and_reported_once() {
         "/_fault/error",
         json!({"action": "StopInstances", "delay": 25, "times": 1}),
     );
-    let config = config_with_rules(
-        "",
-        &format!(
-            r#"
-[[rules]]
-name = "evening"
-account = "account1"
-instances = {ids:?}
-stop = "{}"
-"#,
-            once_in(8)
-        ),
-    );
-    let daemon = Shiftd::spawn(&fake, &config, &[]);
-    daemon.wait_for_messages(
-        "batch done for account account1",
-        1,
-        Duration::from_secs(90),
-    );
-    let entries = daemon.entries();
-    assert!(daemon.stop().success());
+    let config = one_rule_config("evening", "stop", &ids, &once_in(8));
+    let entries = run_until_first_batch(&fake, &config, Duration::from_secs(90));
 
-    let e = actions_for(&entries, &ids[0]);
+    let e = entries_for(&entries, &ids[0]);
     assert_eq!(e.len(), 1, "{e:#?}");
     assert_eq!(field(e[0], "SHIFTD_ACTION"), "stop");
     assert_eq!(field(e[0], "SHIFTD_RESULT"), "ok", "{e:#?}");
@@ -203,19 +147,7 @@ fn sigterm_while_following_confirms_what_it_can_and_reports_the_rest_once() {
     // longer than shiftd follows instances after a shutdown request.
     fake.inject("/_fault/stale", json!({"instance": quick, "seconds": 4}));
     fake.inject("/_fault/stale", json!({"instance": slow, "seconds": 120}));
-    let config = config_with_rules(
-        "",
-        &format!(
-            r#"
-[[rules]]
-name = "evening"
-account = "account1"
-instances = {ids:?}
-stop = "{}"
-"#,
-            once_in(8)
-        ),
-    );
+    let config = one_rule_config("evening", "stop", &ids, &once_in(8));
     let daemon = Shiftd::spawn(&fake, &config, &[]);
     // SIGTERM as soon as the stop call has been made.
     let end = std::time::Instant::now() + Duration::from_secs(60);
@@ -240,14 +172,14 @@ stop = "{}"
     );
 
     let entries = journal_entries(pid);
-    let e = actions_for(&entries, quick);
+    let e = entries_for(&entries, quick);
     assert_eq!(e.len(), 1, "{e:#?}");
     assert_eq!(
         field(e[0], "SHIFTD_RESULT"),
         "ok",
         "confirmed during the grace: {e:#?}"
     );
-    let e = actions_for(&entries, slow);
+    let e = entries_for(&entries, slow);
     assert_eq!(e.len(), 1, "{e:#?}");
     assert_eq!(field(e[0], "SHIFTD_RESULT"), "failed");
     assert!(

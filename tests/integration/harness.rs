@@ -53,6 +53,28 @@ fn wait_until(what: &str, timeout: Duration, mut ok: impl FnMut() -> bool) {
     panic!("timed out after {timeout:?} waiting for {what}");
 }
 
+/// One HTTP request to a fake's control API (through the venv's Python: no HTTP client crate just for
+/// the tests); the response body.
+fn http(method: &str, url: &str, body: &str) -> Vec<u8> {
+    let out = Command::new(venv().join("bin/python"))
+        .args([
+            "-c",
+            "import sys, urllib.request; data = sys.argv[3].encode() if sys.argv[1] != 'GET' else None; \
+             sys.stdout.buffer.write(urllib.request.urlopen(urllib.request.Request(sys.argv[2], data=data, method=sys.argv[1])).read())",
+            method,
+            url,
+            body,
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{method} {url}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 /// Kills the child when dropped.
 struct Guard(Child);
 
@@ -148,46 +170,15 @@ impl FakeAws {
 
     /// Posts a fault to the proxy, e.g. `("/_fault/error", json!({...}))` (see fault_proxy.py).
     pub fn inject(&self, path: &str, spec: Value) {
-        let url = format!(
-            "{}{path}",
-            self.faults.as_ref().expect("started with faults")
-        );
-        let out = Command::new(venv().join("bin/python"))
-            .args([
-                "-c",
-                "import sys, urllib.request; urllib.request.urlopen(urllib.request.Request(sys.argv[1], data=sys.argv[2].encode(), method='POST')).read()",
-                &url,
-                &spec.to_string(),
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let proxy = self.faults.as_ref().expect("started with faults");
+        http("POST", &format!("{proxy}{path}"), &spec.to_string());
     }
 
-    /// The calls the fault proxy received: (action, instance IDs, injected error code).
+    /// The calls the fault proxy received: (action, instance IDs, injected fault).
     pub fn proxied_calls(&self) -> Vec<(String, Vec<String>, Option<String>)> {
-        let url = format!(
-            "{}/_fault/seen",
-            self.faults.as_ref().expect("started with faults")
-        );
-        let out = Command::new(venv().join("bin/python"))
-            .args([
-                "-c",
-                "import sys, urllib.request; print(urllib.request.urlopen(sys.argv[1]).read().decode())",
-                &url,
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let seen: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+        let proxy = self.faults.as_ref().expect("started with faults");
+        let seen: Vec<Value> =
+            serde_json::from_slice(&http("GET", &format!("{proxy}/_fault/seen"), "")).unwrap();
         seen.into_iter()
             .map(|c| {
                 (
@@ -276,20 +267,7 @@ impl FakeAws {
 
     /// Posts to the fake IMDS's control API (e.g. `/_fake/outage?seconds=5`).
     pub fn imds_control(&self, path_and_query: &str) {
-        let url = format!("{}{path_and_query}", self.imds);
-        let out = Command::new(venv().join("bin/python"))
-            .args([
-                "-c",
-                "import sys, urllib.request; urllib.request.urlopen(urllib.request.Request(sys.argv[1], method='POST')).read()",
-                &url,
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        http("POST", &format!("{}{path_and_query}", self.imds), "");
     }
 
     /// The environment that points shiftd at these fakes (the standard AWS variables, nothing else).
@@ -351,6 +329,22 @@ fn journald_listens() -> bool {
     std::os::unix::net::UnixDatagram::unbound()
         .and_then(|s| s.connect(JOURNAL_SOCKET))
         .is_ok()
+}
+
+/// One journald entry: field name -> value.
+pub type Entry = BTreeMap<String, String>;
+
+/// A field of an entry, or "" when it has none.
+pub fn field<'a>(e: &'a Entry, name: &str) -> &'a str {
+    e.get(name).map_or("", String::as_str)
+}
+
+/// The action entries (with SHIFTD_RESULT) for one instance.
+pub fn entries_for<'a>(entries: &'a [Entry], instance: &str) -> Vec<&'a Entry> {
+    entries
+        .iter()
+        .filter(|e| field(e, "SHIFTD_INSTANCE_ID") == instance && e.contains_key("SHIFTD_RESULT"))
+        .collect()
 }
 
 /// journald entries of one process, as field maps.
@@ -515,6 +509,33 @@ pub fn once_in(seconds: i64) -> String {
     use chrono::Timelike;
     let at = chrono::Utc::now() + chrono::Duration::seconds(seconds);
     format!("{} {} {} * * *", at.second(), at.minute(), at.hour())
+}
+
+/// Runs shiftd on `config` until its first batch is done, stops it (exit 0 expected) and returns its
+/// journal entries.
+pub fn run_until_first_batch(fake: &FakeAws, config: &str, timeout: Duration) -> Vec<Entry> {
+    let daemon = Shiftd::spawn(fake, config, &[]);
+    daemon.wait_for_messages("batch done for account account1", 1, timeout);
+    let entries = daemon.entries();
+    assert!(daemon.stop().success(), "SIGTERM ends shiftd with exit 0");
+    entries
+}
+
+/// A config with one account (the target) and one rule: `action` ("start" or "stop") on the listed
+/// instances at `cron`.
+pub fn one_rule_config(name: &str, action: &str, ids: &[String], cron: &str) -> String {
+    config_with_rules(
+        "",
+        &format!(
+            r#"
+[[rules]]
+name = "{name}"
+account = "account1"
+instances = {ids:?}
+{action} = "{cron}"
+"#
+        ),
+    )
 }
 
 /// A config with one account (the target) and the given rules appended.
