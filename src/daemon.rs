@@ -321,11 +321,15 @@ pub async fn run(
 
     service.stopping();
     service.status("stopping");
-    tracing::info!(
-        "shutting down: {} batch(es) in flight, following them for up to {}",
-        inflight.len(),
-        humantime::format_duration(SHUTDOWN_FOLLOW)
-    );
+    if inflight.is_empty() {
+        tracing::info!("shutting down: no action in flight");
+    } else {
+        tracing::info!(
+            "shutting down: {} batch(es) in flight, following them for up to {}",
+            inflight.len(),
+            humantime::format_duration(SHUTDOWN_FOLLOW)
+        );
+    }
     let drain = async {
         while let Some(done) = inflight.join_next().await {
             log_batch_done(done);
