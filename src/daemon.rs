@@ -2,8 +2,9 @@
 //!
 //! It sleeps until the next due instant, hands each account's due work to the executor, keeps every
 //! target account's credentials fresh in the background, reloads its configuration on request (an
-//! invalid new configuration is reported and the running one kept), and on shutdown lets in-flight
-//! calls finish within a bound.
+//! invalid new configuration is reported and the running one kept), saves how far it got so a restart
+//! resumes there (`state`), and on shutdown lets in-flight batches finish and follow their instances
+//! within a bound.
 
 use std::collections::BTreeMap;
 use std::future::Future;
