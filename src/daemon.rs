@@ -30,11 +30,11 @@ use crate::state::{self, StateFile};
 const MAX_SLEEP: Duration = Duration::from_secs(60);
 /// After a shutdown request, how long in-flight batches may go on: acting, and following their
 /// instances to the target state, so that an action taken just before the request is confirmed.
-pub const SHUTDOWN_FOLLOW: Duration = Duration::from_secs(20);
+const SHUTDOWN_FOLLOW: Duration = Duration::from_secs(20);
 /// Then, once told to stop following, how long they may take to report what is still unconfirmed
 /// (each as failed, "requested but not confirmed"). Both together stay under the unit's
 /// TimeoutStopSec (45 s).
-pub const SHUTDOWN_REPORT: Duration = Duration::from_secs(10);
+const SHUTDOWN_REPORT: Duration = Duration::from_secs(10);
 
 /// The wall clock, as a parameter: tests and tools can substitute their own.
 pub trait Clock: Send + Sync {

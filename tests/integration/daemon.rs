@@ -404,11 +404,9 @@ fn an_occurrence_slept_through_during_a_crash_is_caught_up_after_the_restart() {
     let first = Shiftd::spawn_with_env(&fake, &config, &[], &env);
     first.wait_for_messages("running 1 rule(s)", 1, Duration::from_secs(30));
     let state_file = state.path().join("state.json");
-    let end = std::time::Instant::now() + Duration::from_secs(10);
-    while !state_file.exists() {
-        assert!(std::time::Instant::now() < end, "no state saved");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_until("state saved", Duration::from_secs(10), || {
+        state_file.exists()
+    });
     // A crash (or an upgrade, a reboot) across the rule's instant.
     first.signal("KILL");
     drop(first);

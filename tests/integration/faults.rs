@@ -150,15 +150,11 @@ fn sigterm_while_following_confirms_what_it_can_and_reports_the_rest_once() {
     let config = one_rule_config("evening", "stop", &ids, &once_in(8));
     let daemon = Shiftd::spawn(&fake, &config, &[]);
     // SIGTERM as soon as the stop call has been made.
-    let end = std::time::Instant::now() + Duration::from_secs(60);
-    while !fake
-        .proxied_calls()
-        .iter()
-        .any(|(action, _, fault)| action == "StopInstances" && fault.is_none())
-    {
-        assert!(std::time::Instant::now() < end, "no StopInstances call");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_until("a StopInstances call", Duration::from_secs(60), || {
+        fake.proxied_calls()
+            .iter()
+            .any(|(action, _, fault)| action == "StopInstances" && fault.is_none())
+    });
     let pid = daemon.pid();
     let started = std::time::Instant::now();
     assert!(
