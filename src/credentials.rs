@@ -9,18 +9,20 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use aws_credential_types::Credentials;
-use aws_credential_types::provider::{self, ProvideCredentials, error::CredentialsError};
 use tokio::sync::watch;
 
-use crate::aws::AwsError;
+use crate::aws::{SessionCredentials, Sts};
+use crate::clock::Clock;
 use crate::config::Account;
 
 /// Credentials this close to expiry are no longer handed out: a request signed now must still be valid
 /// when it arrives, including SDK retries.
 pub const SIGNING_MARGIN: Duration = Duration::from_secs(60);
 
-/// Whether credentials expiring at `expiry` may sign a request at `now`.
+/// A difference between this machine's clock and STS's below this is network latency, not skew.
+const SKEW_TOLERANCE: Duration = Duration::from_secs(30);
+
+/// Whether credentials expiring at `expiry` (on this machine's clock) may sign a request at `now`.
 pub fn usable(expiry: SystemTime, now: SystemTime) -> bool {
     expiry > now + SIGNING_MARGIN
 }
@@ -34,31 +36,65 @@ pub fn renew_at(issued: SystemTime, expiry: SystemTime, before: Duration) -> Sys
 
 /// Pause before retry `attempt` (0-based) of a failed renewal: exponential from 1 s, capped at 60 s,
 /// scaled by `jitter` in [0, 1) into its upper half (so many accounts do not retry in lockstep).
+/// Whole milliseconds, so that logs read "1s 500ms", not nanoseconds.
 pub fn backoff(attempt: u32, jitter: f64) -> Duration {
     let base = Duration::from_secs(1u64 << attempt.min(6)).min(Duration::from_secs(60));
-    base.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0))
+    let scaled = base.mul_f64(0.5 + 0.5 * jitter.clamp(0.0, 1.0));
+    Duration::from_millis(scaled.as_millis() as u64)
+}
+
+/// How far this machine's clock is ahead of STS's (negative: behind), judged from a session's expiry:
+/// STS issued it `requested` before its expiry, and the answer arrived at `received` on this clock.
+/// `None` when the difference is within network latency.
+pub fn clock_skew(
+    received: SystemTime,
+    expiry: SystemTime,
+    requested: Duration,
+) -> Option<chrono::Duration> {
+    let issued_by_sts = expiry.checked_sub(requested)?;
+    let skew = chrono::DateTime::<chrono::Utc>::from(received)
+        - chrono::DateTime::<chrono::Utc>::from(issued_by_sts);
+    (skew.abs() > crate::clock::chrono_duration(SKEW_TOLERANCE)).then_some(skew)
+}
+
+/// One session's credentials as held: the expiry translated to this machine's clock.
+#[derive(Clone, Debug)]
+pub struct HeldCredentials {
+    pub credentials: SessionCredentials,
+    /// The expiry on this machine's clock (STS's expiry moved by the measured skew).
+    pub local_expiry: SystemTime,
 }
 
 /// What the renewal of one account's credentials looks like from outside.
 #[derive(Clone, Debug, Default)]
 pub struct CredentialState {
-    pub credentials: Option<Credentials>,
+    pub held: Option<HeldCredentials>,
     /// The last renewal error, cleared by a success.
     pub last_error: Option<String>,
 }
 
 /// The shared, always-current assumed-role credentials of one account. Cloning shares.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 pub struct AccountCredentials {
     account: Arc<str>,
     state: Arc<watch::Sender<CredentialState>>,
+    clock: Arc<dyn Clock>,
+}
+
+impl std::fmt::Debug for AccountCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccountCredentials")
+            .field("account", &self.account)
+            .finish_non_exhaustive()
+    }
 }
 
 impl AccountCredentials {
-    pub fn new(account: &str) -> Self {
+    pub fn new(account: &str, clock: Arc<dyn Clock>) -> Self {
         Self {
             account: account.into(),
             state: Arc::new(watch::Sender::new(CredentialState::default())),
+            clock,
         }
     }
 
@@ -66,9 +102,17 @@ impl AccountCredentials {
         &self.account
     }
 
-    pub fn publish(&self, credentials: Credentials) {
+    pub fn clock(&self) -> &Arc<dyn Clock> {
+        &self.clock
+    }
+
+    /// Publishes credentials whose expiry is `local_expiry` on this machine's clock.
+    pub fn publish(&self, credentials: SessionCredentials, local_expiry: SystemTime) {
         self.state.send_replace(CredentialState {
-            credentials: Some(credentials),
+            held: Some(HeldCredentials {
+                credentials,
+                local_expiry,
+            }),
             last_error: None,
         });
     }
@@ -77,16 +121,39 @@ impl AccountCredentials {
         self.state.send_modify(|s| s.last_error = Some(error));
     }
 
-    /// The credentials, if usable at `now`.
-    pub fn usable_at(&self, now: SystemTime) -> Option<Credentials> {
+    /// The credentials, if usable now.
+    pub fn usable_now(&self) -> Option<SessionCredentials> {
+        let now = self.clock.system_time();
         let state = self.state.borrow();
-        let creds = state.credentials.as_ref()?;
-        let expiry = creds.expiry()?;
-        usable(expiry, now).then(|| creds.clone())
+        let held = state.held.as_ref()?;
+        usable(held.local_expiry, now).then(|| held.credentials.clone())
+    }
+
+    /// When the current credentials stop being usable (their local expiry less the signing margin).
+    pub fn usable_until(&self) -> Option<SystemTime> {
+        let state = self.state.borrow();
+        state
+            .held
+            .as_ref()
+            .and_then(|h| h.local_expiry.checked_sub(SIGNING_MARGIN))
     }
 
     pub fn last_error(&self) -> Option<String> {
         self.state.borrow().last_error.clone()
+    }
+
+    /// Why there are no usable credentials now (for logs and STATUS=).
+    pub fn why_unusable(&self) -> String {
+        if let Some(e) = self.last_error() {
+            return e;
+        }
+        match self.state.borrow().held.as_ref() {
+            Some(h) => format!(
+                "the last credentials expired at {} (this machine's clock)",
+                humantime::format_rfc3339_seconds(h.local_expiry)
+            ),
+            None => "no AssumeRole call has succeeded yet".to_string(),
+        }
     }
 
     /// Waits until usable credentials exist, at most `bound`. The error says why there are none.
@@ -94,7 +161,7 @@ impl AccountCredentials {
         let mut rx = self.state.subscribe();
         let wait = async {
             loop {
-                if self.usable_at(SystemTime::now()).is_some() {
+                if self.usable_now().is_some() {
                     return;
                 }
                 // Wake on a renewal, or re-check every second (credentials can also just expire).
@@ -102,31 +169,13 @@ impl AccountCredentials {
             }
         };
         tokio::time::timeout(bound, wait).await.map_err(|_| {
-            let why = self
-                .last_error()
-                .unwrap_or_else(|| "no AssumeRole call has succeeded yet".to_string());
             format!(
-                "no valid credentials for account {} after waiting {}: {why}",
+                "no valid credentials for account {} after waiting {}: {}",
                 self.account,
-                humantime::format_duration(bound)
+                humantime::format_duration(bound),
+                self.why_unusable()
             )
         })
-    }
-}
-
-impl ProvideCredentials for AccountCredentials {
-    fn provide_credentials<'a>(&'a self) -> provider::future::ProvideCredentials<'a>
-    where
-        Self: 'a,
-    {
-        provider::future::ProvideCredentials::ready(self.usable_at(SystemTime::now()).ok_or_else(
-            || {
-                CredentialsError::not_loaded(format!(
-                    "no unexpired assumed-role credentials for account {}",
-                    self.account
-                ))
-            },
-        ))
     }
 }
 
@@ -174,67 +223,82 @@ pub fn session_name(delegate: &str) -> String {
     name
 }
 
-/// Calls AssumeRole for `spec` with `sts`, returning the session's credentials.
-pub async fn assume_role(
-    sts: &aws_sdk_sts::Client,
+/// One AssumeRole for `spec`, published to `store` with its expiry moved to this machine's clock.
+/// Returns the renewal instant (this machine's clock), or the error (also recorded in `store`).
+pub async fn renew_once(
+    sts: &dyn Sts,
     spec: &SessionSpec,
-) -> Result<Credentials, AwsError> {
-    let fail = |message: &str| AwsError {
-        code: None,
-        message: message.to_string(),
-    };
-    let out = sts
-        .assume_role()
-        .role_arn(&spec.role_arn)
-        .role_session_name(&spec.session_name)
-        .duration_seconds(spec.duration.as_secs().min(i32::MAX as u64) as i32)
-        .set_external_id(spec.external_id.clone())
-        .send()
-        .await
-        .map_err(|e| AwsError::from_sdk(&e))?;
-    let c = out
-        .credentials()
-        .ok_or_else(|| fail("AssumeRole answered without credentials"))?;
-    let expiry = SystemTime::try_from(*c.expiration())
-        .map_err(|_| fail("AssumeRole answered with an unreadable expiration"))?;
-    Ok(Credentials::new(
-        c.access_key_id(),
-        c.secret_access_key(),
-        Some(c.session_token().to_string()),
-        Some(expiry),
-        "shiftd-assume-role",
-    ))
+    store: &AccountCredentials,
+) -> Result<SystemTime, String> {
+    let clock = store.clock().clone();
+    let sent = clock.system_time();
+    match sts.assume_role(spec).await {
+        Ok(creds) => {
+            let received = clock.system_time();
+            let skew = clock_skew(received, creds.expiry, spec.duration);
+            let local_expiry = match skew {
+                Some(s) if s > chrono::Duration::zero() => {
+                    creds.expiry + s.to_std().unwrap_or_default()
+                }
+                Some(s) => creds
+                    .expiry
+                    .checked_sub((-s).to_std().unwrap_or_default())
+                    .unwrap_or(creds.expiry),
+                None => creds.expiry,
+            };
+            if let Some(s) = skew {
+                tracing::warn!(
+                    account = store.account(),
+                    skew_seconds = s.num_seconds(),
+                    "this machine's clock is {} {} STS's (judged from the session's expiry): \
+                     credential lifetimes are measured on STS's clock; fix the time source (chrony, NTP)",
+                    humantime::format_duration(s.abs().to_std().unwrap_or_default()),
+                    if s > chrono::Duration::zero() {
+                        "ahead of"
+                    } else {
+                        "behind"
+                    }
+                );
+            }
+            let issued_local = sent.min(received);
+            let next = renew_at(issued_local, local_expiry, spec.refresh_before_expiry);
+            tracing::info!(
+                account = store.account(),
+                role_arn = %spec.role_arn,
+                session_name = %spec.session_name,
+                expires_at = %humantime::format_rfc3339_seconds(creds.expiry),
+                renews_at = %humantime::format_rfc3339_seconds(next),
+                "assumed role for account {}: credentials valid until {}",
+                store.account(),
+                humantime::format_rfc3339_seconds(creds.expiry)
+            );
+            store.publish(creds, local_expiry);
+            Ok(next)
+        }
+        Err(error) => {
+            let error = error.to_string();
+            store.record_error(error.clone());
+            Err(error)
+        }
+    }
 }
 
 /// Keeps `store` filled with fresh credentials for `spec`, forever (abort the task to stop it).
-pub async fn keep_fresh(sts: aws_sdk_sts::Client, spec: SessionSpec, store: AccountCredentials) {
+pub async fn keep_fresh(sts: Arc<dyn Sts>, spec: SessionSpec, store: AccountCredentials) {
+    let clock = store.clock().clone();
     let mut attempt: u32 = 0;
     loop {
-        let issued = SystemTime::now();
-        match assume_role(&sts, &spec).await {
-            Ok(creds) => {
-                let expiry = creds.expiry().expect("assume_role sets an expiry");
-                store.publish(creds);
+        match renew_once(sts.as_ref(), &spec, &store).await {
+            Ok(next) => {
                 attempt = 0;
-                let next = renew_at(issued, expiry, spec.refresh_before_expiry);
-                tracing::info!(
-                    account = store.account(),
-                    role_arn = %spec.role_arn,
-                    session_name = %spec.session_name,
-                    expires_at = %humantime::format_rfc3339_seconds(expiry),
-                    renews_at = %humantime::format_rfc3339_seconds(next),
-                    "assumed role for account {}: credentials valid until {}",
-                    store.account(),
-                    humantime::format_rfc3339_seconds(expiry)
-                );
-                let wait = next.duration_since(SystemTime::now()).unwrap_or_default();
-                tokio::time::sleep(wait).await;
+                let wait = next.duration_since(clock.system_time()).unwrap_or_default();
+                // Wake at least every minute: a wall-clock step moves the renewal instant.
+                sleep_until_wall(clock.as_ref(), next, wait).await;
             }
             Err(error) => {
-                let error = error.to_string();
                 let retry_in = backoff(attempt, rand::random::<f64>());
                 attempt = attempt.saturating_add(1);
-                let still_valid = store.usable_at(SystemTime::now()).is_some();
+                let still_valid = store.usable_now().is_some();
                 tracing::warn!(
                     account = store.account(),
                     role_arn = %spec.role_arn,
@@ -247,10 +311,18 @@ pub async fn keep_fresh(sts: aws_sdk_sts::Client, spec: SessionSpec, store: Acco
                     humantime::format_duration(retry_in),
                     if still_valid { "current credentials still valid" } else { "no valid credentials" },
                 );
-                store.record_error(error);
                 tokio::time::sleep(retry_in).await;
             }
         }
+    }
+}
+
+/// Sleeps until the wall clock reads `at`, re-reading it at least every minute.
+async fn sleep_until_wall(clock: &dyn Clock, at: SystemTime, mut wait: Duration) {
+    const RECHECK: Duration = Duration::from_secs(60);
+    while !wait.is_zero() {
+        tokio::time::sleep(wait.min(RECHECK)).await;
+        wait = at.duration_since(clock.system_time()).unwrap_or_default();
     }
 }
 
@@ -302,24 +374,64 @@ mod tests {
         assert_eq!(session_name(&"h".repeat(100)).len(), 64);
     }
 
-    #[tokio::test]
+    fn creds(expiry: SystemTime) -> SessionCredentials {
+        SessionCredentials {
+            access_key_id: "ASIA".into(),
+            secret_access_key: crate::aws::Secret::new("s"),
+            session_token: crate::aws::Secret::new("t"),
+            expiry,
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn store_hands_out_only_usable_credentials() {
-        let store = AccountCredentials::new("a1");
-        assert!(store.provide_credentials().await.is_err());
-        let soon = SystemTime::now() + Duration::from_secs(30);
-        store.publish(Credentials::new("AKIA", "s", None, Some(soon), "test"));
-        assert!(
-            store.provide_credentials().await.is_err(),
-            "within the signing margin"
-        );
+        let clock = Arc::new(crate::clock::SimulatedClock::starting_at(
+            chrono::DateTime::from(t(1_000_000)),
+        ));
+        let store = AccountCredentials::new("a1", clock.clone());
+        assert!(store.usable_now().is_none());
+        let soon = t(1_000_030);
+        store.publish(creds(soon), soon);
+        assert!(store.usable_now().is_none(), "within the signing margin");
         let err = store
             .wait_usable(Duration::from_millis(50))
             .await
             .unwrap_err();
         assert!(err.contains("no valid credentials for account a1"), "{err}");
-        let later = SystemTime::now() + Duration::from_secs(3600);
-        store.publish(Credentials::new("AKIA", "s", None, Some(later), "test"));
-        assert!(store.provide_credentials().await.is_ok());
+        assert!(err.contains("expired at"), "{err}");
+        let later = t(1_003_600);
+        store.publish(creds(later), later);
+        assert!(store.usable_now().is_some());
         store.wait_usable(Duration::from_millis(50)).await.unwrap();
+        // They stop being usable a signing margin before expiry, on simulated time.
+        tokio::time::sleep(Duration::from_secs(3600 - 60 - 1)).await;
+        assert!(store.usable_now().is_some());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert!(store.usable_now().is_none());
+    }
+
+    #[test]
+    fn skew_is_judged_from_the_expiry_and_the_requested_duration() {
+        let hour = Duration::from_secs(3600);
+        // (received on this clock, expiry by STS, expected skew in seconds)
+        let cases = [
+            (t(10_000), t(10_000 + 3600), None),
+            (t(10_005), t(10_000 + 3600), None),
+            (t(13_600), t(10_000 + 3600), Some(3600)),
+            (t(6_400), t(10_000 + 3600), Some(-3600)),
+        ];
+        for (received, expiry, want) in cases {
+            assert_eq!(
+                clock_skew(received, expiry, hour).map(|s| s.num_seconds()),
+                want
+            );
+        }
+    }
+
+    #[test]
+    fn backoff_is_whole_milliseconds() {
+        let d = backoff(3, 0.123456789);
+        assert_eq!(d.subsec_nanos() % 1_000_000, 0, "{d:?}");
+        assert!(!humantime::format_duration(d).to_string().contains("us"));
     }
 }

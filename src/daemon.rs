@@ -2,11 +2,14 @@
 //!
 //! It sleeps until the next due instant, hands each account's due work to the executor, keeps every
 //! target account's credentials fresh in the background, reloads its configuration on request (an
-//! invalid new configuration is reported and the running one kept), saves how far it got so a restart
-//! resumes there (`state`), and on shutdown lets in-flight batches finish and follow their instances
-//! within a bound.
+//! invalid new configuration is reported and the running one kept), records each occurrence durably
+//! before acting on it (`state`), and on shutdown lets in-flight batches finish and follow their
+//! instances within a bound.
+//!
+//! Everything outside comes in through [`Deps`]: the clock, AWS, where outcomes go and the occurrence
+//! record. The binary passes the real ones; the scenario tests pass fakes and run on paused time.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -16,18 +19,21 @@ use chrono::{DateTime, Utc};
 use tokio::sync::{mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
-use crate::aws::AwsEnv;
+use crate::aws::{Aws, ConnectAws};
+use crate::clock::{Clock, chrono_duration};
 use crate::config::{Account, Action, Config, ConfigError};
 use crate::credentials::{self, AccountCredentials, SessionSpec};
-use crate::executor::{self, AccountClients, ExecOptions};
+use crate::executor::{self, AccountClients, BatchContext, ExecOptions, RegionClient};
 use crate::notify::ServiceManager;
-use crate::outcome::{Outcome, ResultKind};
-use crate::planner;
-use crate::state::{self, StateFile};
+use crate::outcome::{Outcome, OutcomeSink, ResultKind};
+use crate::planner::{self, AccountBatch, Firing};
+use crate::state::{self, OccurrenceKey, OccurrenceRecord, Phase, Snapshot};
 
 /// The longest single sleep: the loop re-reads the clock at least this often, so a wall-clock step
 /// (NTP correction, resume from suspend) delays a firing by at most this much.
 const MAX_SLEEP: Duration = Duration::from_secs(60);
+/// A difference between wall and monotonic time elapsed since the last tick beyond this is a step.
+const STEP_TOLERANCE: Duration = Duration::from_secs(10);
 /// After a shutdown request, how long in-flight batches may go on: acting, and following their
 /// instances to the target state, so that an action taken just before the request is confirmed.
 const SHUTDOWN_FOLLOW: Duration = Duration::from_secs(20);
@@ -36,30 +42,20 @@ const SHUTDOWN_FOLLOW: Duration = Duration::from_secs(20);
 /// TimeoutStopSec (45 s).
 const SHUTDOWN_REPORT: Duration = Duration::from_secs(10);
 
-/// The wall clock, as a parameter: tests and tools can substitute their own.
-pub trait Clock: Send + Sync {
-    fn now(&self) -> DateTime<Utc>;
-}
-
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now(&self) -> DateTime<Utc> {
-        Utc::now()
-    }
-}
-
 pub struct Settings {
     pub config_path: PathBuf,
     /// `--dry-run`: overrides the configuration's `dry_run = false`.
     pub dry_run: bool,
-    /// Where the instant up to which occurrences were handled is kept across restarts; `None`: nowhere
-    /// (a restart then starts from its own start time).
-    pub state_dir: Option<PathBuf>,
 }
 
 pub struct Deps {
     pub clock: Arc<dyn Clock>,
+    /// Builds the AWS access for a credential source (again when a reload changes it).
+    pub aws: ConnectAws,
+    /// Where every instance action's outcome goes (the journal in the binary).
+    pub outcomes: Arc<dyn OutcomeSink>,
+    /// The durable record of occurrences (the state directory in the binary).
+    pub record: Arc<dyn OccurrenceRecord>,
     /// Each message asks for a configuration reload (SIGHUP in the binary).
     pub reload: mpsc::UnboundedReceiver<()>,
 }
@@ -84,21 +80,43 @@ impl Drop for AccountRuntime {
     }
 }
 
+/// What a finished batch hands back: the occurrences it carried out, and every outcome.
+type BatchDone = (Vec<OccurrenceKey>, Vec<Outcome>);
+
 struct Daemon {
     config: Arc<Config>,
     dry_run_flag: bool,
-    aws: Arc<AwsEnv>,
+    clock: Arc<dyn Clock>,
+    connect: ConnectAws,
+    aws: Arc<dyn Aws>,
+    sink: Arc<dyn OutcomeSink>,
+    record: Arc<dyn OccurrenceRecord>,
     session_name: String,
     accounts: BTreeMap<String, AccountRuntime>,
+    inflight: JoinSet<BatchDone>,
+    cancel: watch::Receiver<bool>,
+    /// Every occurrence up to here is handled.
+    checked_until: DateTime<Utc>,
+    /// Occurrences done recently (by this process or an earlier one): never done again.
+    done: BTreeSet<OccurrenceKey>,
+    /// Occurrences in flight.
+    open: BTreeSet<OccurrenceKey>,
+    /// Wall and monotonic time at the last tick, to tell a wall-clock step.
+    last_tick: (DateTime<Utc>, tokio::time::Instant),
+    record_ok: bool,
 }
 
 impl Daemon {
     fn exec_options(&self) -> ExecOptions {
         ExecOptions {
-            dry_run: self.dry_run_flag || self.config.defaults.dry_run,
+            dry_run: self.dry_run(),
             verify_timeout: self.config.defaults.verify_timeout,
             credentials_wait: self.config.defaults.credentials_wait,
         }
+    }
+
+    fn dry_run(&self) -> bool {
+        self.dry_run_flag || self.config.defaults.dry_run
     }
 
     /// Starts, keeps or replaces each account's credential renewal to match the configuration.
@@ -127,12 +145,15 @@ impl Daemon {
     }
 
     async fn start_account(&self, account: &Account, spec: SessionSpec) -> AccountRuntime {
-        let credentials = AccountCredentials::new(&account.name);
+        let credentials = AccountCredentials::new(&account.name, self.clock.clone());
         let mut regions = BTreeMap::new();
         for region in &account.regions {
             regions.insert(
                 region.clone(),
-                self.aws.ec2(region, credentials.clone()).await,
+                RegionClient {
+                    ec2: self.aws.ec2(region, credentials.clone()).await,
+                    exclusive: Default::default(),
+                },
             );
         }
         let sts = self.aws.sts(&account.regions[0]).await;
@@ -151,31 +172,266 @@ impl Daemon {
             refresher,
         }
     }
-}
 
-impl Daemon {
     fn status_line(&self, now: DateTime<Utc>) -> String {
         let waiting: Vec<(String, String)> = self
             .accounts
             .iter()
-            .filter(|(_, rt)| {
-                rt.clients
-                    .credentials
-                    .usable_at(std::time::SystemTime::now())
-                    .is_none()
-            })
-            .map(|(name, rt)| {
-                let why = rt
-                    .clients
-                    .credentials
-                    .last_error()
-                    .unwrap_or_else(|| "no AssumeRole has succeeded yet".to_string());
-                (name.clone(), why)
+            .filter(|(_, rt)| rt.clients.credentials.usable_now().is_none())
+            .map(|(name, rt)| (name.clone(), rt.clients.credentials.why_unusable()))
+            .collect();
+        crate::upcoming::status_line(&self.config, now, self.dry_run(), &waiting)
+    }
+
+    /// Writes to the durable record; a failure is logged once (and again once it works again).
+    fn recorded(&mut self, what: &str, result: Result<(), state::StateError>) {
+        match result {
+            Ok(()) if !self.record_ok => {
+                self.record_ok = true;
+                tracing::info!("state is saved again");
+            }
+            Ok(()) => {}
+            Err(e) if self.record_ok => {
+                self.record_ok = false;
+                tracing::error!(
+                    "cannot save state ({what}: {e}): after a restart, occurrences in progress or due \
+                     meanwhile would go unnoticed"
+                );
+            }
+            Err(_) => {}
+        }
+    }
+
+    /// Tells a wall-clock step from elapsed monotonic time; a step back rewinds the window so that
+    /// occurrences not yet done run at their time (those done are not repeated).
+    fn follow_clock(&mut self, now: DateTime<Utc>, mono: tokio::time::Instant) {
+        let (last_wall, last_mono) = self.last_tick;
+        self.last_tick = (now, mono);
+        let wall = now - last_wall;
+        let steady = chrono_duration(mono.duration_since(last_mono));
+        let step = wall - steady;
+        if step.abs() > chrono_duration(STEP_TOLERANCE) {
+            let by = humantime::format_duration(step.abs().to_std().unwrap_or_default());
+            if step > chrono::Duration::zero() {
+                tracing::warn!(
+                    step_seconds = step.num_seconds(),
+                    "the wall clock jumped forward by {by} (a step, or the machine was suspended)"
+                );
+            } else {
+                tracing::warn!(
+                    step_seconds = step.num_seconds(),
+                    "the wall clock was stepped back by {by}"
+                );
+            }
+        }
+        if now < self.checked_until - chrono::Duration::seconds(1) {
+            tracing::warn!(
+                "the clock is now {} before the last instant handled ({}): occurrences in between that \
+                 were done will not be repeated; the others run at their time",
+                humantime::format_duration((self.checked_until - now).to_std().unwrap_or_default()),
+                self.checked_until.to_rfc3339()
+            );
+            self.checked_until = now;
+            let r = self.record.rewind(now);
+            self.recorded("clock stepped back", r);
+        }
+    }
+
+    /// One pass: what is due since the last pass is recorded, then dispatched; what is too old is
+    /// reported missed.
+    fn tick(&mut self) {
+        let now = self.clock.now();
+        self.follow_clock(now, self.clock.monotonic());
+        let from = self.checked_until;
+        let work = planner::due_between(&self.config, from, now);
+        report_missed(self.sink.as_ref(), &self.config, &work.missed, now);
+        let due: Vec<Firing> = work
+            .due
+            .into_iter()
+            .filter(|f| {
+                let done = self.is_done_or_open(f);
+                if done {
+                    tracing::info!(
+                        rule = %f.rule,
+                        "{} {} due at {} was already done; not repeated",
+                        f.rule,
+                        f.action,
+                        f.at.to_rfc3339()
+                    );
+                }
+                !done
             })
             .collect();
-        let dry_run = self.dry_run_flag || self.config.defaults.dry_run;
-        crate::upcoming::status_line(&self.config, now, dry_run, &waiting)
+        self.checked_until = self.checked_until.max(now);
+        let keys: Vec<OccurrenceKey> = due.iter().filter_map(|f| self.key(f)).collect();
+        // Durable before anything is done: a crash from here on resumes these after the restart.
+        let r = self.record.begin(self.checked_until, &keys);
+        self.recorded("recording due occurrences", r);
+        self.dispatch(&due, None);
     }
+
+    fn key(&self, f: &Firing) -> Option<OccurrenceKey> {
+        let rule = self.config.rules.iter().find(|r| r.name == f.rule)?;
+        Some(OccurrenceKey {
+            rule: f.rule.clone(),
+            action: f.action,
+            at: f.at,
+            account: rule.account.clone(),
+        })
+    }
+
+    fn is_done_or_open(&self, f: &Firing) -> bool {
+        self.key(f)
+            .is_some_and(|k| self.done.contains(&k) || self.open.contains(&k))
+    }
+
+    /// Spawns one batch per account for `due`. `resumed` names the phase of occurrences picked up after
+    /// a restart.
+    fn dispatch(&mut self, due: &[Firing], resumed: Option<Phase>) {
+        if due.is_empty() {
+            return;
+        }
+        let at = due.iter().map(|f| f.at).max().expect("not empty");
+        for batch in planner::batches(&self.config, due, at) {
+            let keys: Vec<OccurrenceKey> = due
+                .iter()
+                .filter_map(|f| self.key(f))
+                .filter(|k| k.account == batch.account)
+                .collect();
+            let Some(rt) = self.accounts.get(&batch.account) else {
+                continue;
+            };
+            tracing::info!(
+                account = %batch.account,
+                "{}due at {}: {}",
+                resumed.map_or(String::new(), |p| format!("resumed after a restart (was {}): ", p.as_str())),
+                at.to_rfc3339(),
+                batch
+                    .requests
+                    .iter()
+                    .map(|r| format!("{} {}", r.action, r.rule))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            self.open.extend(keys.iter().cloned());
+            let record = self.record.clone();
+            let dispatched_keys = keys.clone();
+            let ctx = BatchContext {
+                clients: rt.clients.clone(),
+                opts: self.exec_options(),
+                cancel: self.cancel.clone(),
+                clock: self.clock.clone(),
+                sink: self.sink.clone(),
+                on_dispatch: Arc::new(move || {
+                    if let Err(e) = record.dispatched(&dispatched_keys) {
+                        tracing::error!("cannot save state (dispatching): {e}");
+                    }
+                }),
+            };
+            self.inflight.spawn(run_batch(ctx, batch, keys));
+        }
+    }
+
+    /// Occurrences an earlier process recorded but did not finish: resumed when still within their
+    /// window, reported failed otherwise.
+    fn resume(&mut self, snapshot: &Snapshot) {
+        let now = self.clock.now();
+        let tolerance = chrono_duration(planner::LATE_TOLERANCE);
+        let mut resumable: BTreeMap<Phase, Vec<Firing>> = BTreeMap::new();
+        let mut closed = Vec::new();
+        for (key, phase) in &snapshot.open {
+            let rule = self
+                .config
+                .rules
+                .iter()
+                .find(|r| r.name == key.rule && r.account == key.account);
+            let why = match rule {
+                None => Some("its rule is no longer in the configuration".to_string()),
+                Some(_) if now - key.at > tolerance => Some(format!(
+                    "it is now {} late, past the catch-up window of {}",
+                    humantime::format_duration((now - key.at).to_std().unwrap_or_default()),
+                    humantime::format_duration(planner::LATE_TOLERANCE)
+                )),
+                Some(_) => None,
+            };
+            match why {
+                None => resumable.entry(*phase).or_default().push(Firing {
+                    rule: key.rule.clone(),
+                    action: key.action,
+                    at: key.at,
+                }),
+                Some(why) => {
+                    let selection =
+                        rule.map_or(String::new(), |r| format!(" (selection: {})", r.selection));
+                    self.sink.record(&Outcome {
+                        action: key.action,
+                        rules: vec![key.rule.clone()],
+                        account: key.account.clone(),
+                        region: rule.map_or(String::new(), |r| r.regions.join(",")),
+                        instance_id: None,
+                        result: ResultKind::Failed,
+                        reason: format!(
+                            "interrupted: shiftd stopped while this occurrence (due at {}) was {}, and {why}; \
+                             not resumed{}: check the instances{selection}",
+                            key.at.to_rfc3339(),
+                            phase.as_str(),
+                            if *phase == Phase::Dispatched { " (Start/Stop calls may have been made)" } else { "" }
+                        ),
+                    });
+                    closed.push(key.clone());
+                }
+            }
+        }
+        if !closed.is_empty() {
+            let r = self.record.done(&closed);
+            self.recorded("closing interrupted occurrences", r);
+            self.done.extend(closed);
+        }
+        for (phase, firings) in resumable {
+            // Grouped by instant: each batch carries the occurrences of one instant.
+            let mut by_at: BTreeMap<DateTime<Utc>, Vec<Firing>> = BTreeMap::new();
+            for f in firings {
+                by_at.entry(f.at).or_default().push(f);
+            }
+            for (_, group) in by_at {
+                self.dispatch(&group, Some(phase));
+            }
+        }
+    }
+
+    fn batch_done(&mut self, done: Result<BatchDone, tokio::task::JoinError>) {
+        match done {
+            Ok((keys, outcomes)) => {
+                log_batch_done(&outcomes);
+                let r = self.record.done(&keys);
+                self.recorded("recording done occurrences", r);
+                for k in keys {
+                    self.open.remove(&k);
+                    self.done.insert(k);
+                }
+            }
+            Err(e) if e.is_cancelled() => {}
+            Err(e) => tracing::error!("an action batch crashed: {e}"),
+        }
+    }
+
+    /// Applies a new configuration.
+    async fn apply(&mut self, new: Config, path: &std::path::Path) {
+        let sources_differ = new.credentials != *self.aws.source();
+        self.config = Arc::new(new);
+        if sources_differ {
+            self.aws = (self.connect)(&self.config.credentials, first_region(&self.config));
+            self.accounts.clear();
+        }
+        self.reconcile_accounts().await;
+        tracing::info!("configuration reloaded from {}", path.display());
+        log_started(self);
+    }
+}
+
+async fn run_batch(ctx: BatchContext, batch: AccountBatch, keys: Vec<OccurrenceKey>) -> BatchDone {
+    let outcomes = executor::run_batch(ctx, batch).await;
+    (keys, outcomes)
 }
 
 fn first_region(config: &Config) -> &str {
@@ -186,9 +442,18 @@ fn first_region(config: &Config) -> &str {
         .map_or("us-east-1", |a| a.regions[0].as_str())
 }
 
-/// Loads the configuration for running: valid, and with at least one rule.
-fn load(path: &std::path::Path) -> Result<Config, RunError> {
-    let config = Config::load_strict(path)?;
+/// Loads the configuration for running: valid, and with at least one rule. Off the async threads: a
+/// slow or odd file cannot stall the scheduling loop.
+async fn load(path: &std::path::Path) -> Result<Config, RunError> {
+    let owned = path.to_path_buf();
+    let config = tokio::task::spawn_blocking(move || Config::load_strict(&owned))
+        .await
+        .unwrap_or_else(|e| {
+            Err(ConfigError::Read {
+                path: path.to_path_buf(),
+                source: std::io::Error::other(format!("reading the configuration failed: {e}")),
+            })
+        })?;
     if config.rules.is_empty() {
         return Err(RunError::NoRules(path.display().to_string()));
     }
@@ -201,92 +466,61 @@ pub async fn run(
     deps: Deps,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
-    let Deps { clock, mut reload } = deps;
-    let config = Arc::new(load(&settings.config_path)?);
-    let aws = Arc::new(AwsEnv::new(&config.credentials, first_region(&config)));
+    let Deps {
+        clock,
+        aws: connect,
+        outcomes: sink,
+        record,
+        mut reload,
+    } = deps;
+    let config = Arc::new(load(&settings.config_path).await?);
+    let aws = connect(&config.credentials, first_region(&config));
     let session_name = credentials::session_name(&aws.delegate_name().await);
+    let (cancel_tx, cancel_rx) = watch::channel(false);
+    let snapshot = match record.load() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!("{e}");
+            Snapshot::default()
+        }
+    };
+    let now = clock.now();
+    let checked_until = resume_point(snapshot.checked_until, now);
     let mut daemon = Daemon {
         config,
         dry_run_flag: settings.dry_run,
+        last_tick: (now, clock.monotonic()),
+        clock,
+        connect,
         aws,
+        sink,
+        record,
         session_name,
         accounts: BTreeMap::new(),
+        inflight: JoinSet::new(),
+        cancel: cancel_rx,
+        checked_until,
+        done: snapshot.done.clone(),
+        open: BTreeSet::new(),
+        record_ok: true,
     };
     daemon.reconcile_accounts().await;
     log_started(&daemon);
+    daemon.resume(&snapshot);
     // Ready once the configuration is loaded and the schedule armed. Credential trouble is not fatal
     // (IMDS can be slow right after boot): the renewal retries, and STATUS= says so.
     let mut service = ServiceManager::from_env();
     service.ready();
     let max_sleep = service.max_sleep().map_or(MAX_SLEEP, |w| w.min(MAX_SLEEP));
-
-    let (cancel_tx, cancel_rx) = watch::channel(false);
-    let mut inflight: JoinSet<Vec<Outcome>> = JoinSet::new();
-    let state = settings.state_dir.as_deref().map(StateFile::in_dir);
-    let mut last_checked = resume_point(state.as_ref(), clock.now());
-    let mut state_saved = true;
-    let mut clock_behind = false;
     tokio::pin!(shutdown);
 
     loop {
-        let now = clock.now();
-        let work = planner::due_between(&daemon.config, last_checked, now);
-        if now < last_checked - chrono::Duration::seconds(1) && !clock_behind {
-            tracing::warn!(
-                "the clock went back by {}s; occurrences already handled will not be repeated",
-                (last_checked - now).num_seconds()
-            );
-        }
-        clock_behind = now < last_checked;
-        // A clock stepped back does not make occurrences already handled due again.
-        last_checked = last_checked.max(now);
-        report_missed(&daemon.config, &work.missed, now);
-        if !work.due.is_empty() {
-            let at = work.due.iter().map(|f| f.at).max().expect("not empty");
-            for batch in planner::batches(&daemon.config, &work.due, at) {
-                let Some(rt) = daemon.accounts.get(&batch.account) else {
-                    continue;
-                };
-                tracing::info!(
-                    account = %batch.account,
-                    "due at {}: {}",
-                    at.to_rfc3339(),
-                    batch
-                        .requests
-                        .iter()
-                        .map(|r| format!("{} {}", r.action, r.rule))
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                );
-                inflight.spawn(executor::run_batch(
-                    rt.clients.clone(),
-                    batch,
-                    daemon.exec_options(),
-                    cancel_rx.clone(),
-                ));
-            }
-        }
-
-        if let Some(state) = &state {
-            // After dispatching: a crash before this line repeats the dispatch after the restart,
-            // where the instances are found in the wanted state and reported skipped.
-            match state.save(last_checked) {
-                Ok(()) => state_saved = true,
-                Err(e) if state_saved => {
-                    state_saved = false;
-                    tracing::warn!(
-                        "cannot save state ({e}): after a restart, occurrences due meanwhile would go unnoticed"
-                    );
-                }
-                Err(_) => {}
-            }
-        }
-
+        daemon.tick();
+        let now = daemon.clock.now();
         service.status(&daemon.status_line(now));
         // From the scheduling loop itself: a hung loop stops the pings and systemd restarts shiftd.
         service.watchdog();
-        let next = planner::next_due(&daemon.config, now);
-        let sleep_for = next
+        let sleep_for = planner::next_due(&daemon.config, now)
             .map(|n| (n - now).to_std().unwrap_or_default())
             .unwrap_or(max_sleep)
             .min(max_sleep);
@@ -294,18 +528,8 @@ pub async fn run(
             _ = tokio::time::sleep(sleep_for) => {}
             Some(()) = reload.recv() => {
                 service.reloading();
-                match load(&settings.config_path) {
-                    Ok(new) => {
-                        let sources_differ = new.credentials != *daemon.aws.source();
-                        daemon.config = Arc::new(new);
-                        if sources_differ {
-                            daemon.aws = Arc::new(AwsEnv::new(&daemon.config.credentials, first_region(&daemon.config)));
-                            daemon.accounts.clear();
-                        }
-                        daemon.reconcile_accounts().await;
-                        tracing::info!("configuration reloaded from {}", settings.config_path.display());
-                        log_started(&daemon);
-                    }
+                match load(&settings.config_path).await {
+                    Ok(new) => daemon.apply(new, &settings.config_path).await,
                     Err(e) => tracing::error!(
                         error = %e,
                         "configuration reload failed; still running the previous configuration:\n{e}"
@@ -313,8 +537,8 @@ pub async fn run(
                 }
                 service.ready();
             }
-            Some(done) = inflight.join_next(), if !inflight.is_empty() => {
-                log_batch_done(done);
+            Some(done) = daemon.inflight.join_next(), if !daemon.inflight.is_empty() => {
+                daemon.batch_done(done);
             }
             () = &mut shutdown => break,
         }
@@ -322,39 +546,41 @@ pub async fn run(
 
     service.stopping();
     service.status("stopping");
-    if inflight.is_empty() {
-        tracing::info!("shutting down: no action in flight");
-    } else {
-        tracing::info!(
-            "shutting down: {} batch(es) in flight, following them for up to {}",
-            inflight.len(),
-            humantime::format_duration(SHUTDOWN_FOLLOW)
-        );
-    }
-    let drain = async {
-        while let Some(done) = inflight.join_next().await {
-            log_batch_done(done);
-        }
-    };
-    tokio::pin!(drain);
-    if tokio::time::timeout(SHUTDOWN_FOLLOW, &mut drain)
-        .await
-        .is_err()
-    {
-        // Stop following: every instance still unconfirmed is reported as such.
-        let _ = cancel_tx.send(true);
-        if tokio::time::timeout(SHUTDOWN_REPORT, &mut drain)
-            .await
-            .is_err()
-        {
-            tracing::error!(
-                "in-flight actions did not finish within the shutdown grace; abandoning them \
-                 (their Start/Stop calls may have been made: check the instances)"
-            );
-        }
-    }
+    drain(&mut daemon, cancel_tx).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Lets in-flight batches finish within the shutdown bounds; what they cannot confirm is reported.
+async fn drain(daemon: &mut Daemon, cancel: watch::Sender<bool>) {
+    if daemon.inflight.is_empty() {
+        tracing::info!("shutting down: no action in flight");
+        return;
+    }
+    tracing::info!(
+        "shutting down: {} batch(es) in flight, following them for up to {}",
+        daemon.inflight.len(),
+        humantime::format_duration(SHUTDOWN_FOLLOW)
+    );
+    let mut bound = SHUTDOWN_FOLLOW;
+    loop {
+        match tokio::time::timeout(bound, daemon.inflight.join_next()).await {
+            Ok(Some(done)) => daemon.batch_done(done),
+            Ok(None) => return,
+            Err(_) if !*cancel.borrow() => {
+                // Stop following: every instance still unconfirmed is reported as such.
+                let _ = cancel.send(true);
+                bound = SHUTDOWN_REPORT;
+            }
+            Err(_) => {
+                tracing::error!(
+                    "in-flight actions did not finish within the shutdown grace; abandoning them \
+                     (their Start/Stop calls may have been made: they are resumed at the next start)"
+                );
+                return;
+            }
+        }
+    }
 }
 
 fn log_started(daemon: &Daemon) {
@@ -363,27 +589,19 @@ fn log_started(daemon: &Daemon) {
         config = %c.path.display(),
         accounts = c.accounts.len(),
         rules = c.rules.len(),
-        dry_run = daemon.dry_run_flag || c.defaults.dry_run,
+        dry_run = daemon.dry_run(),
         session_name = %daemon.session_name,
         "running {} rule(s) over {} account(s) from {}{}",
         c.rules.len(),
         c.accounts.len(),
         c.path.display(),
-        if daemon.dry_run_flag || c.defaults.dry_run { " (dry run: no instance will be started or stopped)" } else { "" }
+        if daemon.dry_run() { " (dry run: no instance will be started or stopped)" } else { "" }
     );
 }
 
 /// Where the scheduling loop starts: the saved instant when there is one, so the occurrences shiftd
 /// slept through are caught up (at most `LATE_TOLERANCE` late) or reported as missed.
-fn resume_point(state: Option<&StateFile>, now: DateTime<Utc>) -> DateTime<Utc> {
-    let saved = match state.map(StateFile::load) {
-        None | Some(Ok(None)) => None,
-        Some(Ok(Some(at))) => Some(at),
-        Some(Err(e)) => {
-            tracing::warn!("{e}");
-            None
-        }
-    };
+fn resume_point(saved: Option<DateTime<Utc>>, now: DateTime<Utc>) -> DateTime<Utc> {
     let (from, note) = state::resume_from(saved, now, state::MAX_LOOKBACK);
     if let Some(note) = note {
         tracing::warn!("{note}");
@@ -402,8 +620,8 @@ fn resume_point(state: Option<&StateFile>, now: DateTime<Utc>) -> DateTime<Utc> 
 /// Missed occurrences reported one by one per rule and action; beyond that, one summary entry.
 const MISSED_DETAIL: usize = 10;
 
-fn report_missed(config: &Config, missed: &[planner::Firing], now: DateTime<Utc>) {
-    let mut by_rule: BTreeMap<(&str, Action), Vec<&planner::Firing>> = BTreeMap::new();
+fn report_missed(sink: &dyn OutcomeSink, config: &Config, missed: &[Firing], now: DateTime<Utc>) {
+    let mut by_rule: BTreeMap<(&str, Action), Vec<&Firing>> = BTreeMap::new();
     for f in missed {
         by_rule.entry((&f.rule, f.action)).or_default().push(f);
     }
@@ -423,46 +641,38 @@ fn report_missed(config: &Config, missed: &[planner::Firing], now: DateTime<Utc>
         // Firings come sorted; the latest are the ones reported one by one.
         let detailed = firings.len().saturating_sub(MISSED_DETAIL);
         if detailed > 0 {
-            entry(format!(
+            sink.record(&entry(format!(
                 "missed {detailed} occurrence(s) from {} to {} (shiftd was not running or the machine \
                  was suspended); not acted on (selection: {})",
                 firings[0].at.to_rfc3339(),
                 firings[detailed - 1].at.to_rfc3339(),
                 rule.selection
-            ))
-            .log();
+            )));
         }
         for f in &firings[detailed..] {
-            entry(format!(
+            sink.record(&entry(format!(
                 "missed: due at {}, noticed at {} (more than {} late: shiftd was not running or the \
                  machine was suspended); not acted on (selection: {})",
                 f.at.to_rfc3339(),
                 now.to_rfc3339(),
                 humantime::format_duration(planner::LATE_TOLERANCE),
                 rule.selection
-            ))
-            .log();
+            )));
         }
     }
 }
 
-fn log_batch_done(done: Result<Vec<Outcome>, tokio::task::JoinError>) {
-    match done {
-        Ok(outcomes) => {
-            let count = |k| outcomes.iter().filter(|o| o.result == k).count();
-            if let Some(first) = outcomes.first() {
-                tracing::info!(
-                    account = %first.account,
-                    "batch done for account {}: {} ok, {} skipped, {} failed, {} dry-run",
-                    first.account,
-                    count(ResultKind::Ok),
-                    count(ResultKind::Skipped),
-                    count(ResultKind::Failed),
-                    count(ResultKind::DryRun)
-                );
-            }
-        }
-        Err(e) if e.is_cancelled() => {}
-        Err(e) => tracing::error!("an action batch crashed: {e}"),
+fn log_batch_done(outcomes: &[Outcome]) {
+    let count = |k| outcomes.iter().filter(|o| o.result == k).count();
+    if let Some(first) = outcomes.first() {
+        tracing::info!(
+            account = %first.account,
+            "batch done for account {}: {} ok, {} skipped, {} failed, {} dry-run",
+            first.account,
+            count(ResultKind::Ok),
+            count(ResultKind::Skipped),
+            count(ResultKind::Failed),
+            count(ResultKind::DryRun)
+        );
     }
 }

@@ -5,7 +5,10 @@
 use std::collections::BTreeSet;
 use std::fmt::Write;
 
-use crate::aws::AwsEnv;
+use std::sync::Arc;
+
+use crate::aws::ConnectAws;
+use crate::clock::Clock;
 use crate::config::{Action, Config, CredentialSource};
 use crate::credentials::{self, AccountCredentials, SessionSpec};
 use crate::policy::{self, Delegate};
@@ -57,14 +60,14 @@ impl Report {
 }
 
 /// Runs every check and prints each as it completes.
-pub async fn run(config: &Config) -> Report {
+pub async fn run(config: &Config, connect: ConnectAws, clock: Arc<dyn Clock>) -> Report {
     let mut report = Report::default();
     let first_region = config
         .accounts
         .values()
         .next()
         .map_or("us-east-1", |a| a.regions[0].as_str());
-    let aws = AwsEnv::new(&config.credentials, first_region);
+    let aws = connect(&config.credentials, first_region);
 
     // 1. Base credentials.
     match &config.credentials {
@@ -107,7 +110,7 @@ pub async fn run(config: &Config) -> Report {
     }
 
     // 2. Who the delegate is.
-    let delegate = match aws.caller_identity(first_region).await {
+    let delegate = match aws.sts(first_region).await.caller_identity().await {
         Ok((account, arn)) => {
             report.line(
                 Verdict::Ok,
@@ -136,7 +139,7 @@ pub async fn run(config: &Config) -> Report {
             config.defaults.refresh_before_expiry,
         );
         let sts = aws.sts(&account.regions[0]).await;
-        let creds = match credentials::assume_role(&sts, &spec).await {
+        let creds = match sts.assume_role(&spec).await {
             Ok(c) => c,
             Err(e) => {
                 let fix = assume_role_fix(account, delegate.as_ref(), e.code.as_deref());
@@ -159,8 +162,9 @@ pub async fn run(config: &Config) -> Report {
             ),
             None,
         );
-        let store = AccountCredentials::new(&account.name);
-        store.publish(creds);
+        let store = AccountCredentials::new(&account.name, clock.clone());
+        let expiry = creds.expiry;
+        store.publish(creds, expiry);
 
         for region in &account.regions {
             let ec2 = aws.ec2(region, store.clone()).await;
@@ -186,7 +190,7 @@ pub async fn run(config: &Config) -> Report {
                 .iter()
                 .filter(|r| r.account == account.name && r.regions.contains(region))
             {
-                let found = match ec2.describe(&rule.selection, None).await {
+                let found = match ec2.describe_selection(&rule.selection).await {
                     Ok(v) => v,
                     Err(e) => {
                         report.line(
@@ -270,7 +274,7 @@ pub async fn run(config: &Config) -> Report {
                     } else {
                         "StopInstances"
                     };
-                    match ec2.dry_run(action, &ids).await {
+                    match ec2.change_state(action, &ids, true).await {
                         Ok(()) => report.line(Verdict::Ok, format!("{place}: rule {}: {api} allowed on {} instance(s) (DryRun)", rule.name, ids.len()), None),
                         Err(e) => report.line(
                             Verdict::Fail,

@@ -1,26 +1,44 @@
 //! Carries out one account's batch: resolve selections, decide (planner), act, follow the instances to
 //! their target state, and report every instance action exactly once.
+//!
+//! Per region: [`resolve`] (describe each request's selection), [`plan`] (the planner's decisions),
+//! [`act`] (Start/Stop calls), [`verify`] (follow to the target state). Instances in the opposite
+//! transition are waited for ([`await_transitions`]) and then decided again.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::aws::Ec2Region;
+use crate::aws::{AwsError, Ec2};
+use crate::clock::Clock;
 use crate::config::{Account, Action};
 use crate::credentials::AccountCredentials;
-use crate::outcome::{Outcome, ResultKind};
+use crate::outcome::{Outcome, OutcomeSink, ResultKind};
 use crate::planner::{self, AccountBatch, Decision, InstanceView, Progress, Request, Selected};
 
 /// StartInstances/StopInstances calls carry at most this many IDs.
 const IDS_PER_CALL: usize = 100;
+/// No single AWS call may take longer than this, whatever the client below does (the SDK's own
+/// operation timeout, 60 s, normally fires first).
+const CALL_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// One target account's clients: its credentials and an EC2 client per configured region.
+/// EC2 in one region of an account, and the lock batches take there.
+#[derive(Clone)]
+pub struct RegionClient {
+    pub ec2: Arc<dyn Ec2>,
+    /// Held while a batch resolves its selection and acts, so that batches due close together for the
+    /// same account and region see each other's effects instead of acting twice.
+    pub exclusive: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// One target account's clients: its credentials and EC2 per configured region.
 pub struct AccountClients {
     pub account: Account,
     pub credentials: AccountCredentials,
-    pub regions: BTreeMap<String, Ec2Region>,
+    pub regions: BTreeMap<String, RegionClient>,
 }
 
 #[derive(Clone, Debug)]
@@ -30,59 +48,95 @@ pub struct ExecOptions {
     pub credentials_wait: Duration,
 }
 
-/// Collects outcomes and logs each as it is recorded.
-#[derive(Default)]
+/// Everything a batch needs besides the batch itself.
+#[derive(Clone)]
+pub struct BatchContext {
+    pub clients: Arc<AccountClients>,
+    pub opts: ExecOptions,
+    /// Becomes true when shiftd stops following instances (shutdown).
+    pub cancel: watch::Receiver<bool>,
+    pub clock: Arc<dyn Clock>,
+    pub sink: Arc<dyn OutcomeSink>,
+    /// Called once, just before the batch's first Start/Stop call (the durable record's "dispatched").
+    pub on_dispatch: Arc<dyn Fn() + Send + Sync>,
+}
+
+/// Collects outcomes and hands each to the sink as it is recorded.
 struct Report {
+    sink: Arc<dyn OutcomeSink>,
     outcomes: Vec<Outcome>,
 }
 
 impl Report {
+    fn new(sink: Arc<dyn OutcomeSink>) -> Self {
+        Self {
+            sink,
+            outcomes: Vec::new(),
+        }
+    }
+
     fn push(&mut self, o: Outcome) {
-        o.log();
+        self.sink.record(&o);
         self.outcomes.push(o);
     }
 }
 
-fn outcome(
-    account: &str,
-    region: &str,
-    action: Action,
-    rules: Vec<String>,
-    instance_id: Option<String>,
-    result: ResultKind,
-    reason: impl Into<String>,
-) -> Outcome {
-    Outcome {
-        action,
-        rules,
-        account: account.to_string(),
-        region: region.to_string(),
-        instance_id,
-        result,
-        reason: reason.into(),
+/// Where an outcome happened and for which rules.
+struct Place<'a> {
+    account: &'a str,
+    region: &'a str,
+}
+
+impl Place<'_> {
+    fn outcome(
+        &self,
+        action: Action,
+        rules: Vec<String>,
+        instance_id: Option<String>,
+        result: ResultKind,
+        reason: impl Into<String>,
+    ) -> Outcome {
+        Outcome {
+            action,
+            rules,
+            account: self.account.to_string(),
+            region: self.region.to_string(),
+            instance_id,
+            result,
+            reason: reason.into(),
+        }
     }
+}
+
+/// An AWS call bounded by [`CALL_TIMEOUT`].
+async fn bounded<T>(
+    operation: &str,
+    call: impl Future<Output = Result<T, AwsError>>,
+) -> Result<T, AwsError> {
+    tokio::time::timeout(CALL_TIMEOUT, call)
+        .await
+        .unwrap_or_else(|_| {
+            Err(AwsError::new(
+                operation,
+                Some("Timeout"),
+                format!(
+                    "no answer within {}",
+                    humantime::format_duration(CALL_TIMEOUT)
+                ),
+            ))
+        })
 }
 
 /// Reports a request that could not be resolved into instances: one entry per listed instance, and one
 /// for the tag selection when the request has no listed instances.
-fn fail_request(report: &mut Report, account: &str, region: &str, req: &Request, reason: &str) {
+fn fail_request(report: &mut Report, place: &Place, req: &Request, reason: &str) {
     let rules = vec![req.rule.clone()];
     if req.selection.instance_ids.is_empty() {
         let reason = format!("{reason} (selection: {})", req.selection);
-        report.push(outcome(
-            account,
-            region,
-            req.action,
-            rules,
-            None,
-            ResultKind::Failed,
-            reason,
-        ));
+        report.push(place.outcome(req.action, rules, None, ResultKind::Failed, reason));
     } else {
         for id in &req.selection.instance_ids {
-            report.push(outcome(
-                account,
-                region,
+            report.push(place.outcome(
                 req.action,
                 rules.clone(),
                 Some(id.clone()),
@@ -93,38 +147,37 @@ fn fail_request(report: &mut Report, account: &str, region: &str, req: &Request,
     }
 }
 
-/// Carries out `batch` and returns every outcome (each already logged).
-pub async fn run_batch(
-    clients: Arc<AccountClients>,
-    batch: AccountBatch,
-    opts: ExecOptions,
-    cancel: watch::Receiver<bool>,
-) -> Vec<Outcome> {
-    let mut report = Report::default();
+/// Carries out `batch` and returns every outcome (each already handed to the sink).
+pub async fn run_batch(ctx: BatchContext, batch: AccountBatch) -> Vec<Outcome> {
+    let mut report = Report::new(ctx.sink.clone());
+    let clients = ctx.clients.clone();
     let account = clients.account.name.clone();
 
-    let mut shutdown = cancel.clone();
+    let mut shutdown = ctx.cancel.clone();
     let credentials = tokio::select! {
-        r = clients.credentials.wait_usable(opts.credentials_wait) => r,
+        r = clients.credentials.wait_usable(ctx.opts.credentials_wait) => r,
         Ok(_) = shutdown.wait_for(|c| *c) => {
             Err("shiftd is shutting down: no valid credentials came before the shutdown".to_string())
         }
     };
     if let Err(reason) = credentials {
         for req in &batch.requests {
-            fail_request(&mut report, &account, &req.regions.join(","), req, &reason);
+            let regions = req.regions.join(",");
+            let place = Place {
+                account: &account,
+                region: &regions,
+            };
+            fail_request(&mut report, &place, req, &reason);
         }
         return report.outcomes;
     }
 
     let regions = batch.regions();
-    let per_region = futures::future::join_all(regions.iter().map(|region| {
-        let clients = clients.clone();
-        let batch = &batch;
-        let opts = opts.clone();
-        let cancel = cancel.clone();
-        async move { run_region(&clients, batch, region, &opts, cancel).await }
-    }))
+    let per_region = futures::future::join_all(
+        regions
+            .iter()
+            .map(|region| run_region(&ctx, &batch, region)),
+    )
     .await;
 
     let mut found: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
@@ -136,19 +189,33 @@ pub async fn run_batch(
         }
         unresolved.extend(region_result.unresolved);
     }
+    report_not_found(&mut report, &clients, &batch, &found, &unresolved);
+    report.outcomes
+}
 
-    // Listed instances found in none of the rule's regions: report them, act on the rest (EC2 would
-    // reject a whole call for one unknown ID, which is why selections are resolved first).
+/// Listed instances found in none of the rule's regions: reported (the rest were acted on; EC2 would
+/// reject a whole call for one unknown ID, which is why selections are resolved first).
+fn report_not_found(
+    report: &mut Report,
+    clients: &AccountClients,
+    batch: &AccountBatch,
+    found: &BTreeMap<String, BTreeSet<String>>,
+    unresolved: &BTreeSet<String>,
+) {
+    let account = clients.account.name.as_str();
     for req in &batch.requests {
         if unresolved.contains(&req.rule) {
             continue;
         }
+        let regions = req.regions.join(",");
+        let place = Place {
+            account,
+            region: &regions,
+        };
         let seen = found.get(&req.rule);
         for id in &req.selection.instance_ids {
             if seen.is_none_or(|s| !s.contains(id)) {
-                report.push(outcome(
-                    &account,
-                    &req.regions.join(","),
+                report.push(place.outcome(
                     req.action,
                     vec![req.rule.clone()],
                     Some(id.clone()),
@@ -163,7 +230,6 @@ pub async fn run_batch(
             }
         }
     }
-    report.outcomes
 }
 
 struct RegionResult {
@@ -174,55 +240,107 @@ struct RegionResult {
     unresolved: Vec<String>,
 }
 
-async fn run_region(
-    clients: &AccountClients,
-    batch: &AccountBatch,
-    region: &str,
-    opts: &ExecOptions,
-    cancel: watch::Receiver<bool>,
-) -> RegionResult {
-    let account = clients.account.name.as_str();
-    let mut report = Report::default();
-    let mut found: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-    let mut unresolved = Vec::new();
-    let Some(ec2) = clients.regions.get(region) else {
-        for req in batch
-            .requests
-            .iter()
-            .filter(|r| r.regions.iter().any(|x| x == region))
-        {
-            fail_request(
-                &mut report,
-                account,
-                region,
-                req,
-                "no EC2 client for this region",
-            );
-            unresolved.push(req.rule.clone());
-        }
-        return RegionResult {
-            outcomes: report.outcomes,
-            found,
-            unresolved,
-        };
-    };
+/// One region's selections resolved and merged by instance.
+struct Resolved {
+    selected: Vec<Selected>,
+    found: BTreeMap<String, BTreeSet<String>>,
+    unresolved: Vec<String>,
+}
 
-    // Resolve every request's selection in this region and merge by instance; act. Verification
-    // happens after the lock is released.
-    let guard = ec2.lock().await;
-    let mut selected: BTreeMap<String, Selected> = BTreeMap::new();
-    for req in batch
+/// An instance to act on (or follow), with the rules that asked.
+#[derive(Clone, Debug)]
+struct Target {
+    id: String,
+    rules: Vec<String>,
+    /// Its state when it was decided on.
+    state: String,
+    state_reason: Option<String>,
+}
+
+/// What the planner's decisions come to in one region.
+#[derive(Default)]
+struct RegionPlan {
+    act: BTreeMap<Action, Vec<Target>>,
+    follow: BTreeMap<Action, Vec<Target>>,
+    wait: BTreeMap<Action, Vec<Target>>,
+}
+
+async fn run_region(ctx: &BatchContext, batch: &AccountBatch, region: &str) -> RegionResult {
+    let account = ctx.clients.account.name.as_str();
+    let place = Place { account, region };
+    let mut report = Report::new(ctx.sink.clone());
+    let requests: Vec<&Request> = batch
         .requests
         .iter()
         .filter(|r| r.regions.iter().any(|x| x == region))
-    {
-        let views = match ec2.describe(&req.selection, None).await {
+        .collect();
+    let Some(client) = ctx.clients.regions.get(region) else {
+        for req in &requests {
+            fail_request(&mut report, &place, req, "no EC2 client for this region");
+        }
+        return RegionResult {
+            outcomes: report.outcomes,
+            found: BTreeMap::new(),
+            unresolved: requests.iter().map(|r| r.rule.clone()).collect(),
+        };
+    };
+    let ec2 = client.ec2.as_ref();
+
+    let guard = client.exclusive.lock().await;
+    let resolved = resolve(ec2, &place, &requests, &mut report).await;
+    let mut plan = plan(&place, &resolved.selected, ctx.opts.dry_run, &mut report);
+    let mut accepted = BTreeMap::new();
+    for (action, targets) in std::mem::take(&mut plan.act) {
+        let ok = act(ctx, ec2, &place, action, targets, &mut report).await;
+        accepted.insert(action, ok);
+    }
+    drop(guard);
+
+    for (action, targets) in std::mem::take(&mut plan.wait) {
+        let ready = await_transitions(ctx, ec2, &place, action, targets, &mut report).await;
+        let _guard = client.exclusive.lock().await;
+        let ok = act(ctx, ec2, &place, action, ready, &mut report).await;
+        accepted.entry(action).or_default().extend(ok);
+    }
+    for (action, targets) in std::mem::take(&mut plan.follow) {
+        accepted.entry(action).or_default().extend(targets);
+    }
+    for (action, targets) in accepted {
+        if !targets.is_empty() {
+            verify(ctx, ec2, &place, action, targets, &mut report).await;
+        }
+    }
+    RegionResult {
+        outcomes: report.outcomes,
+        found: resolved.found,
+        unresolved: resolved.unresolved,
+    }
+}
+
+/// Describes each request's selection and merges the instances found by ID. Listed instances that
+/// exist but lack the rule's tags are reported skipped; a selection that cannot be described is
+/// reported failed.
+async fn resolve(
+    ec2: &dyn Ec2,
+    place: &Place<'_>,
+    requests: &[&Request],
+    report: &mut Report,
+) -> Resolved {
+    let mut found: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut unresolved = Vec::new();
+    let mut selected: BTreeMap<String, Selected> = BTreeMap::new();
+    for req in requests {
+        let views = match bounded(
+            "ec2:DescribeInstances",
+            ec2.describe_selection(&req.selection),
+        )
+        .await
+        {
             Ok(v) => v,
             Err(e) => {
                 fail_request(
-                    &mut report,
-                    account,
-                    region,
+                    report,
+                    place,
                     req,
                     &format!("could not list the selected instances: {e}"),
                 );
@@ -230,29 +348,29 @@ async fn run_region(
                 continue;
             }
         };
-        let matched: BTreeSet<String> = views.iter().map(|v| v.id.clone()).collect();
-        let listed: BTreeSet<&String> = req.selection.instance_ids.iter().collect();
+        let matched: BTreeSet<&str> = views.iter().map(|v| v.id.as_str()).collect();
         let seen = found.entry(req.rule.clone()).or_default();
-        seen.extend(matched.iter().filter(|id| listed.contains(id)).cloned());
+        let mut unmatched = Vec::new();
+        for id in &req.selection.instance_ids {
+            if matched.contains(id.as_str()) {
+                seen.insert(id.clone());
+            } else {
+                unmatched.push(id.clone());
+            }
+        }
         // Listed instances that exist but do not carry the rule's tags are left alone, and said so.
-        let unmatched: Vec<String> = listed
-            .iter()
-            .filter(|id| !matched.contains(id.as_str()))
-            .map(|id| id.to_string())
-            .collect();
         if !req.selection.tags.is_empty() && !unmatched.is_empty() {
-            match ec2.describe(&req.selection, Some(&unmatched)).await {
+            let outcome = |id: String, result, reason: String| {
+                place.outcome(req.action, vec![req.rule.clone()], Some(id), result, reason)
+            };
+            match bounded("ec2:DescribeInstances", ec2.describe_ids(&unmatched)).await {
                 Ok(existing) => {
                     for v in existing {
                         seen.insert(v.id.clone());
                         report.push(outcome(
-                            account,
-                            region,
-                            req.action,
-                            vec![req.rule.clone()],
-                            Some(v.id),
+                            v.id,
                             ResultKind::Skipped,
-                            "listed, but does not carry the rule's tags",
+                            "listed, but does not carry the rule's tags".into(),
                         ));
                     }
                 }
@@ -260,11 +378,7 @@ async fn run_region(
                     for id in unmatched {
                         seen.insert(id.clone());
                         report.push(outcome(
-                            account,
-                            region,
-                            req.action,
-                            vec![req.rule.clone()],
-                            Some(id),
+                            id,
                             ResultKind::Failed,
                             format!("could not check the instance: {e}"),
                         ));
@@ -283,18 +397,30 @@ async fn run_region(
                 .push((req.rule.clone(), req.action));
         }
     }
+    Resolved {
+        selected: selected.into_values().collect(),
+        found,
+        unresolved,
+    }
+}
 
-    let selected: Vec<Selected> = selected.into_values().collect();
-    let initial: BTreeMap<String, InstanceView> = selected
+/// The planner's decisions: skips and failures reported, the rest sorted into act, follow and wait.
+fn plan(place: &Place, selected: &[Selected], dry_run: bool, report: &mut Report) -> RegionPlan {
+    let views: BTreeMap<&str, &InstanceView> = selected
         .iter()
-        .map(|s| (s.instance.id.clone(), s.instance.clone()))
+        .map(|s| (s.instance.id.as_str(), &s.instance))
         .collect();
-    let mut to_act: BTreeMap<Action, Vec<(String, Vec<String>)>> = BTreeMap::new();
-    for p in planner::decide(&selected) {
+    let mut out = RegionPlan::default();
+    for p in planner::decide(selected) {
+        let view = views[p.instance_id.as_str()];
+        let target = Target {
+            id: p.instance_id.clone(),
+            rules: p.rules.clone(),
+            state: view.state.clone(),
+            state_reason: view.state_reason.clone(),
+        };
         let record = |result, reason: String| {
-            outcome(
-                account,
-                region,
+            place.outcome(
                 p.action,
                 p.rules.clone(),
                 Some(p.instance_id.clone()),
@@ -305,79 +431,58 @@ async fn run_region(
         match p.decision {
             Decision::Skip(why) => report.push(record(ResultKind::Skipped, why)),
             Decision::Fail(why) => report.push(record(ResultKind::Failed, why)),
-            Decision::Act if opts.dry_run => report.push(record(
-                ResultKind::DryRun,
-                format!(
-                    "would {} (currently {}); dry run, nothing called",
-                    p.action, initial[&p.instance_id].state
-                ),
-            )),
-            Decision::Act => to_act
-                .entry(p.action)
-                .or_default()
-                .push((p.instance_id, p.rules)),
+            Decision::Act | Decision::AwaitTransition(_) | Decision::Follow(_) if dry_run => report
+                .push(record(
+                    ResultKind::DryRun,
+                    format!(
+                        "would {} (currently {}); dry run, nothing called",
+                        p.action, view.state
+                    ),
+                )),
+            Decision::Act => out.act.entry(p.action).or_default().push(target),
+            Decision::Follow(_) => out.follow.entry(p.action).or_default().push(target),
+            Decision::AwaitTransition(_) => out.wait.entry(p.action).or_default().push(target),
         }
     }
-
-    let mut accepted = Vec::new();
-    for (action, instances) in to_act {
-        accepted.push((
-            action,
-            act(ec2, account, region, action, instances, &mut report).await,
-        ));
-    }
-    drop(guard);
-    for (action, instances) in accepted {
-        if !instances.is_empty() {
-            let cancel = cancel.clone();
-            verify(
-                ec2,
-                account,
-                region,
-                action,
-                instances,
-                &initial,
-                opts,
-                cancel,
-                &mut report,
-            )
-            .await;
-        }
-    }
-    RegionResult {
-        outcomes: report.outcomes,
-        found,
-        unresolved,
-    }
+    out
 }
 
 /// Calls Start/Stop in chunks. A chunk EC2 rejects as a whole is retried one instance at a time, so
 /// one bad instance (gone, wrong state, no capacity) does not sink the others. Returns what was accepted.
 async fn act(
-    ec2: &Ec2Region,
-    account: &str,
-    region: &str,
+    ctx: &BatchContext,
+    ec2: &dyn Ec2,
+    place: &Place<'_>,
     action: Action,
-    instances: Vec<(String, Vec<String>)>,
+    targets: Vec<Target>,
     report: &mut Report,
-) -> Vec<(String, Vec<String>)> {
+) -> Vec<Target> {
+    if targets.is_empty() {
+        return targets;
+    }
+    (ctx.on_dispatch)();
+    let operation = match action {
+        Action::Start => "ec2:StartInstances",
+        Action::Stop => "ec2:StopInstances",
+    };
     let mut accepted = Vec::new();
-    for chunk in instances.chunks(IDS_PER_CALL) {
-        let ids: Vec<String> = chunk.iter().map(|(id, _)| id.clone()).collect();
-        match ec2.change_state(action, &ids).await {
+    for chunk in targets.chunks(IDS_PER_CALL) {
+        let ids: Vec<String> = chunk.iter().map(|t| t.id.clone()).collect();
+        match bounded(operation, ec2.change_state(action, &ids, false)).await {
             Ok(()) => accepted.extend(chunk.iter().cloned()),
             Err(e) if chunk.len() == 1 => {
-                report.push(failed_call(account, region, action, &chunk[0], &e));
+                report.push(failed_call(place, action, &chunk[0], &e));
             }
             Err(e) => {
                 tracing::warn!(
-                    account, region, action = action.as_str(), error = %e,
+                    account = place.account, region = place.region, action = action.as_str(), error = %e,
                     "{action} call for {} instances rejected ({e}); retrying one by one", chunk.len()
                 );
                 for one in chunk {
-                    match ec2.change_state(action, std::slice::from_ref(&one.0)).await {
+                    let id = std::slice::from_ref(&one.id);
+                    match bounded(operation, ec2.change_state(action, id, false)).await {
                         Ok(()) => accepted.push(one.clone()),
-                        Err(e) => report.push(failed_call(account, region, action, one, &e)),
+                        Err(e) => report.push(failed_call(place, action, one, &e)),
                     }
                 }
             }
@@ -386,65 +491,157 @@ async fn act(
     accepted
 }
 
-fn failed_call(
-    account: &str,
-    region: &str,
-    action: Action,
-    (id, rules): &(String, Vec<String>),
-    e: &crate::aws::AwsError,
-) -> Outcome {
-    let reason = match e.code.as_deref() {
+fn failed_call(place: &Place, action: Action, target: &Target, e: &AwsError) -> Outcome {
+    let reason = match e.code() {
         Some(code) if code.starts_with("InvalidInstanceID") => {
             format!("instance no longer exists: {e}")
         }
         _ => format!("{action} call failed: {e}"),
     };
-    outcome(
-        account,
-        region,
+    place.outcome(
         action,
-        rules.clone(),
-        Some(id.clone()),
+        target.rules.clone(),
+        Some(target.id.clone()),
         ResultKind::Failed,
         reason,
     )
 }
 
-/// Follows accepted instances until each reaches the action's target state, fails, or the bound passes.
-#[allow(clippy::too_many_arguments)]
-async fn verify(
-    ec2: &Ec2Region,
-    account: &str,
-    region: &str,
+/// Waits (within `verify_timeout`) for instances in the opposite transition to settle, then decides
+/// again: those now ready for `action` are returned; the rest are reported.
+async fn await_transitions(
+    ctx: &BatchContext,
+    ec2: &dyn Ec2,
+    place: &Place<'_>,
     action: Action,
-    accepted: Vec<(String, Vec<String>)>,
-    initial: &BTreeMap<String, InstanceView>,
-    opts: &ExecOptions,
-    mut cancel: watch::Receiver<bool>,
+    targets: Vec<Target>,
     report: &mut Report,
-) {
-    let started = Instant::now();
-    let deadline = started + opts.verify_timeout;
-    let mut pending: BTreeMap<String, (Vec<String>, String, bool)> = accepted
-        .into_iter()
-        .map(|(id, rules)| {
-            let state = initial
-                .get(&id)
-                .map(|v| v.state.clone())
-                .unwrap_or_default();
-            (id, (rules, state, false))
-        })
-        .collect();
+) -> Vec<Target> {
+    let started = ctx.clock.monotonic();
+    let deadline = started + ctx.opts.verify_timeout;
+    let mut waiting: BTreeMap<String, Target> =
+        targets.into_iter().map(|t| (t.id.clone(), t)).collect();
+    let mut ready = Vec::new();
+    let mut cancel = ctx.cancel.clone();
     let mut attempt = 0;
-    while !pending.is_empty() {
-        let now = Instant::now();
+    while !waiting.is_empty() {
+        let now = ctx.clock.monotonic();
         let pause = planner::poll_interval(attempt).min(deadline.saturating_duration_since(now));
         attempt += 1;
         let cancelled = tokio::select! {
             _ = tokio::time::sleep(pause) => false,
             Ok(_) = cancel.wait_for(|c| *c) => true,
         };
-        let out_of_time = Instant::now() >= deadline;
+        if cancelled || (pause.is_zero() && ctx.clock.monotonic() >= deadline) {
+            let why = if cancelled {
+                format!("shiftd is shutting down: {action} not done")
+            } else {
+                format!(
+                    "still in transition after {}: {action} not done",
+                    humantime::format_duration(ctx.opts.verify_timeout)
+                )
+            };
+            for (_, t) in std::mem::take(&mut waiting) {
+                report.push(place.outcome(
+                    action,
+                    t.rules,
+                    Some(t.id),
+                    ResultKind::Failed,
+                    format!("{why} (last seen: {})", t.state),
+                ));
+            }
+            break;
+        }
+        let ids: Vec<String> = waiting.keys().cloned().collect();
+        let views = match bounded("ec2:DescribeInstances", ec2.describe_ids(&ids)).await {
+            Ok(v) => v,
+            Err(e) => {
+                tracing::warn!(account = place.account, region = place.region, error = %e, "could not check instance states: {e}");
+                continue;
+            }
+        };
+        for v in views {
+            let Some(t) = waiting.get_mut(&v.id) else {
+                continue;
+            };
+            t.state = v.state.clone();
+            t.state_reason = v.state_reason.clone();
+            let selected = Selected {
+                instance: v.clone(),
+                by: t.rules.iter().map(|r| (r.clone(), action)).collect(),
+            };
+            let decision = planner::decide(&[selected])
+                .pop()
+                .expect("one decision per instance")
+                .decision;
+            match decision {
+                Decision::AwaitTransition(_) => continue,
+                Decision::Act | Decision::Follow(_) => {
+                    tracing::info!(
+                        account = place.account, region = place.region, instance_id = %v.id,
+                        "{} left its transition ({}); {action} goes ahead", v.id, v.state
+                    );
+                    ready.push(waiting.remove(&v.id).expect("present"));
+                }
+                Decision::Skip(why) => {
+                    let t = waiting.remove(&v.id).expect("present");
+                    report.push(place.outcome(
+                        action,
+                        t.rules,
+                        Some(t.id),
+                        ResultKind::Skipped,
+                        why,
+                    ));
+                }
+                Decision::Fail(why) => {
+                    let t = waiting.remove(&v.id).expect("present");
+                    report.push(place.outcome(
+                        action,
+                        t.rules,
+                        Some(t.id),
+                        ResultKind::Failed,
+                        why,
+                    ));
+                }
+            }
+        }
+    }
+    // Followed ones (now in the wanted transition already) need no call: act() sees them as
+    // already there and EC2 accepts the call as a no-op.
+    ready
+}
+
+/// Follows accepted instances until each reaches the action's target state, fails, or the bound passes.
+async fn verify(
+    ctx: &BatchContext,
+    ec2: &dyn Ec2,
+    place: &Place<'_>,
+    action: Action,
+    accepted: Vec<Target>,
+    report: &mut Report,
+) {
+    let started = ctx.clock.monotonic();
+    let deadline = started + ctx.opts.verify_timeout;
+    // Per instance: the target (with its initial state), whether it was seen to leave that state, and
+    // the state last seen.
+    let mut pending: BTreeMap<String, (Target, bool, String)> = accepted
+        .into_iter()
+        .map(|t| {
+            let last = t.state.clone();
+            (t.id.clone(), (t, false, last))
+        })
+        .collect();
+    let mut cancel = ctx.cancel.clone();
+    let mut attempt = 0;
+    while !pending.is_empty() {
+        let now = ctx.clock.monotonic();
+        let pause = planner::poll_interval(attempt).min(deadline.saturating_duration_since(now));
+        attempt += 1;
+        let cancelled = tokio::select! {
+            _ = tokio::time::sleep(pause) => false,
+            Ok(_) = cancel.wait_for(|c| *c) => true,
+        };
+        let out_of_time = ctx.clock.monotonic() >= deadline;
         if cancelled || (out_of_time && pause.is_zero()) {
             let why = if cancelled {
                 format!("shiftd is shutting down: {action} was requested but not confirmed")
@@ -452,15 +649,13 @@ async fn verify(
                 format!(
                     "did not reach {} within {}",
                     action.target_state(),
-                    humantime::format_duration(opts.verify_timeout)
+                    humantime::format_duration(ctx.opts.verify_timeout)
                 )
             };
-            for (id, (rules, last, _)) in std::mem::take(&mut pending) {
-                report.push(outcome(
-                    account,
-                    region,
+            for (id, (t, _, last)) in std::mem::take(&mut pending) {
+                report.push(place.outcome(
                     action,
-                    rules,
+                    t.rules,
                     Some(id),
                     ResultKind::Failed,
                     format!("{why} (last seen: {last})"),
@@ -469,46 +664,37 @@ async fn verify(
             return;
         }
         let ids: Vec<String> = pending.keys().cloned().collect();
-        let views = match ec2.describe(&Default::default(), Some(&ids)).await {
+        let views = match bounded("ec2:DescribeInstances", ec2.describe_ids(&ids)).await {
             Ok(v) => v,
             Err(e) => {
-                tracing::warn!(account, region, error = %e, "could not check instance states: {e}");
+                tracing::warn!(account = place.account, region = place.region, error = %e, "could not check instance states: {e}");
                 continue;
             }
         };
         for v in views {
-            let Some((rules, last, left)) = pending.get_mut(&v.id) else {
+            let Some((t, left, last)) = pending.get_mut(&v.id) else {
                 continue;
             };
-            let before = initial.get(&v.id);
-            if before.is_some_and(|b| b.state != v.state) {
+            if v.state != t.state {
                 *left = true;
             }
             *last = v.state.clone();
-            let initial_reason = before.and_then(|b| b.state_reason.as_deref());
-            let (result, reason) = match planner::progress(action, &v, *left, initial_reason) {
-                Progress::Waiting => continue,
-                Progress::Reached => (
-                    ResultKind::Ok,
-                    format!(
-                        "{} after {}s",
-                        action.target_state(),
-                        started.elapsed().as_secs()
+            let initial_reason = t.state_reason.clone();
+            let (result, reason) =
+                match planner::progress(action, &v, *left, initial_reason.as_deref()) {
+                    Progress::Waiting => continue,
+                    Progress::Reached => (
+                        ResultKind::Ok,
+                        format!(
+                            "{} after {}s",
+                            action.target_state(),
+                            ctx.clock.monotonic().duration_since(started).as_secs()
+                        ),
                     ),
-                ),
-                Progress::Failed(why) => (ResultKind::Failed, why),
-            };
-            let rules = std::mem::take(rules);
-            pending.remove(&v.id);
-            report.push(outcome(
-                account,
-                region,
-                action,
-                rules,
-                Some(v.id),
-                result,
-                reason,
-            ));
+                    Progress::Failed(why) => (ResultKind::Failed, why),
+                };
+            let (t, _, _) = pending.remove(&v.id).expect("present");
+            report.push(place.outcome(action, t.rules, Some(v.id), result, reason));
         }
     }
 }

@@ -1,9 +1,12 @@
 //! shiftd: starts and stops EC2 instances in other AWS accounts on a cron schedule, through assumed roles.
 //!
-//! The daemon is a library (`daemon::run`) so that tests start it in-process; `main.rs` only parses the
-//! command line, sets up logging and signals, and maps errors to exit codes.
+//! The daemon is a library (`daemon::run(settings, deps, shutdown)`): the scenario tests start it
+//! in-process with the in-memory AWS (`aws::fake`) on a simulated clock (`clock`); `main.rs` only parses
+//! the command line, sets up logging and signals, passes the real AWS SDK (`aws::sdk`), the system
+//! clock, the journal and the state directory, and maps errors to exit codes.
 
 pub mod aws;
+pub mod clock;
 pub mod config;
 pub mod credentials;
 pub mod daemon;

@@ -10,10 +10,12 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_tokio::Signals;
 
 use chrono::{DateTime, Utc};
+use shiftd::clock::{Clock, SystemClock};
 use shiftd::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
 use shiftd::daemon::{self, RunError};
 use shiftd::logging::{self, LogTarget};
-use shiftd::state::DEFAULT_STATE_DIR;
+use shiftd::outcome::LogSink;
+use shiftd::state::{DEFAULT_STATE_DIR, MemoryRecord, OccurrenceRecord, StateFile};
 use shiftd::summary;
 use shiftd::upcoming;
 
@@ -145,7 +147,7 @@ fn main() -> ExitCode {
 fn check(path: &std::path::Path) -> ExitCode {
     match Config::load_strict(path) {
         Ok(config) => {
-            print!("{}", summary::render(&config, chrono::Utc::now()));
+            print!("{}", summary::render(&config, SystemClock.now()));
             ExitCode::SUCCESS
         }
         Err(e) => config_error(&e),
@@ -169,15 +171,26 @@ fn run(config_path: PathBuf, dry_run: bool, log: LogTarget, state_dir: PathBuf) 
     if let Some(note) = logging::init(log) {
         tracing::warn!("{note}");
     }
-    let state_dir = match std::fs::create_dir_all(&state_dir) {
-        Ok(()) => Some(state_dir),
+    // The lock is held until the process exits: two daemons on one state directory would act twice.
+    let (record, _lock): (Arc<dyn OccurrenceRecord>, _) = match std::fs::create_dir_all(&state_dir)
+        .map_err(|source| shiftd::state::StateError::Io {
+            path: state_dir.clone(),
+            source,
+        })
+        .and_then(|()| shiftd::state::lock_dir(&state_dir))
+    {
+        Ok(lock) => (Arc::new(StateFile::in_dir(&state_dir)), Some(lock)),
+        Err(e @ shiftd::state::StateError::Locked { .. }) => {
+            tracing::error!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
         Err(e) => {
             tracing::warn!(
                 "state directory {}: {e}; running without state: occurrences due while shiftd is \
                  not running will be neither caught up nor reported",
                 state_dir.display()
             );
-            None
+            (Arc::new(MemoryRecord::default()), None)
         }
     };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
@@ -219,10 +232,12 @@ fn run(config_path: PathBuf, dry_run: bool, log: LogTarget, state_dir: PathBuf) 
         let settings = daemon::Settings {
             config_path,
             dry_run,
-            state_dir,
         };
         let deps = daemon::Deps {
-            clock: Arc::new(daemon::SystemClock),
+            clock: Arc::new(SystemClock),
+            aws: Arc::new(shiftd::aws::sdk::connect),
+            outcomes: Arc::new(LogSink),
+            record,
             reload: reload_rx,
         };
         let result = daemon::run(settings, deps, shutdown).await;
@@ -271,7 +286,7 @@ fn plan(
         Ok(c) => c,
         Err(code) => return code,
     };
-    let from = from.unwrap_or_else(Utc::now);
+    let from = from.unwrap_or_else(|| SystemClock.now());
     let until =
         until.unwrap_or_else(|| from + chrono::Duration::hours(i64::from(hours.unwrap_or(24 * 7))));
     if until <= from {
@@ -311,7 +326,11 @@ fn doctor(path: &std::path::Path) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let report = runtime.block_on(shiftd::doctor::run(&config));
+    let report = runtime.block_on(shiftd::doctor::run(
+        &config,
+        Arc::new(shiftd::aws::sdk::connect),
+        Arc::new(SystemClock),
+    ));
     println!(
         "\n{} failure(s), {} warning(s)",
         report.failures(),

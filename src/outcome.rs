@@ -85,3 +85,39 @@ impl Outcome {
         }
     }
 }
+
+/// Where outcomes go: the journal in the daemon, a recording in the scenario tests.
+pub trait OutcomeSink: Send + Sync {
+    fn record(&self, outcome: &Outcome);
+}
+
+/// Logs each outcome (journald or stderr, whichever logging was set up).
+pub struct LogSink;
+
+impl OutcomeSink for LogSink {
+    fn record(&self, outcome: &Outcome) {
+        outcome.log();
+    }
+}
+
+/// Logs each outcome and keeps a copy, for tests to assert on.
+#[derive(Default)]
+pub struct RecordingSink {
+    outcomes: std::sync::Mutex<Vec<Outcome>>,
+}
+
+impl RecordingSink {
+    pub fn outcomes(&self) -> Vec<Outcome> {
+        self.outcomes.lock().expect("sink lock").clone()
+    }
+}
+
+impl OutcomeSink for RecordingSink {
+    fn record(&self, outcome: &Outcome) {
+        outcome.log();
+        self.outcomes
+            .lock()
+            .expect("sink lock")
+            .push(outcome.clone());
+    }
+}

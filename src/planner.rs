@@ -149,7 +149,12 @@ pub struct Selected {
 pub enum Decision {
     /// Call Start/Stop for it.
     Act,
-    /// Nothing to do (already there, in transition, terminated).
+    /// Already on its way to the target state: no call, but follow it there and report the result.
+    Follow(String),
+    /// In the opposite transition (a stop due while it is `pending`, a start while `stopping`): wait for
+    /// the transition to end, then decide again. Not interrupted, not skipped.
+    AwaitTransition(String),
+    /// Nothing to do (already there, terminated).
     Skip(String),
     /// Not acted on, and that is a problem the operator must see.
     Fail(String),
@@ -205,10 +210,10 @@ fn decide_one(action: Action, state: &str) -> Decision {
     match (action, state) {
         (Start, "stopped") | (Stop, "running") => Decision::Act,
         (Start, "running") | (Stop, "stopped") => Decision::Skip(format!("already {state}")),
-        (Start, "pending") => Decision::Skip("already starting (pending)".into()),
-        (Stop, "stopping") => Decision::Skip("already stopping".into()),
+        (Start, "pending") => Decision::Follow("already starting (pending)".into()),
+        (Stop, "stopping") => Decision::Follow("already stopping".into()),
         (Start, "stopping") | (Stop, "pending") => {
-            Decision::Skip(format!("in transition ({state}); not interrupted"))
+            Decision::AwaitTransition(format!("in transition ({state})"))
         }
         (_, "shutting-down" | "terminated") => Decision::Skip(format!("instance is {state}")),
         (_, other) => Decision::Fail(format!("unexpected instance state {other:?}")),
@@ -463,10 +468,10 @@ stop = "0 11 * * *"
             (sel("running", &[("r", Action::Stop)]), Act),
             (sel("running", &[("r", Action::Start)]), Skip("already running".into())),
             (sel("stopped", &[("r", Action::Stop)]), Skip("already stopped".into())),
-            (sel("pending", &[("r", Action::Start)]), Skip("already starting (pending)".into())),
-            (sel("stopping", &[("r", Action::Stop)]), Skip("already stopping".into())),
-            (sel("stopping", &[("r", Action::Start)]), Skip("in transition (stopping); not interrupted".into())),
-            (sel("pending", &[("r", Action::Stop)]), Skip("in transition (pending); not interrupted".into())),
+            (sel("pending", &[("r", Action::Start)]), Follow("already starting (pending)".into())),
+            (sel("stopping", &[("r", Action::Stop)]), Follow("already stopping".into())),
+            (sel("stopping", &[("r", Action::Start)]), AwaitTransition("in transition (stopping)".into())),
+            (sel("pending", &[("r", Action::Stop)]), AwaitTransition("in transition (pending)".into())),
             (sel("terminated", &[("r", Action::Stop)]), Skip("instance is terminated".into())),
             // The same action from two rules merges into one.
             (sel("running", &[("a", Action::Stop), ("b", Action::Stop)]), Act),

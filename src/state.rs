@@ -6,12 +6,32 @@
 //! The file is `<state dir>/state.json`, `{"version": 1, "checked_until": "<RFC 3339>"}`, replaced
 //! atomically. It holds no secrets.
 
+//! What shiftd remembers across restarts, so that nothing due is lost and nothing is done twice:
+//! - `checked_until`: the instant up to which every occurrence has been handled (dispatched, or reported
+//!   as missed). After a restart (a crash, an upgrade, a reboot of the delegate instance) the
+//!   occurrences it slept through are caught up when at most `planner::LATE_TOLERANCE` late, and
+//!   reported as missed otherwise, instead of passing unnoticed.
+//! - every occurrence in progress, as `due` (recorded before anything is done for it) then `dispatched`
+//!   (just before its first Start/Stop call); it leaves the record once every instance's result is
+//!   logged. After a restart, each one still there is resumed (idempotent: instances already in the
+//!   wanted state are reported skipped) or, past its window, reported failed.
+//! - the occurrences recently done, so that a wall clock stepped back does not repeat them.
+//!
+//! [`OccurrenceRecord`] is the interface; [`StateFile`] keeps it in `<state dir>/state.json`, replaced
+//! atomically (write, fsync, rename) at every change. It holds no secrets. [`MemoryRecord`] keeps it in
+//! memory only (no state directory).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
+
+use crate::config::Action;
 
 /// Where `shiftd run` keeps its state unless told otherwise (the unit's `StateDirectory=shiftd`).
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/shiftd";
@@ -20,7 +40,12 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/shiftd";
 /// summarised in one warning.
 pub const MAX_LOOKBACK: Duration = Duration::from_secs(7 * 24 * 3600);
 
-const FORMAT_VERSION: u32 = 1;
+/// How long done occurrences are remembered (against a wall clock stepped back).
+pub const REMEMBER_DONE: Duration = Duration::from_secs(24 * 3600);
+/// At most this many done occurrences are remembered.
+const REMEMBER_DONE_MAX: usize = 10_000;
+
+const FORMAT_VERSION: u32 = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -31,6 +56,110 @@ pub enum StateError {
     },
     #[error("{path}: not a shiftd state file ({reason}); it will be replaced")]
     Invalid { path: PathBuf, reason: String },
+    #[error(
+        "another shiftd is running with the state directory {dir}{holder}: two daemons on one state \
+         directory would act twice; stop the other one (systemctl stop shiftd) or give this one its own \
+         --state-dir"
+    )]
+    Locked { dir: PathBuf, holder: String },
+}
+
+/// One occurrence of one rule's action, for one account.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct OccurrenceKey {
+    pub rule: String,
+    #[serde(with = "action_name")]
+    pub action: Action,
+    #[serde(with = "rfc3339")]
+    pub at: DateTime<Utc>,
+    pub account: String,
+}
+
+mod action_name {
+    use crate::config::Action;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(a: &Action, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(a.as_str())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Action, D::Error> {
+        match String::deserialize(d)?.as_str() {
+            "start" => Ok(Action::Start),
+            "stop" => Ok(Action::Stop),
+            other => Err(serde::de::Error::custom(format!(
+                "unknown action {other:?}"
+            ))),
+        }
+    }
+}
+
+mod rfc3339 {
+    use chrono::{DateTime, Utc};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(t: &DateTime<Utc>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<DateTime<Utc>, D::Error> {
+        let text = String::deserialize(d)?;
+        DateTime::parse_from_rfc3339(&text)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl std::fmt::Display for OccurrenceKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {} due at {} for account {}",
+            self.rule,
+            self.action,
+            self.at.to_rfc3339(),
+            self.account
+        )
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// Recorded before anything was done for it.
+    Due,
+    /// Its first Start/Stop call was about to be made.
+    Dispatched,
+}
+
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Due => "due",
+            Phase::Dispatched => "dispatched",
+        }
+    }
+}
+
+/// Everything the record holds.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Snapshot {
+    pub checked_until: Option<DateTime<Utc>>,
+    pub open: BTreeMap<OccurrenceKey, Phase>,
+    pub done: BTreeSet<OccurrenceKey>,
+}
+
+/// The durable record of occurrences. Every method returns once the change is durable.
+pub trait OccurrenceRecord: Send + Sync {
+    /// What was recorded (by an earlier process, after a restart).
+    fn load(&self) -> Result<Snapshot, StateError>;
+    /// Advances `checked_until` and records `due` occurrences, in one durable write, before acting.
+    fn begin(&self, checked_until: DateTime<Utc>, due: &[OccurrenceKey]) -> Result<(), StateError>;
+    fn dispatched(&self, keys: &[OccurrenceKey]) -> Result<(), StateError>;
+    /// Every instance's result is logged: the occurrences leave the record (and are remembered as done).
+    fn done(&self, keys: &[OccurrenceKey]) -> Result<(), StateError>;
+    /// Moves `checked_until` back (the wall clock was stepped back).
+    fn rewind(&self, checked_until: DateTime<Utc>) -> Result<(), StateError>;
 }
 
 #[derive(Serialize, Deserialize)]
@@ -39,18 +168,105 @@ struct StateDoc {
     version: u32,
     /// RFC 3339, UTC.
     checked_until: String,
+    #[serde(default)]
+    occurrences: Vec<OpenDoc>,
+    #[serde(default)]
+    done: Vec<OccurrenceKey>,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OpenDoc {
+    #[serde(flatten)]
+    key: OccurrenceKey,
+    phase: Phase,
+}
+
+fn apply_begin(s: &mut Snapshot, checked_until: DateTime<Utc>, due: &[OccurrenceKey]) -> bool {
+    let before = (s.checked_until, s.open.len());
+    s.checked_until = Some(
+        s.checked_until
+            .map_or(checked_until, |c| c.max(checked_until)),
+    );
+    for k in due {
+        s.open.entry(k.clone()).or_insert(Phase::Due);
+    }
+    before != (s.checked_until, s.open.len())
+}
+
+fn apply_done(s: &mut Snapshot, keys: &[OccurrenceKey]) {
+    for k in keys {
+        s.open.remove(k);
+        s.done.insert(k.clone());
+    }
+    // Forget what is old, and keep the set bounded.
+    if let Some(latest) = s.done.iter().map(|k| k.at).max() {
+        let horizon = latest - crate::clock::chrono_duration(REMEMBER_DONE);
+        s.done.retain(|k| k.at >= horizon);
+    }
+    while s.done.len() > REMEMBER_DONE_MAX {
+        let oldest = s
+            .done
+            .iter()
+            .min_by_key(|k| k.at)
+            .cloned()
+            .expect("not empty");
+        s.done.remove(&oldest);
+    }
+}
+
+/// The record in memory only: `shiftd run` without a usable state directory.
+#[derive(Default)]
+pub struct MemoryRecord {
+    snapshot: Mutex<Snapshot>,
+}
+
+impl OccurrenceRecord for MemoryRecord {
+    fn load(&self) -> Result<Snapshot, StateError> {
+        Ok(self.snapshot.lock().expect("record lock").clone())
+    }
+
+    fn begin(&self, checked_until: DateTime<Utc>, due: &[OccurrenceKey]) -> Result<(), StateError> {
+        apply_begin(
+            &mut self.snapshot.lock().expect("record lock"),
+            checked_until,
+            due,
+        );
+        Ok(())
+    }
+
+    fn dispatched(&self, keys: &[OccurrenceKey]) -> Result<(), StateError> {
+        let mut s = self.snapshot.lock().expect("record lock");
+        for k in keys {
+            if let Some(p) = s.open.get_mut(k) {
+                *p = Phase::Dispatched;
+            }
+        }
+        Ok(())
+    }
+
+    fn done(&self, keys: &[OccurrenceKey]) -> Result<(), StateError> {
+        apply_done(&mut self.snapshot.lock().expect("record lock"), keys);
+        Ok(())
+    }
+
+    fn rewind(&self, checked_until: DateTime<Utc>) -> Result<(), StateError> {
+        self.snapshot.lock().expect("record lock").checked_until = Some(checked_until);
+        Ok(())
+    }
 }
 
 /// `<dir>/state.json`.
-#[derive(Clone, Debug)]
 pub struct StateFile {
     path: PathBuf,
+    snapshot: Mutex<Option<Snapshot>>,
 }
 
 impl StateFile {
     pub fn in_dir(dir: &Path) -> Self {
         Self {
             path: dir.join("state.json"),
+            snapshot: Mutex::new(None),
         }
     }
 
@@ -58,11 +274,10 @@ impl StateFile {
         &self.path
     }
 
-    /// The saved instant, or `None` when there is no state yet.
-    pub fn load(&self) -> Result<Option<DateTime<Utc>>, StateError> {
+    fn read(&self) -> Result<Snapshot, StateError> {
         let text = match std::fs::read_to_string(&self.path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Snapshot::default()),
             Err(source) => {
                 return Err(StateError::Io {
                     path: self.path.clone(),
@@ -75,26 +290,46 @@ impl StateFile {
             reason,
         };
         let doc: StateDoc = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
-        if doc.version != FORMAT_VERSION {
+        if doc.version != FORMAT_VERSION && doc.version != 1 {
             return Err(invalid(format!("format version {}", doc.version)));
         }
         let at = DateTime::parse_from_rfc3339(&doc.checked_until)
             .map_err(|e| invalid(format!("checked_until: {e}")))?;
-        Ok(Some(at.with_timezone(&Utc)))
+        Ok(Snapshot {
+            checked_until: Some(at.with_timezone(&Utc)),
+            open: doc
+                .occurrences
+                .into_iter()
+                .map(|o| (o.key, o.phase))
+                .collect(),
+            done: doc.done.into_iter().collect(),
+        })
     }
 
-    /// Replaces the file atomically (write a sibling, sync, rename).
-    pub fn save(&self, checked_until: DateTime<Utc>) -> Result<(), StateError> {
+    /// Replaces the file atomically (write a sibling, sync, rename, sync the directory).
+    fn write(&self, s: &Snapshot) -> Result<(), StateError> {
         let io = |source| StateError::Io {
             path: self.path.clone(),
             source,
         };
+        let Some(checked_until) = s.checked_until else {
+            return Ok(());
+        };
         let doc = StateDoc {
             version: FORMAT_VERSION,
             checked_until: checked_until.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+            occurrences: s
+                .open
+                .iter()
+                .map(|(k, p)| OpenDoc {
+                    key: k.clone(),
+                    phase: *p,
+                })
+                .collect(),
+            done: s.done.iter().cloned().collect(),
         };
         let tmp = self.path.with_extension("json.tmp");
-        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        let mut f = File::create(&tmp).map_err(io)?;
         f.write_all(
             serde_json::to_string(&doc)
                 .expect("serialisable")
@@ -102,7 +337,108 @@ impl StateFile {
         )
         .map_err(io)?;
         f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, &self.path).map_err(io)
+        std::fs::rename(&tmp, &self.path).map_err(io)?;
+        if let Some(dir) = self.path.parent()
+            && let Ok(d) = File::open(dir)
+        {
+            let _ = d.sync_all();
+        }
+        Ok(())
+    }
+
+    /// Applies `change` to the snapshot and writes it when `change` says it changed anything.
+    fn update(&self, change: impl FnOnce(&mut Snapshot) -> bool) -> Result<(), StateError> {
+        let mut guard = self.snapshot.lock().expect("state lock");
+        if guard.is_none() {
+            *guard = Some(self.read().unwrap_or_default());
+        }
+        let s = guard.as_mut().expect("loaded");
+        if change(s) {
+            self.write(s)?;
+        }
+        Ok(())
+    }
+}
+
+impl OccurrenceRecord for StateFile {
+    fn load(&self) -> Result<Snapshot, StateError> {
+        let s = self.read()?;
+        *self.snapshot.lock().expect("state lock") = Some(s.clone());
+        Ok(s)
+    }
+
+    fn begin(&self, checked_until: DateTime<Utc>, due: &[OccurrenceKey]) -> Result<(), StateError> {
+        self.update(|s| apply_begin(s, checked_until, due))
+    }
+
+    fn dispatched(&self, keys: &[OccurrenceKey]) -> Result<(), StateError> {
+        self.update(|s| {
+            let mut changed = false;
+            for k in keys {
+                if let Some(p) = s.open.get_mut(k)
+                    && *p != Phase::Dispatched
+                {
+                    *p = Phase::Dispatched;
+                    changed = true;
+                }
+            }
+            changed
+        })
+    }
+
+    fn done(&self, keys: &[OccurrenceKey]) -> Result<(), StateError> {
+        self.update(|s| {
+            apply_done(s, keys);
+            true
+        })
+    }
+
+    fn rewind(&self, checked_until: DateTime<Utc>) -> Result<(), StateError> {
+        self.update(|s| {
+            s.checked_until = Some(checked_until);
+            true
+        })
+    }
+}
+
+/// An exclusive lock on a state directory, held for the life of the process (released on exit, even
+/// on SIGKILL: it is a `flock`).
+pub struct DirLock {
+    _file: File,
+}
+
+/// Takes the state directory's lock, or says who holds it.
+pub fn lock_dir(dir: &Path) -> Result<DirLock, StateError> {
+    let path = dir.join("lock");
+    let io = |source| StateError::Io {
+        path: path.clone(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => {
+            let _ = file.set_len(0);
+            let _ = writeln!(file, "{}", std::process::id());
+            Ok(DirLock { _file: file })
+        }
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&path)
+                .ok()
+                .map(|p| p.trim().to_string())
+                .filter(|p| !p.is_empty())
+                .map_or(String::new(), |p| format!(" (PID {p})"));
+            Err(StateError::Locked {
+                dir: dir.to_path_buf(),
+                holder,
+            })
+        }
+        Err(std::fs::TryLockError::Error(e)) => Err(io(e)),
     }
 }
 
@@ -179,26 +515,76 @@ mod tests {
         }
     }
 
+    fn key(rule: &str, at: &str) -> OccurrenceKey {
+        OccurrenceKey {
+            rule: rule.into(),
+            action: Action::Stop,
+            at: t(at),
+            account: "a1".into(),
+        }
+    }
+
     #[test]
-    fn saves_and_loads_and_refuses_what_it_did_not_write() {
+    fn records_occurrences_durably_and_refuses_what_it_did_not_write() {
         let dir = tempfile::tempdir().unwrap();
         let file = StateFile::in_dir(dir.path());
-        assert_eq!(file.load().unwrap(), None, "no state yet");
+        assert_eq!(file.load().unwrap(), Snapshot::default(), "no state yet");
         let at = t("2026-12-01T20:00:05.123456789Z");
-        file.save(at).unwrap();
-        assert_eq!(file.load().unwrap(), Some(at));
+        let (k1, k2) = (
+            key("r1", "2026-12-01T20:00:00Z"),
+            key("r2", "2026-12-01T20:00:00Z"),
+        );
+        file.begin(at, &[k1.clone(), k2.clone()]).unwrap();
+        file.dispatched(std::slice::from_ref(&k1)).unwrap();
+        // A new process reads what the first one wrote.
+        let again = StateFile::in_dir(dir.path()).load().unwrap();
+        assert_eq!(again.checked_until, Some(at));
+        assert_eq!(again.open[&k1], Phase::Dispatched);
+        assert_eq!(again.open[&k2], Phase::Due);
+        file.done(std::slice::from_ref(&k1)).unwrap();
+        let again = StateFile::in_dir(dir.path()).load().unwrap();
+        assert!(!again.open.contains_key(&k1));
+        assert!(again.done.contains(&k1), "remembered as done");
         assert!(
             !dir.path().join("state.json.tmp").exists(),
             "the temporary file is renamed"
         );
         std::fs::write(file.path(), "{\"checked_until\": 5}").unwrap();
-        let err = file.load().unwrap_err().to_string();
+        let err = StateFile::in_dir(dir.path())
+            .load()
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not a shiftd state file"), "{err}");
         std::fs::write(
             file.path(),
-            "{\"version\": 2, \"checked_until\": \"2026-12-01T20:00:05Z\"}",
+            "{\"version\": 3, \"checked_until\": \"2026-12-01T20:00:05Z\"}",
         )
         .unwrap();
-        assert!(file.load().is_err(), "an unknown format version is refused");
+        assert!(
+            StateFile::in_dir(dir.path()).load().is_err(),
+            "an unknown format version is refused"
+        );
+        // Version 1 (checked_until only) is still read.
+        std::fs::write(
+            file.path(),
+            "{\"version\": 1, \"checked_until\": \"2026-12-01T20:00:05Z\"}",
+        )
+        .unwrap();
+        let v1 = StateFile::in_dir(dir.path()).load().unwrap();
+        assert_eq!(v1.checked_until, Some(t("2026-12-01T20:00:05Z")));
+    }
+
+    #[test]
+    fn a_second_process_cannot_take_the_state_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = lock_dir(dir.path()).unwrap();
+        let err = lock_dir(dir.path()).err().expect("refused").to_string();
+        assert!(err.contains("another shiftd is running"), "{err}");
+        assert!(
+            err.contains(&format!("PID {}", std::process::id())),
+            "{err}"
+        );
+        drop(held);
+        lock_dir(dir.path()).expect("free again once released");
     }
 }

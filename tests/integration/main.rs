@@ -1,9 +1,20 @@
-//! shiftd's integration tests: the real binary against moto server, shiftd's fake IMDS and a real
-//! systemd-journald. One test binary; helpers in `harness`, fixtures in `tests/fixtures`.
+//! shiftd's integration tests, in one test binary:
+//! - `scenarios`: the daemon in-process against the in-memory AWS on paused time (helpers in `sim`);
+//! - the rest: the real binary against moto server, shiftd's fake IMDS and a real systemd-journald
+//!   (helpers in `harness`), and the operator commands. Fixtures in `tests/fixtures`.
 
+// The end-to-end layer runs the real binary in real time: it reads the wall clock itself.
+#[allow(clippy::disallowed_methods)]
 mod check;
+#[allow(clippy::disallowed_methods)]
 mod daemon;
+#[allow(clippy::disallowed_methods)]
 mod faults;
+#[allow(clippy::disallowed_methods)]
 mod harness;
+#[allow(clippy::disallowed_methods)]
 mod lifecycle;
+#[allow(clippy::disallowed_methods)]
 mod operator;
+mod scenarios;
+mod sim;

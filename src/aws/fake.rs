@@ -1,0 +1,700 @@
+//! In-memory STS and EC2 behind shiftd's traits, on the caller's clock, for the scenario tests.
+//!
+//! It models what shiftd must cope with:
+//! - instances that pass through `pending`/`stopping` for a configurable time, start calls that fall
+//!   back to `stopped` with a state reason (a missing KMS grant), and describes that show a stale view
+//!   for a while after a change;
+//! - EC2's whole-call errors: `IncorrectInstanceState`, `InsufficientInstanceCapacity`,
+//!   `InvalidInstanceID.NotFound`, `UnauthorizedOperation`, and `RequestLimitExceeded` from per-account,
+//!   per-region token buckets;
+//! - STS sessions that expire (on STS's own clock, which may be skewed), `AccessDenied`, throttling;
+//! - scripted faults on any operation: an error, a delay, a hang;
+//! - a log of every call, with the instant it was made.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::{DateTime, Utc};
+
+use super::{Aws, AwsError, Ec2, Secret, SessionCredentials, Sts};
+use crate::clock::{Clock, chrono_duration};
+use crate::config::{Action, CredentialSource, Selection};
+use crate::credentials::{AccountCredentials, SessionSpec};
+use crate::planner::InstanceView;
+
+pub const ASSUME_ROLE: &str = "sts:AssumeRole";
+pub const DESCRIBE: &str = "ec2:DescribeInstances";
+pub const START: &str = "ec2:StartInstances";
+pub const STOP: &str = "ec2:StopInstances";
+
+/// A scripted fault for the next call of an operation.
+#[derive(Clone, Debug)]
+pub enum Fault {
+    /// Answer with this error.
+    Error(AwsError),
+    /// Answer this much later (then normally).
+    Delay(Duration),
+    /// Never answer.
+    Hang,
+}
+
+/// One call as the fake saw it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Call {
+    pub operation: &'static str,
+    pub account: String,
+    pub region: String,
+    pub ids: Vec<String>,
+    pub dry_run: bool,
+    pub at: DateTime<Utc>,
+}
+
+/// One fake instance.
+#[derive(Clone, Debug)]
+pub struct Instance {
+    pub id: String,
+    pub account: String,
+    pub region: String,
+    pub tags: BTreeMap<String, String>,
+    pub state: String,
+    pub state_reason: Option<String>,
+    /// A start gets this far (`pending`), then falls back to `stopped` with this reason.
+    pub start_falls_back: Option<String>,
+    /// StartInstances including it fails with `InsufficientInstanceCapacity`.
+    pub no_capacity: bool,
+    transition: Option<(DateTime<Utc>, String, Option<String>)>,
+    stale: Option<(DateTime<Utc>, String, Option<String>)>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Bucket {
+    capacity: f64,
+    refill_per_second: f64,
+    per_instance: bool,
+}
+
+struct World {
+    delegate_account: String,
+    instances: BTreeMap<String, Instance>,
+    /// Role ARN -> required external ID. Empty: every well-formed role ARN may be assumed.
+    roles: BTreeMap<String, Option<String>>,
+    denied: BTreeSet<(String, &'static str)>,
+    faults: BTreeMap<&'static str, VecDeque<Fault>>,
+    calls: Vec<Call>,
+    start_takes: Duration,
+    stop_takes: Duration,
+    stale_for: Duration,
+    buckets: BTreeMap<&'static str, Bucket>,
+    /// (account, region, operation) -> (tokens, last refill).
+    levels: BTreeMap<(String, String, &'static str), (f64, DateTime<Utc>)>,
+    sts_ahead: chrono::Duration,
+    sessions_issued: u64,
+    imds_down: bool,
+}
+
+/// The fake AWS: one world of accounts, regions and instances. Cloning shares it.
+#[derive(Clone)]
+pub struct FakeAws {
+    world: Arc<Mutex<World>>,
+    clock: Arc<dyn Clock>,
+}
+
+/// The secret part of every session the fake issues starts with this, so tests can grep for leaks.
+pub const SECRET_MARK: &str = "FAKESECRET";
+
+fn role_account(role_arn: &str) -> Option<String> {
+    let parts: Vec<&str> = role_arn.split(':').collect();
+    (parts.len() == 6
+        && parts[2] == "iam"
+        && parts[4].len() == 12
+        && parts[4].bytes().all(|b| b.is_ascii_digit())
+        && parts[5].starts_with("role/"))
+    .then(|| parts[4].to_string())
+}
+
+impl FakeAws {
+    pub fn new(clock: Arc<dyn Clock>) -> Self {
+        Self {
+            world: Arc::new(Mutex::new(World {
+                delegate_account: "123456789012".into(),
+                instances: BTreeMap::new(),
+                roles: BTreeMap::new(),
+                denied: BTreeSet::new(),
+                faults: BTreeMap::new(),
+                calls: Vec::new(),
+                start_takes: Duration::from_secs(10),
+                stop_takes: Duration::from_secs(20),
+                stale_for: Duration::ZERO,
+                buckets: BTreeMap::new(),
+                levels: BTreeMap::new(),
+                sts_ahead: chrono::Duration::zero(),
+                sessions_issued: 0,
+                imds_down: false,
+            })),
+            clock,
+        }
+    }
+
+    fn world(&self) -> MutexGuard<'_, World> {
+        self.world.lock().expect("fake world lock")
+    }
+
+    /// A `ConnectAws` that always answers with this world.
+    pub fn connector(&self) -> super::ConnectAws {
+        let me = self.clone();
+        Arc::new(move |_, _| Arc::new(me.clone()) as Arc<dyn Aws>)
+    }
+
+    /// Adds `count` instances in `state` with `tags`; returns their IDs.
+    pub fn add_instances(
+        &self,
+        account: &str,
+        region: &str,
+        count: usize,
+        state: &str,
+        tags: &[(&str, &str)],
+    ) -> Vec<String> {
+        let mut w = self.world();
+        (0..count)
+            .map(|_| {
+                let id = format!("i-{:017x}", w.instances.len() + 1);
+                w.instances.insert(
+                    id.clone(),
+                    Instance {
+                        id: id.clone(),
+                        account: account.to_string(),
+                        region: region.to_string(),
+                        tags: tags
+                            .iter()
+                            .map(|(k, v)| (k.to_string(), v.to_string()))
+                            .collect(),
+                        state: state.to_string(),
+                        state_reason: None,
+                        start_falls_back: None,
+                        no_capacity: false,
+                        transition: None,
+                        stale: None,
+                    },
+                );
+                id
+            })
+            .collect()
+    }
+
+    /// Changes one instance (e.g. to make it fall back on start).
+    pub fn modify(&self, id: &str, f: impl FnOnce(&mut Instance)) {
+        let mut w = self.world();
+        f(w.instances.get_mut(id).expect("known instance"));
+    }
+
+    /// Sets an instance's state now, as someone at the console would (a transition takes its time).
+    pub fn set_state(&self, id: &str, state: &str) {
+        let now = self.clock.now();
+        let mut w = self.world();
+        let (start_takes, stop_takes) = (w.start_takes, w.stop_takes);
+        let i = w.instances.get_mut(id).expect("known instance");
+        i.transition = match state {
+            "pending" => Some((now + chrono_duration(start_takes), "running".into(), None)),
+            "stopping" => Some((now + chrono_duration(stop_takes), "stopped".into(), None)),
+            _ => None,
+        };
+        i.state = state.to_string();
+    }
+
+    /// Current state of each instance, in ID order.
+    pub fn states(&self, ids: &[String]) -> Vec<String> {
+        let now = self.clock.now();
+        let mut w = self.world();
+        w.advance(now);
+        ids.iter().map(|id| w.instances[id].state.clone()).collect()
+    }
+
+    /// How long `pending` and `stopping` last.
+    pub fn set_transition_times(&self, start: Duration, stop: Duration) {
+        let mut w = self.world();
+        w.start_takes = start;
+        w.stop_takes = stop;
+    }
+
+    /// After a Start/Stop, describes show the previous view for this long.
+    pub fn set_stale_describes(&self, d: Duration) {
+        self.world().stale_for = d;
+    }
+
+    /// Only these roles may be assumed (with their external IDs); others get AccessDenied.
+    pub fn allow_role(&self, role_arn: &str, external_id: Option<&str>) {
+        self.world()
+            .roles
+            .insert(role_arn.to_string(), external_id.map(String::from));
+    }
+
+    /// `operation` in `account` is refused with UnauthorizedOperation (DryRun included).
+    pub fn deny(&self, account: &str, operation: &'static str) {
+        self.world().denied.insert((account.to_string(), operation));
+    }
+
+    /// EC2's token bucket for `operation` in every account and region: `capacity` tokens, refilled at
+    /// `per_second`. `per_instance`: each instance in a call takes a token (resource rate limits).
+    pub fn set_bucket(
+        &self,
+        operation: &'static str,
+        capacity: f64,
+        per_second: f64,
+        per_instance: bool,
+    ) {
+        self.world().buckets.insert(
+            operation,
+            Bucket {
+                capacity,
+                refill_per_second: per_second,
+                per_instance,
+            },
+        );
+    }
+
+    /// STS's clock runs this far ahead of the caller's (negative: behind).
+    pub fn set_sts_clock_ahead(&self, by: chrono::Duration) {
+        self.world().sts_ahead = by;
+    }
+
+    /// IMDS unreachable: the delegate has no base credentials.
+    pub fn set_imds_down(&self, down: bool) {
+        self.world().imds_down = down;
+    }
+
+    /// The next `times` calls of `operation` meet `fault`.
+    pub fn fault(&self, operation: &'static str, times: usize, fault: Fault) {
+        let mut w = self.world();
+        let q = w.faults.entry(operation).or_default();
+        q.extend(std::iter::repeat_n(fault, times));
+    }
+
+    /// An error with a code, as EC2 or STS would send it.
+    pub fn error(operation: &str, code: &str, message: &str) -> Fault {
+        Fault::Error(AwsError {
+            operation: operation.to_string(),
+            code: Some(code.to_string()),
+            message: message.to_string(),
+            request_id: Some("fake-request".into()),
+            http_status: Some(400),
+        })
+    }
+
+    /// Every call so far.
+    pub fn calls(&self) -> Vec<Call> {
+        self.world().calls.clone()
+    }
+
+    /// Calls of one operation (dry runs excluded).
+    pub fn calls_of(&self, operation: &str) -> Vec<Call> {
+        self.calls()
+            .into_iter()
+            .filter(|c| c.operation == operation && !c.dry_run)
+            .collect()
+    }
+
+    /// Records the call, then applies its scripted fault, if any.
+    async fn enter(
+        &self,
+        operation: &'static str,
+        account: &str,
+        region: &str,
+        ids: &[String],
+        dry_run: bool,
+    ) -> Result<(), AwsError> {
+        let fault = {
+            let mut w = self.world();
+            w.calls.push(Call {
+                operation,
+                account: account.to_string(),
+                region: region.to_string(),
+                ids: ids.to_vec(),
+                dry_run,
+                at: self.clock.now(),
+            });
+            w.faults.get_mut(operation).and_then(VecDeque::pop_front)
+        };
+        match fault {
+            None => Ok(()),
+            Some(Fault::Error(e)) => Err(e),
+            Some(Fault::Delay(d)) => {
+                tokio::time::sleep(d).await;
+                Ok(())
+            }
+            Some(Fault::Hang) => std::future::pending().await,
+        }
+    }
+}
+
+impl World {
+    fn advance(&mut self, now: DateTime<Utc>) {
+        for i in self.instances.values_mut() {
+            if let Some((until, next, reason)) = &i.transition
+                && *until <= now
+            {
+                i.state = next.clone();
+                i.state_reason = reason.clone();
+                i.transition = None;
+            }
+            if i.stale.as_ref().is_some_and(|(until, _, _)| *until <= now) {
+                i.stale = None;
+            }
+        }
+    }
+
+    fn take_tokens(
+        &mut self,
+        account: &str,
+        region: &str,
+        operation: &'static str,
+        instances: usize,
+        now: DateTime<Utc>,
+    ) -> Result<(), AwsError> {
+        let Some(b) = self.buckets.get(operation).copied() else {
+            return Ok(());
+        };
+        let cost = if b.per_instance {
+            instances as f64
+        } else {
+            1.0
+        };
+        let key = (account.to_string(), region.to_string(), operation);
+        let (tokens, last) = self.levels.entry(key).or_insert((b.capacity, now));
+        let elapsed = (now - *last).to_std().unwrap_or_default().as_secs_f64();
+        *tokens = (*tokens + elapsed * b.refill_per_second).min(b.capacity);
+        *last = now;
+        if *tokens < cost {
+            return Err(AwsError {
+                operation: operation.to_string(),
+                code: Some("RequestLimitExceeded".into()),
+                message: "Request limit exceeded.".into(),
+                request_id: Some("fake-request".into()),
+                http_status: Some(503),
+            });
+        }
+        *tokens -= cost;
+        Ok(())
+    }
+
+    fn view(&self, i: &Instance) -> InstanceView {
+        match &i.stale {
+            Some((_, state, reason)) => InstanceView {
+                id: i.id.clone(),
+                state: state.clone(),
+                state_reason: reason.clone(),
+            },
+            None => InstanceView {
+                id: i.id.clone(),
+                state: i.state.clone(),
+                state_reason: i.state_reason.clone(),
+            },
+        }
+    }
+}
+
+#[async_trait]
+impl Aws for FakeAws {
+    fn source(&self) -> &CredentialSource {
+        &CredentialSource::Imds
+    }
+
+    async fn sts(&self, region: &str) -> Arc<dyn Sts> {
+        Arc::new(FakeSts {
+            aws: self.clone(),
+            region: region.to_string(),
+        })
+    }
+
+    async fn ec2(&self, region: &str, credentials: AccountCredentials) -> Arc<dyn Ec2> {
+        Arc::new(FakeEc2 {
+            aws: self.clone(),
+            region: region.to_string(),
+            credentials,
+        })
+    }
+
+    async fn delegate_name(&self) -> String {
+        "i-0de1e6a7e0000cafe".into()
+    }
+
+    async fn check_base_credentials(&self) -> Result<(), String> {
+        if self.world().imds_down {
+            Err("IMDS is not reachable".into())
+        } else {
+            Ok(())
+        }
+    }
+
+    async fn instance_profile_role(&self) -> Result<Option<String>, String> {
+        self.check_base_credentials().await?;
+        Ok(Some("shiftd-delegate".into()))
+    }
+}
+
+struct FakeSts {
+    aws: FakeAws,
+    region: String,
+}
+
+#[async_trait]
+impl Sts for FakeSts {
+    async fn assume_role(&self, spec: &SessionSpec) -> Result<SessionCredentials, AwsError> {
+        let delegate = self.aws.world().delegate_account.clone();
+        self.aws
+            .enter(ASSUME_ROLE, &delegate, &self.region, &[], false)
+            .await?;
+        let denied = |why: &str| {
+            Err(AwsError {
+                operation: ASSUME_ROLE.into(),
+                code: Some("AccessDenied".into()),
+                message: format!(
+                    "not authorized to perform sts:AssumeRole on {}: {why}",
+                    spec.role_arn
+                ),
+                request_id: Some("fake-request".into()),
+                http_status: Some(403),
+            })
+        };
+        if self.aws.world().imds_down {
+            return Err(AwsError::new(
+                ASSUME_ROLE,
+                None,
+                "request could not be built: no base credentials (IMDS is not reachable)",
+            ));
+        }
+        let Some(account) = role_account(&spec.role_arn) else {
+            return denied("not a role ARN");
+        };
+        let now = self.aws.clock.now();
+        let mut w = self.aws.world();
+        if !w.roles.is_empty() {
+            match w.roles.get(&spec.role_arn) {
+                None => return denied("the role does not trust the delegate"),
+                Some(want) if *want != spec.external_id => return denied("external ID mismatch"),
+                Some(_) => {}
+            }
+        }
+        w.sessions_issued += 1;
+        let n = w.sessions_issued;
+        let sts_now = now + w.sts_ahead;
+        Ok(SessionCredentials {
+            access_key_id: format!("ASIA{account}X{n:06}"),
+            secret_access_key: Secret::new(format!("{SECRET_MARK}-key-{n}")),
+            session_token: Secret::new(format!("{SECRET_MARK}-token-{n}")),
+            expiry: (sts_now + chrono_duration(spec.duration)).into(),
+        })
+    }
+
+    async fn caller_identity(&self) -> Result<(String, String), AwsError> {
+        let delegate = self.aws.world().delegate_account.clone();
+        Ok((
+            delegate.clone(),
+            format!("arn:aws:sts::{delegate}:assumed-role/shiftd-delegate/i-0de1e6a7e0000cafe"),
+        ))
+    }
+}
+
+struct FakeEc2 {
+    aws: FakeAws,
+    region: String,
+    credentials: AccountCredentials,
+}
+
+impl FakeEc2 {
+    /// The account the current credentials belong to, as EC2 would tell from the signature.
+    fn account(&self, operation: &str) -> Result<String, AwsError> {
+        let creds = self.credentials.usable_now().ok_or_else(|| {
+            AwsError::new(
+                operation,
+                None,
+                format!(
+                    "request could not be built: no unexpired assumed-role credentials for account {}",
+                    self.credentials.account()
+                ),
+            )
+        })?;
+        // Expired by STS's clock: what a real endpoint would say.
+        let w = self.aws.world();
+        let sts_now = self.aws.clock.now() + w.sts_ahead;
+        if DateTime::<Utc>::from(creds.expiry) <= sts_now {
+            return Err(AwsError {
+                operation: operation.to_string(),
+                code: Some("RequestExpired".into()),
+                message: "the security token included in the request is expired".into(),
+                request_id: Some("fake-request".into()),
+                http_status: Some(400),
+            });
+        }
+        Ok(creds.access_key_id[4..16].to_string())
+    }
+
+    async fn describe(
+        &self,
+        select: impl Fn(&Instance) -> bool + Send,
+        ids: &[String],
+    ) -> Result<Vec<InstanceView>, AwsError> {
+        let account = self.account(DESCRIBE)?;
+        self.aws
+            .enter(DESCRIBE, &account, &self.region, ids, false)
+            .await?;
+        let now = self.aws.clock.now();
+        let mut w = self.aws.world();
+        w.take_tokens(&account, &self.region, DESCRIBE, 1, now)?;
+        w.advance(now);
+        Ok(w.instances
+            .values()
+            .filter(|i| i.account == account && i.region == self.region && select(i))
+            .map(|i| w.view(i))
+            .collect())
+    }
+}
+
+#[async_trait]
+impl Ec2 for FakeEc2 {
+    async fn describe_selection(
+        &self,
+        selection: &Selection,
+    ) -> Result<Vec<InstanceView>, AwsError> {
+        let ids: BTreeSet<&String> = selection.instance_ids.iter().collect();
+        let listed: Vec<String> = selection.instance_ids.clone();
+        self.describe(
+            |i| {
+                (ids.is_empty() || ids.contains(&i.id))
+                    && selection
+                        .tags
+                        .iter()
+                        .all(|(k, vs)| i.tags.get(k).is_some_and(|v| vs.contains(v)))
+            },
+            &listed,
+        )
+        .await
+    }
+
+    async fn describe_ids(&self, ids: &[String]) -> Result<Vec<InstanceView>, AwsError> {
+        let set: BTreeSet<&String> = ids.iter().collect();
+        self.describe(|i| set.contains(&i.id), ids).await
+    }
+
+    async fn change_state(
+        &self,
+        action: Action,
+        ids: &[String],
+        dry_run: bool,
+    ) -> Result<(), AwsError> {
+        let op = match action {
+            Action::Start => START,
+            Action::Stop => STOP,
+        };
+        let account = self.account(op)?;
+        self.aws
+            .enter(op, &account, &self.region, ids, dry_run)
+            .await?;
+        let now = self.aws.clock.now();
+        let mut w = self.aws.world();
+        let fail = |code: &str, message: String| {
+            Err(AwsError {
+                operation: op.to_string(),
+                code: Some(code.to_string()),
+                message,
+                request_id: Some("fake-request".into()),
+                http_status: Some(400),
+            })
+        };
+        if w.denied.contains(&(account.clone(), op)) {
+            return fail(
+                "UnauthorizedOperation",
+                format!("You are not authorized to perform this operation ({op})."),
+            );
+        }
+        if dry_run {
+            return Ok(());
+        }
+        w.take_tokens(&account, &self.region, op, ids.len(), now)?;
+        w.advance(now);
+        // EC2 checks the whole call before changing anything.
+        for id in ids {
+            let Some(i) = w
+                .instances
+                .get(id)
+                .filter(|i| i.account == account && i.region == self.region)
+            else {
+                return fail(
+                    "InvalidInstanceID.NotFound",
+                    format!("The instance ID '{id}' does not exist"),
+                );
+            };
+            let bad_state = match action {
+                Action::Start => matches!(
+                    i.state.as_str(),
+                    "stopping" | "shutting-down" | "terminated"
+                ),
+                Action::Stop => {
+                    matches!(i.state.as_str(), "pending" | "shutting-down" | "terminated")
+                }
+            };
+            if bad_state {
+                return fail(
+                    "IncorrectInstanceState",
+                    format!(
+                        "The instance '{id}' is not in a state from which it can be {}ed.",
+                        if action == Action::Start {
+                            "start"
+                        } else {
+                            "stopp"
+                        }
+                    ),
+                );
+            }
+            if action == Action::Start && i.no_capacity && i.state == "stopped" {
+                return fail(
+                    "InsufficientInstanceCapacity",
+                    "We currently do not have sufficient capacity in the Availability Zone you requested."
+                        .into(),
+                );
+            }
+        }
+        let (start_takes, stop_takes, stale_for) = (w.start_takes, w.stop_takes, w.stale_for);
+        for id in ids {
+            let i = w.instances.get_mut(id).expect("checked");
+            let before = (i.state.clone(), i.state_reason.clone());
+            match (action, i.state.as_str()) {
+                (Action::Start, "stopped") => {
+                    i.state = "pending".into();
+                    i.state_reason = None;
+                    i.transition = Some(match &i.start_falls_back {
+                        Some(reason) => (
+                            now + chrono_duration(start_takes),
+                            "stopped".into(),
+                            Some(reason.clone()),
+                        ),
+                        None => (now + chrono_duration(start_takes), "running".into(), None),
+                    });
+                }
+                (Action::Stop, "running") => {
+                    i.state = "stopping".into();
+                    i.transition = Some((
+                        now + chrono_duration(stop_takes),
+                        "stopped".into(),
+                        Some("Client.UserInitiatedShutdown: User initiated shutdown".into()),
+                    ));
+                }
+                _ => continue,
+            }
+            if !stale_for.is_zero() {
+                i.stale = Some((now + chrono_duration(stale_for), before.0, before.1));
+            }
+        }
+        Ok(())
+    }
+
+    async fn count_instance_status(&self) -> Result<usize, AwsError> {
+        let account = self.account("ec2:DescribeInstanceStatus")?;
+        let w = self.aws.world();
+        Ok(w.instances
+            .values()
+            .filter(|i| i.account == account && i.region == self.region)
+            .count())
+    }
+}

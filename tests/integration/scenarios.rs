@@ -1,0 +1,629 @@
+//! Scenario tests: the daemon in-process against the in-memory AWS, on paused tokio time. Each one is a
+//! row of the README's failure-behaviour table.
+
+use std::time::Duration;
+
+use shiftd::aws::fake::{self, FakeAws, Fault};
+use shiftd::config::Action;
+use shiftd::outcome::ResultKind;
+
+use crate::sim::{DELEGATE, REGION, Sim, TARGET, config, rule};
+
+const SECOND: Duration = Duration::from_secs(1);
+const MINUTE: Duration = Duration::from_secs(60);
+
+#[tokio::test(start_paused = true)]
+async fn a_day_of_office_hours_starts_and_stops_the_target_and_never_the_delegate_account() {
+    let sim = Sim::new("2026-12-01T07:55:00Z");
+    let ids = sim
+        .aws
+        .add_instances(TARGET, REGION, 3, "stopped", &[("Schedule", "office")]);
+    let decoy = sim
+        .aws
+        .add_instances(DELEGATE, REGION, 1, "stopped", &[("Schedule", "office")]);
+    sim.write_config(&config(
+        "",
+        r#"
+[[rules]]
+name = "office"
+account = "account1"
+tags = { Schedule = "office" }
+start = "0 8 * * *"
+stop = "0 20 * * *"
+"#,
+    ));
+    let daemon = sim.start();
+    sim.advance_to("2026-12-01T08:05:00Z").await;
+    assert_eq!(sim.aws.states(&ids), ["running"; 3]);
+    sim.assert_one_each(&ids, Action::Start, ResultKind::Ok);
+    sim.advance_to("2026-12-01T20:05:00Z").await;
+    assert_eq!(sim.aws.states(&ids), ["stopped"; 3]);
+    assert_eq!(
+        sim.aws.states(&decoy),
+        ["stopped"],
+        "the delegate's own instance is never touched"
+    );
+    for id in &ids {
+        let got = sim.outcomes_for(id);
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(
+            (got[1].action, got[1].result),
+            (Action::Stop, ResultKind::Ok)
+        );
+        assert_eq!(got[1].rules, ["office"]);
+        assert_eq!(got[1].account, "account1");
+        assert_eq!(got[1].region, REGION);
+    }
+    assert!(
+        sim.aws
+            .calls()
+            .iter()
+            .all(|c| c.account != DELEGATE || c.operation == fake::ASSUME_ROLE),
+        "no EC2 call in the delegate account"
+    );
+    daemon.stop().await;
+}
+
+/// Finding: a crash mid-batch lost the action (the state said "handled" once the batch was spawned).
+#[tokio::test(start_paused = true)]
+async fn a_crash_while_describing_is_resumed_after_the_restart_with_one_result_per_instance() {
+    let sim = Sim::new("2026-12-01T07:59:00Z");
+    let ids = sim.aws.add_instances(TARGET, REGION, 10, "stopped", &[]);
+    sim.write_config(&config(
+        "",
+        &rule("morning", &ids, r#"start = "0 8 * * *""#),
+    ));
+    let daemon = sim.start();
+    sim.advance(30 * SECOND).await;
+    // The first DescribeInstances at 08:00 is held for 15 s; shiftd is killed at 08:00:03.
+    sim.aws.fault(fake::DESCRIBE, 1, Fault::Delay(15 * SECOND));
+    sim.advance_to("2026-12-01T08:00:03Z").await;
+    assert!(sim.aws.calls_of(fake::START).is_empty());
+    daemon.kill().await;
+    assert!(
+        sim.outcomes().is_empty(),
+        "nothing reported before the crash"
+    );
+
+    sim.advance(20 * SECOND).await;
+    let daemon = sim.start();
+    sim.advance(2 * MINUTE).await;
+    assert_eq!(sim.aws.states(&ids), ["running"; 10]);
+    assert_eq!(
+        sim.aws.calls_of(fake::START).len(),
+        1,
+        "one StartInstances for the 10"
+    );
+    sim.assert_one_each(&ids, Action::Start, ResultKind::Ok);
+    assert!(
+        sim.logs
+            .text()
+            .contains("resumed after a restart (was due)"),
+        "{}",
+        sim.logs.text()
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_crash_after_the_start_call_ends_in_exactly_one_result_per_instance() {
+    let sim = Sim::new("2026-12-01T07:59:30Z");
+    let ids = sim.aws.add_instances(TARGET, REGION, 5, "stopped", &[]);
+    sim.aws.set_transition_times(90 * SECOND, 20 * SECOND);
+    sim.write_config(&config(
+        "",
+        &rule("morning", &ids, r#"start = "0 8 * * *""#),
+    ));
+    let daemon = sim.start();
+    sim.advance_to("2026-12-01T08:00:10Z").await;
+    assert_eq!(sim.aws.calls_of(fake::START).len(), 1, "the call was made");
+    assert!(sim.outcomes().is_empty(), "still following the instances");
+    daemon.kill().await;
+
+    let daemon = sim.start();
+    sim.advance(5 * MINUTE).await;
+    sim.assert_one_each(&ids, Action::Start, ResultKind::Ok);
+    assert_eq!(sim.aws.calls_of(fake::START).len(), 1, "not started twice");
+    assert!(
+        sim.logs.text().contains("(was dispatched)"),
+        "{}",
+        sim.logs.text()
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_interrupted_occurrence_past_its_window_is_reported_failed_not_acted_on() {
+    let sim = Sim::new("2026-12-01T19:59:30Z");
+    let ids = sim.aws.add_instances(TARGET, REGION, 2, "running", &[]);
+    sim.write_config(&config(
+        "",
+        &rule("evening", &ids, r#"stop = "0 20 * * *""#),
+    ));
+    let daemon = sim.start();
+    sim.aws.fault(fake::DESCRIBE, 1, Fault::Hang);
+    sim.advance_to("2026-12-01T20:00:05Z").await;
+    daemon.kill().await;
+    // Down for an hour.
+    sim.advance(60 * MINUTE).await;
+    let daemon = sim.start();
+    sim.advance(MINUTE).await;
+    let failed: Vec<_> = sim
+        .outcomes()
+        .into_iter()
+        .filter(|o| o.result == ResultKind::Failed)
+        .collect();
+    assert_eq!(failed.len(), 1, "{failed:#?}");
+    assert!(
+        failed[0].reason.contains("interrupted"),
+        "{}",
+        failed[0].reason
+    );
+    assert!(
+        failed[0].reason.contains("past the catch-up window"),
+        "{}",
+        failed[0].reason
+    );
+    assert!(
+        sim.aws.calls_of(fake::STOP).is_empty(),
+        "not acted on an hour late"
+    );
+    assert_eq!(sim.aws.states(&ids), ["running"; 2]);
+    daemon.stop().await;
+    // Reported once: a further restart does not report it again.
+    let daemon = sim.start();
+    sim.advance(MINUTE).await;
+    daemon.stop().await;
+    assert_eq!(
+        sim.outcomes()
+            .iter()
+            .filter(|o| o.result == ResultKind::Failed)
+            .count(),
+        1
+    );
+}
+
+/// Finding: a stop due while the instance was `pending` (or a start while `stopping`) was skipped.
+#[tokio::test(start_paused = true)]
+async fn an_action_due_during_the_opposite_transition_waits_for_it_then_acts() {
+    let sim = Sim::new("2026-12-01T19:59:00Z");
+    let ids = sim.aws.add_instances(TARGET, REGION, 2, "stopped", &[]);
+    let stopping = sim.aws.add_instances(TARGET, REGION, 1, "running", &[]);
+    sim.aws.set_transition_times(40 * SECOND, 40 * SECOND);
+    sim.write_config(&config(
+        "",
+        &format!(
+            "{}{}",
+            rule("evening", &ids, r#"stop = "0 20 * * *""#),
+            rule("late-start", &stopping, r#"start = "0 20 * * *""#)
+        ),
+    ));
+    let daemon = sim.start();
+    sim.advance_to("2026-12-01T19:59:50Z").await;
+    // Someone starts the two at 19:59:50 and stops the third.
+    for id in &ids {
+        sim.aws.set_state(id, "pending");
+    }
+    sim.aws.set_state(&stopping[0], "stopping");
+    sim.advance_to("2026-12-01T20:05:00Z").await;
+    assert_eq!(sim.aws.states(&ids), ["stopped"; 2]);
+    assert_eq!(sim.aws.states(&stopping), ["running"]);
+    sim.assert_one_each(&ids, Action::Stop, ResultKind::Ok);
+    sim.assert_one_each(&stopping, Action::Start, ResultKind::Ok);
+    daemon.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_transition_that_does_not_end_in_time_is_reported_failed() {
+    let sim = Sim::new("2026-12-01T19:59:00Z");
+    let ids = sim.aws.add_instances(TARGET, REGION, 1, "pending", &[]);
+    sim.aws
+        .set_transition_times(Duration::from_secs(3600), 20 * SECOND);
+    sim.aws.set_state(&ids[0], "pending");
+    sim.write_config(&config(
+        r#"verify_timeout = "2m""#,
+        &rule("evening", &ids, r#"stop = "0 20 * * *""#),
+    ));
+    let daemon = sim.start();
+    sim.advance_to("2026-12-01T20:05:00Z").await;
+    let got = sim.assert_one_each(&ids, Action::Stop, ResultKind::Failed);
+    assert!(
+        got[0].reason.contains("still in transition after 2m"),
+        "{}",
+        got[0].reason
+    );
+    assert!(sim.aws.calls_of(fake::STOP).is_empty());
+    daemon.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn credentials_are_renewed_ahead_of_expiry_with_nothing_due() {
+    let sim = Sim::new("2026-12-01T00:00:00Z");
+    let ids = sim.aws.add_instances(TARGET, REGION, 1, "stopped", &[]);
+    sim.write_config(&config(
+        "session_duration = \"15m\"\nrefresh_before_expiry = \"5m\"",
+        &rule("yearly", &ids, r#"start = "0 0 1 1 *""#),
+    ));
+    let daemon = sim.start();
+    sim.advance(61 * MINUTE).await;
+    let renewals: Vec<_> = sim.aws.calls_of(fake::ASSUME_ROLE);
+    // At 0, 10, 20, 30, 40, 50 and 60 minutes: 5 minutes before each 15-minute session expires.
+    assert_eq!(renewals.len(), 7, "{renewals:#?}");
+    for pair in renewals.windows(2) {
+        assert_eq!((pair[1].at - pair[0].at).num_minutes(), 10);
+    }
+    daemon.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_sts_outage_at_boot_is_retried_and_the_due_action_waits_for_credentials() {
+    let sim = Sim::new("2026-12-01T07:59:55Z");
+    let ids = sim.aws.add_instances(TARGET, REGION, 2, "stopped", &[]);
+    sim.aws.fault(
+        fake::ASSUME_ROLE,
+        4,
+        FakeAws::error(fake::ASSUME_ROLE, "Throttling", "Rate exceeded"),
+    );
+    sim.write_config(&config(
+        "",
+        &rule("morning", &ids, r#"start = "0 8 * * *""#),
+    ));
+    let daemon = sim.start();
+    sim.advance(5 * MINUTE).await;
+    sim.assert_one_each(&ids, Action::Start, ResultKind::Ok);
+    assert_eq!(
+        sim.aws.calls_of(fake::ASSUME_ROLE).len(),
+        5,
+        "four failures, then a session"
+    );
+    assert!(sim.logs.text().contains("Throttling: Rate exceeded"));
+    daemon.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn credentials_that_never_come_fail_the_action_with_the_reason() {
+    let sim = Sim::new("2026-12-01T07:59:55Z");
+    let ids = sim.aws.add_instances(TARGET, REGION, 1, "stopped", &[]);
+    sim.aws
+        .allow_role("arn:aws:iam::111111111111:role/other", None);
+    sim.write_config(&config(
+        r#"credentials_wait = "1m""#,
+        &rule("morning", &ids, r#"start = "0 8 * * *""#),
+    ));
+    let daemon = sim.start();
+    sim.advance(5 * MINUTE).await;
+    let got = sim.assert_one_each(&ids, Action::Start, ResultKind::Failed);
+    assert!(
+        got[0]
+            .reason
+            .contains("no valid credentials for account account1 after waiting 1m"),
+        "{}",
+        got[0].reason
+    );
+    assert!(got[0].reason.contains("AccessDenied"), "{}", got[0].reason);
+    daemon.stop().await;
+}
+
+/// Finding: with this clock an hour ahead of STS and 1-hour sessions, every action failed with "no
+/// AssumeRole call has succeeded yet".
+#[tokio::test(start_paused = true)]
+async fn a_clock_skewed_from_sts_is_named_and_credentials_stay_usable() {
+    let sim = Sim::new("2026-12-01T07:59:00Z");
+    let ids = sim.aws.add_instances(TARGET, REGION, 1, "stopped", &[]);
+    // STS's clock is an hour behind this machine's.
+    sim.aws.set_sts_clock_ahead(chrono::Duration::hours(-1));
+    sim.write_config(&config(
+        r#"session_duration = "1h""#,
+        &rule("morning", &ids, r#"start = "0 8 * * *""#),
+    ));
+    let daemon = sim.start();
+    sim.advance(3 * MINUTE).await;
+    sim.assert_one_each(&ids, Action::Start, ResultKind::Ok);
+    let logs = sim.logs.text();
+    assert!(
+        logs.contains("this machine's clock is 1h ahead of STS's"),
+        "{logs}"
+    );
+    daemon.stop().await;
+}
+
+/// Finding: a forward step of the wall clock, then its correction, lost the next real hour.
+#[tokio::test(start_paused = true)]
+async fn a_clock_stepped_forward_then_back_loses_nothing_and_repeats_nothing() {
+    let sim = Sim::new("2026-12-01T10:00:30Z");
+    let ids = sim.aws.add_instances(TARGET, REGION, 1, "stopped", &[]);
+    sim.aws.set_transition_times(5 * SECOND, 5 * SECOND);
+    // Start at :20 and stop at :40 of every hour.
+    sim.write_config(&config(
+        "",
+        &rule(
+            "hourly",
+            &ids,
+            "start = \"20 * * * *\"\nstop = \"40 * * * *\"",
+        ),
+    ));
+    let daemon = sim.start();
+    sim.advance_to("2026-12-01T10:25:00Z").await;
+    assert_eq!(sim.outcomes().len(), 1, "10:20 start");
+    // The clock steps an hour ahead at 10:25, and is corrected at 10:30 (real time).
+    sim.clock.step(chrono::Duration::hours(1));
+    sim.advance(5 * MINUTE).await;
+    sim.clock.step(chrono::Duration::hours(-1));
+    sim.advance_to("2026-12-01T11:00:00Z").await;
+    let stops: Vec<_> = sim
+        .outcomes()
+        .into_iter()
+        .filter(|o| o.action == Action::Stop && o.instance_id.is_some())
+        .collect();
+    assert_eq!(
+        stops.len(),
+        1,
+        "the real 10:40 stop ran: {stops:#?}\n{}",
+        sim.logs.text()
+    );
+    assert_eq!(stops[0].result, ResultKind::Ok);
+    assert_eq!(sim.aws.states(&ids), ["stopped"]);
+    let logs = sim.logs.text();
+    assert!(
+        logs.contains("the wall clock jumped forward by 1h"),
+        "{logs}"
+    );
+    assert!(
+        logs.contains("the wall clock was stepped back by 1h"),
+        "{logs}"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn throttled_and_capacity_refused_starts_are_each_reported_once() {
+    let sim = Sim::new("2026-12-01T07:59:30Z");
+    let ids = sim.aws.add_instances(TARGET, REGION, 4, "stopped", &[]);
+    sim.aws.modify(&ids[1], |i| i.no_capacity = true);
+    sim.aws.fault(
+        fake::START,
+        1,
+        FakeAws::error(
+            fake::START,
+            "RequestLimitExceeded",
+            "Request limit exceeded.",
+        ),
+    );
+    sim.write_config(&config(
+        "",
+        &rule("morning", &ids, r#"start = "0 8 * * *""#),
+    ));
+    let daemon = sim.start();
+    sim.advance(3 * MINUTE).await;
+    for (i, id) in ids.iter().enumerate() {
+        let want = if i == 1 {
+            ResultKind::Failed
+        } else {
+            ResultKind::Ok
+        };
+        let got = sim.assert_one_each(std::slice::from_ref(id), Action::Start, want);
+        if i == 1 {
+            assert!(
+                got[0].reason.contains("InsufficientInstanceCapacity"),
+                "{}",
+                got[0].reason
+            );
+        }
+    }
+    daemon.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_start_that_falls_back_to_stopped_fails_and_a_stale_view_does_not() {
+    let sim = Sim::new("2026-12-01T07:59:30Z");
+    let ids = sim.aws.add_instances(TARGET, REGION, 2, "stopped", &[]);
+    sim.aws.modify(&ids[0], |i| {
+        i.start_falls_back = Some("Client.InternalError: Client error on launch".into())
+    });
+    sim.aws.set_stale_describes(5 * SECOND);
+    sim.write_config(&config(
+        "",
+        &rule("morning", &ids, r#"start = "0 8 * * *""#),
+    ));
+    let daemon = sim.start();
+    sim.advance(3 * MINUTE).await;
+    let failed = sim.assert_one_each(&ids[..1], Action::Start, ResultKind::Failed);
+    assert!(
+        failed[0].reason.contains("Client.InternalError"),
+        "{}",
+        failed[0].reason
+    );
+    sim.assert_one_each(&ids[1..], Action::Start, ResultKind::Ok);
+    daemon.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_hung_describe_is_abandoned_and_each_listed_instance_reported_once() {
+    let sim = Sim::new("2026-12-01T07:59:30Z");
+    let ids = sim.aws.add_instances(TARGET, REGION, 3, "stopped", &[]);
+    sim.aws.fault(fake::DESCRIBE, 1, Fault::Hang);
+    sim.write_config(&config(
+        "",
+        &rule("morning", &ids, r#"start = "0 8 * * *""#),
+    ));
+    let daemon = sim.start();
+    sim.advance(5 * MINUTE).await;
+    let got = sim.assert_one_each(&ids, Action::Start, ResultKind::Failed);
+    assert!(got[0].reason.contains("Timeout"), "{}", got[0].reason);
+    daemon.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn shutdown_while_following_confirms_what_it_can_and_reports_the_rest_once() {
+    let sim = Sim::new("2026-12-01T19:59:30Z");
+    let fast = sim.aws.add_instances(TARGET, REGION, 1, "running", &[]);
+    let slow = sim.aws.add_instances(TARGET, REGION, 1, "running", &[]);
+    sim.aws.set_transition_times(10 * SECOND, 10 * SECOND);
+    let mut all = fast.clone();
+    all.extend(slow.clone());
+    sim.write_config(&config(
+        "",
+        &rule("evening", &all, r#"stop = "0 20 * * *""#),
+    ));
+    let daemon = sim.start();
+    sim.advance_to("2026-12-01T20:00:01Z").await;
+    // The slow one will take an hour to stop.
+    sim.aws.modify(&slow[0], |_| {});
+    sim.aws.set_state(&slow[0], "running");
+    sim.aws
+        .set_transition_times(10 * SECOND, Duration::from_secs(3600));
+    sim.aws.set_state(&slow[0], "stopping");
+    daemon.stop().await;
+    sim.assert_one_each(&fast, Action::Stop, ResultKind::Ok);
+    let got = sim.assert_one_each(&slow, Action::Stop, ResultKind::Failed);
+    assert!(
+        got[0].reason.contains("requested but not confirmed"),
+        "{}",
+        got[0].reason
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn occurrences_missed_while_down_are_reported_and_the_due_one_caught_up() {
+    let sim = Sim::new("2026-12-01T07:00:00Z");
+    let ids = sim.aws.add_instances(TARGET, REGION, 1, "running", &[]);
+    sim.write_config(&config(
+        "",
+        &rule("ticks", &ids, r#"stop = "*/10 * * * *""#),
+    ));
+    let daemon = sim.start();
+    sim.advance(MINUTE).await;
+    daemon.kill().await;
+    // Down from 07:01 to 08:02: 07:10 .. 07:50 are missed; 08:00 is 2 minutes late and caught up.
+    sim.advance_to("2026-12-01T08:02:00Z").await;
+    let daemon = sim.start();
+    sim.advance(MINUTE).await;
+    let missed: Vec<_> = sim
+        .outcomes()
+        .into_iter()
+        .filter(|o| o.instance_id.is_none())
+        .collect();
+    assert!(!missed.is_empty(), "missed occurrences are reported");
+    assert!(
+        missed
+            .iter()
+            .all(|o| o.result == ResultKind::Failed && o.reason.contains("missed"))
+    );
+    let text: String = missed.iter().map(|o| o.reason.clone()).collect();
+    assert!(
+        text.contains("07:10:00") && text.contains("07:50:00"),
+        "{text}"
+    );
+    sim.assert_one_each(&ids, Action::Stop, ResultKind::Ok);
+    daemon.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn dry_run_reports_what_would_be_done_and_calls_nothing() {
+    let sim = Sim::new("2026-12-01T07:59:30Z");
+    let ids = sim.aws.add_instances(TARGET, REGION, 2, "stopped", &[]);
+    sim.write_config(&config(
+        "dry_run = true",
+        &rule("morning", &ids, r#"start = "0 8 * * *""#),
+    ));
+    let daemon = sim.start();
+    sim.advance(2 * MINUTE).await;
+    sim.assert_one_each(&ids, Action::Start, ResultKind::DryRun);
+    assert!(sim.aws.calls_of(fake::START).is_empty());
+    assert_eq!(sim.aws.states(&ids), ["stopped"; 2]);
+    daemon.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_large_selection_is_started_in_as_few_calls_as_ec2_allows() {
+    let sim = Sim::new("2026-12-01T07:59:30Z");
+    let ids = sim
+        .aws
+        .add_instances(TARGET, REGION, 230, "stopped", &[("Schedule", "big")]);
+    sim.write_config(&config(
+        "",
+        r#"
+[[rules]]
+name = "big"
+account = "account1"
+tags = { Schedule = "big" }
+start = "0 8 * * *"
+"#,
+    ));
+    let daemon = sim.start();
+    sim.advance(3 * MINUTE).await;
+    let calls: Vec<usize> = sim
+        .aws
+        .calls_of(fake::START)
+        .iter()
+        .map(|c| c.ids.len())
+        .collect();
+    assert_eq!(calls, [100, 100, 30]);
+    sim.assert_one_each(&ids, Action::Start, ResultKind::Ok);
+    daemon.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn reload_applies_a_valid_config_and_keeps_the_old_one_when_the_new_is_invalid() {
+    let sim = Sim::new("2026-12-01T07:50:00Z");
+    let ids = sim.aws.add_instances(TARGET, REGION, 1, "stopped", &[]);
+    sim.write_config(&config(
+        "",
+        &rule("morning", &ids, r#"start = "0 8 * * *""#),
+    ));
+    let daemon = sim.start();
+    sim.advance(MINUTE).await;
+    // Moved to 07:55.
+    sim.write_config(&config(
+        "",
+        &rule("morning", &ids, r#"start = "55 7 * * *""#),
+    ));
+    daemon.reload();
+    sim.advance(MINUTE).await;
+    // An invalid file: the 07:55 schedule stays.
+    sim.write_config("this is not toml [");
+    daemon.reload();
+    sim.advance_to("2026-12-01T07:57:00Z").await;
+    let got = sim.assert_one_each(&ids, Action::Start, ResultKind::Ok);
+    assert_eq!(got[0].rules, ["morning"]);
+    let logs = sim.logs.text();
+    assert!(logs.contains("configuration reloaded"), "{logs}");
+    assert!(
+        logs.contains("configuration reload failed; still running the previous configuration"),
+        "{logs}"
+    );
+    daemon.stop().await;
+}
+
+/// Key material never reaches the log or the outcomes, whatever happens.
+#[tokio::test(start_paused = true)]
+async fn key_material_is_never_logged() {
+    let sim = Sim::new("2026-12-01T07:59:30Z");
+    let ids = sim.aws.add_instances(TARGET, REGION, 2, "stopped", &[]);
+    sim.aws.modify(&ids[1], |i| i.no_capacity = true);
+    sim.write_config(&config(
+        "session_duration = \"15m\"\nrefresh_before_expiry = \"5m\"",
+        &rule("morning", &ids, r#"start = "0 8 * * *""#),
+    ));
+    let daemon = sim.start();
+    sim.advance(30 * MINUTE).await;
+    daemon.stop().await;
+    let logs = sim.logs.text();
+    assert!(logs.contains("assumed role for account account1"), "{logs}");
+    assert!(!logs.contains(fake::SECRET_MARK), "{logs}");
+    let outcomes = format!("{:?}", sim.outcomes());
+    assert!(!outcomes.contains(fake::SECRET_MARK), "{outcomes}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_invalid_config_at_start_is_refused_before_anything_is_done() {
+    let sim = Sim::new("2026-12-01T07:59:30Z");
+    sim.write_config("[defaults]\nverify_timeout = \"soon\"\n");
+    let err = sim.start().result().await.unwrap_err();
+    assert!(matches!(err, shiftd::daemon::RunError::Config(_)), "{err}");
+    assert!(err.to_string().contains("shiftd.toml:2:"), "{err}");
+    assert!(
+        sim.aws.calls().is_empty(),
+        "no AWS call on a config it could not validate"
+    );
+}
