@@ -266,11 +266,6 @@ impl FakeAws {
             .collect()
     }
 
-    /// Posts to the fake IMDS's control API (e.g. `/_fake/outage?seconds=5`).
-    pub fn imds_control(&self, path_and_query: &str) {
-        http("POST", &format!("{}{path_and_query}", self.imds), "");
-    }
-
     /// The environment that points shiftd at these fakes (the standard AWS variables, nothing else).
     pub fn env(&self) -> Vec<(String, String)> {
         vec![
