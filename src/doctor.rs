@@ -7,9 +7,9 @@ use std::fmt::Write;
 
 use std::sync::Arc;
 
-use crate::aws::ConnectAws;
+use crate::aws::{Aws, ConnectAws, Ec2};
 use crate::clock::Clock;
-use crate::config::{Action, Config, CredentialSource};
+use crate::config::{Account, Action, Config, CredentialSource, Rule};
 use crate::credentials::{self, AccountCredentials, SessionSpec};
 use crate::policy::{self, Delegate};
 
@@ -47,7 +47,10 @@ impl Report {
             }
         }
         // Shown as it goes: some checks wait on the network.
-        print!("{}", std::mem::take(&mut self.text));
+        // A reader that went away (`shiftd doctor | head`) is not a reason to panic.
+        let mut out = std::io::stdout().lock();
+        let _ = std::io::Write::write_all(&mut out, std::mem::take(&mut self.text).as_bytes())
+            .and_then(|()| std::io::Write::flush(&mut out));
     }
 
     pub fn failures(&self) -> usize {
@@ -68,8 +71,53 @@ pub async fn run(config: &Config, connect: ConnectAws, clock: Arc<dyn Clock>) ->
         .next()
         .map_or("us-east-1", |a| a.regions[0].as_str());
     let aws = connect(&config.credentials, first_region);
+    if !check_base_credentials(&mut report, config, aws.as_ref()).await {
+        return report;
+    }
+    let delegate = check_identity(&mut report, aws.as_ref(), first_region).await;
+    let session_name = credentials::session_name(&aws.delegate_name().await);
+    for account in config.accounts.values() {
+        let spec = SessionSpec::new(
+            account,
+            &session_name,
+            config.defaults.session_duration,
+            config.defaults.refresh_before_expiry,
+        );
+        let Some(store) = check_assume_role(
+            &mut report,
+            aws.as_ref(),
+            account,
+            &spec,
+            delegate.as_ref(),
+            &clock,
+        )
+        .await
+        else {
+            continue;
+        };
+        for region in &account.regions {
+            let ec2 = aws.ec2(region, store.clone()).await;
+            let place = format!("{}/{region}", account.name);
+            if !check_instance_status(&mut report, ec2.as_ref(), account, &place).await {
+                continue;
+            }
+            for rule in config
+                .rules
+                .iter()
+                .filter(|r| r.account == account.name && r.regions.contains(region))
+            {
+                let ids = check_selection(&mut report, ec2.as_ref(), rule, &place).await;
+                if !ids.is_empty() {
+                    check_permissions(&mut report, ec2.as_ref(), account, rule, &place, &ids).await;
+                }
+            }
+        }
+    }
+    report
+}
 
-    // 1. Base credentials.
+/// 1. The delegate's own credentials: IMDSv2 and its instance profile, or the configured profile.
+async fn check_base_credentials(report: &mut Report, config: &Config, aws: &dyn Aws) -> bool {
     match &config.credentials {
         CredentialSource::Imds => match aws.instance_profile_role().await {
             Ok(Some(role)) => report.line(Verdict::Ok, format!("IMDSv2 reachable; instance profile role: {role}"), None),
@@ -99,7 +147,7 @@ pub async fn run(config: &Config, connect: ConnectAws, clock: Arc<dyn Clock>) ->
             format!("{what} could not be loaded: {e}"),
             Some("nothing below can work without them".into()),
         );
-        return report;
+        return false;
     }
     if let CredentialSource::Profile(p) = &config.credentials {
         report.line(
@@ -108,9 +156,12 @@ pub async fn run(config: &Config, connect: ConnectAws, clock: Arc<dyn Clock>) ->
             None,
         );
     }
+    true
+}
 
-    // 2. Who the delegate is.
-    let delegate = match aws.sts(first_region).await.caller_identity().await {
+/// 2. Who the delegate is (GetCallerIdentity), as a trust policy principal.
+async fn check_identity(report: &mut Report, aws: &dyn Aws, region: &str) -> Option<Delegate> {
+    match aws.sts(region).await.caller_identity().await {
         Ok((account, arn)) => {
             report.line(
                 Verdict::Ok,
@@ -127,166 +178,185 @@ pub async fn run(config: &Config, connect: ConnectAws, clock: Arc<dyn Clock>) ->
             );
             None
         }
-    };
+    }
+}
 
-    let session_name = credentials::session_name(&aws.delegate_name().await);
-    for account in config.accounts.values() {
-        // 3. AssumeRole.
-        let spec = SessionSpec::new(
-            account,
-            &session_name,
-            config.defaults.session_duration,
-            config.defaults.refresh_before_expiry,
-        );
-        let sts = aws.sts(&account.regions[0]).await;
-        let creds = match sts.assume_role(&spec).await {
-            Ok(c) => c,
-            Err(e) => {
-                let fix = assume_role_fix(account, delegate.as_ref(), e.code.as_deref());
-                report.line(
-                    Verdict::Fail,
-                    format!(
-                        "{}: AssumeRole {} failed: {e}",
-                        account.name, account.role_arn
-                    ),
-                    Some(fix),
-                );
-                continue;
-            }
+/// 3. AssumeRole into one target account: its credentials, or what to fix on which side.
+async fn check_assume_role(
+    report: &mut Report,
+    aws: &dyn Aws,
+    account: &Account,
+    spec: &SessionSpec,
+    delegate: Option<&Delegate>,
+    clock: &Arc<dyn Clock>,
+) -> Option<AccountCredentials> {
+    let sts = aws.sts(&account.regions[0]).await;
+    match sts.assume_role(spec).await {
+        Ok(creds) => {
+            report.line(
+                Verdict::Ok,
+                format!(
+                    "{}: AssumeRole {} as session {}",
+                    account.name, account.role_arn, spec.session_name
+                ),
+                None,
+            );
+            let store = AccountCredentials::new(&account.name, clock.clone());
+            let expiry = creds.expiry;
+            store.publish(creds, expiry);
+            Some(store)
+        }
+        Err(e) => {
+            let fix = assume_role_fix(account, delegate, e.code());
+            report.line(
+                Verdict::Fail,
+                format!(
+                    "{}: AssumeRole {} failed: {e}",
+                    account.name, account.role_arn
+                ),
+                Some(fix),
+            );
+            None
+        }
+    }
+}
+
+/// 4. The walkthrough's final check: DescribeInstanceStatus in one region.
+async fn check_instance_status(
+    report: &mut Report,
+    ec2: &dyn Ec2,
+    account: &Account,
+    place: &str,
+) -> bool {
+    match ec2.count_instance_status().await {
+        Ok(n) => {
+            report.line(
+                Verdict::Ok,
+                format!("{place}: DescribeInstanceStatus lists {n} instance(s)"),
+                None,
+            );
+            true
+        }
+        Err(e) => {
+            report.line(
+                Verdict::Fail,
+                format!("{place}: DescribeInstanceStatus failed: {e}"),
+                Some(format!("the role needs ec2:DescribeInstanceStatus and ec2:DescribeInstances (`shiftd policy --account {}`)", account.name)),
+            );
+            false
+        }
+    }
+}
+
+/// 5. A rule's selection in one region: listed instances found, tags matching something. Returns the
+/// IDs it selects there.
+async fn check_selection(
+    report: &mut Report,
+    ec2: &dyn Ec2,
+    rule: &Rule,
+    place: &str,
+) -> Vec<String> {
+    let found = match ec2.describe_selection(&rule.selection).await {
+        Ok(v) => v,
+        Err(e) => {
+            report.line(
+                Verdict::Fail,
+                format!("{place}: rule {}: DescribeInstances failed: {e}", rule.name),
+                None,
+            );
+            return Vec::new();
+        }
+    };
+    let ids: Vec<String> = found.iter().map(|v| v.id.clone()).collect();
+    if !rule.selection.instance_ids.is_empty() {
+        let present: BTreeSet<&String> = ids.iter().collect();
+        let missing: Vec<&str> = rule
+            .selection
+            .instance_ids
+            .iter()
+            .filter(|i| !present.contains(i))
+            .map(String::as_str)
+            .collect();
+        if missing.is_empty() {
+            report.line(
+                Verdict::Ok,
+                format!(
+                    "{place}: rule {}: all {} listed instance(s) found",
+                    rule.name,
+                    rule.selection.instance_ids.len()
+                ),
+                None,
+            );
+        } else {
+            // With several regions, an ID lives in one of them: a warning per region, not a failure.
+            let verdict = if rule.regions.len() > 1 {
+                Verdict::Warn
+            } else {
+                Verdict::Fail
+            };
+            report.line(
+                verdict,
+                format!(
+                    "{place}: rule {}: not found here{}: {}",
+                    rule.name,
+                    if rule.selection.tags.is_empty() {
+                        ""
+                    } else {
+                        " (or without the rule's tags)"
+                    },
+                    missing.join(", ")
+                ),
+                Some("check the IDs, the account and the regions of the rule".into()),
+            );
+        }
+    }
+    if !rule.selection.tags.is_empty() {
+        let verdict = if ids.is_empty() {
+            Verdict::Warn
+        } else {
+            Verdict::Ok
         };
         report.line(
-            Verdict::Ok,
+            verdict,
             format!(
-                "{}: AssumeRole {} as session {session_name}",
-                account.name, account.role_arn
+                "{place}: rule {}: selection {} matches {} instance(s)",
+                rule.name,
+                rule.selection,
+                ids.len()
             ),
             None,
         );
-        let store = AccountCredentials::new(&account.name, clock.clone());
-        let expiry = creds.expiry;
-        store.publish(creds, expiry);
+    }
+    ids
+}
 
-        for region in &account.regions {
-            let ec2 = aws.ec2(region, store.clone()).await;
-            let place = format!("{}/{region}", account.name);
-            // 4. The walkthrough's final check, then each rule's selection.
-            match ec2.count_instance_status().await {
-                Ok(n) => report.line(
-                    Verdict::Ok,
-                    format!("{place}: DescribeInstanceStatus lists {n} instance(s)"),
-                    None,
-                ),
-                Err(e) => {
-                    report.line(
-                        Verdict::Fail,
-                        format!("{place}: DescribeInstanceStatus failed: {e}"),
-                        Some(format!("the role needs ec2:DescribeInstanceStatus and ec2:DescribeInstances (`shiftd policy --account {}`)", account.name)),
-                    );
-                    continue;
-                }
-            }
-            for rule in config
-                .rules
-                .iter()
-                .filter(|r| r.account == account.name && r.regions.contains(region))
-            {
-                let found = match ec2.describe_selection(&rule.selection).await {
-                    Ok(v) => v,
-                    Err(e) => {
-                        report.line(
-                            Verdict::Fail,
-                            format!("{place}: rule {}: DescribeInstances failed: {e}", rule.name),
-                            None,
-                        );
-                        continue;
-                    }
-                };
-                let ids: Vec<String> = found.iter().map(|v| v.id.clone()).collect();
-                if !rule.selection.instance_ids.is_empty() {
-                    let present: BTreeSet<&String> = ids.iter().collect();
-                    let missing: Vec<&String> = rule
-                        .selection
-                        .instance_ids
-                        .iter()
-                        .filter(|i| !present.contains(i))
-                        .collect();
-                    if missing.is_empty() {
-                        report.line(
-                            Verdict::Ok,
-                            format!(
-                                "{place}: rule {}: all {} listed instance(s) found",
-                                rule.name,
-                                rule.selection.instance_ids.len()
-                            ),
-                            None,
-                        );
-                    } else {
-                        // With several regions, an ID lives in one of them: a warning per region, not a failure.
-                        let verdict = if rule.regions.len() > 1 {
-                            Verdict::Warn
-                        } else {
-                            Verdict::Fail
-                        };
-                        let shown: Vec<&str> = missing.iter().map(|s| s.as_str()).collect();
-                        report.line(
-                            verdict,
-                            format!(
-                                "{place}: rule {}: not found here{}: {}",
-                                rule.name,
-                                if rule.selection.tags.is_empty() {
-                                    ""
-                                } else {
-                                    " (or without the rule's tags)"
-                                },
-                                shown.join(", ")
-                            ),
-                            Some("check the IDs, the account and the regions of the rule".into()),
-                        );
-                    }
-                }
-                if !rule.selection.tags.is_empty() {
-                    let verdict = if ids.is_empty() {
-                        Verdict::Warn
-                    } else {
-                        Verdict::Ok
-                    };
-                    report.line(
-                        verdict,
-                        format!(
-                            "{place}: rule {}: selection {} matches {} instance(s)",
-                            rule.name,
-                            rule.selection,
-                            ids.len()
-                        ),
-                        None,
-                    );
-                }
-                // 5. Permission to act, without acting.
-                if ids.is_empty() {
-                    continue;
-                }
-                for action in [Action::Start, Action::Stop] {
-                    if rule.schedules(action).is_empty() {
-                        continue;
-                    }
-                    let api = if action == Action::Start {
-                        "StartInstances"
-                    } else {
-                        "StopInstances"
-                    };
-                    match ec2.change_state(action, &ids, true).await {
-                        Ok(()) => report.line(Verdict::Ok, format!("{place}: rule {}: {api} allowed on {} instance(s) (DryRun)", rule.name, ids.len()), None),
-                        Err(e) => report.line(
-                            Verdict::Fail,
-                            format!("{place}: rule {}: {api} (DryRun) refused: {e}", rule.name),
-                            Some(format!("the target role needs ec2:{api} on these instances: `shiftd policy --account {}` prints the statement", account.name)),
-                        ),
-                    }
-                }
-            }
+/// 6. Permission to act, without acting: Start/Stop with DryRun for the rule's actions.
+async fn check_permissions(
+    report: &mut Report,
+    ec2: &dyn Ec2,
+    account: &Account,
+    rule: &Rule,
+    place: &str,
+    ids: &[String],
+) {
+    for action in [Action::Start, Action::Stop] {
+        if rule.schedules(action).is_empty() {
+            continue;
+        }
+        let api = if action == Action::Start {
+            "StartInstances"
+        } else {
+            "StopInstances"
+        };
+        match ec2.change_state(action, ids, true).await {
+            Ok(()) => report.line(Verdict::Ok, format!("{place}: rule {}: {api} allowed on {} instance(s) (DryRun)", rule.name, ids.len()), None),
+            Err(e) => report.line(
+                Verdict::Fail,
+                format!("{place}: rule {}: {api} (DryRun) refused: {e}", rule.name),
+                Some(format!("the target role needs ec2:{api} on these instances: `shiftd policy --account {}` prints the statement", account.name)),
+            ),
         }
     }
-    report
 }
 
 /// The delegate as a trust policy principal: its role ARN when the identity is an assumed role.
@@ -304,11 +374,7 @@ fn delegate_from_identity(account: &str, arn: &str) -> Delegate {
 }
 
 /// What to do about a failed AssumeRole, with the exact statements each side needs.
-fn assume_role_fix(
-    account: &crate::config::Account,
-    delegate: Option<&Delegate>,
-    code: Option<&str>,
-) -> String {
+fn assume_role_fix(account: &Account, delegate: Option<&Delegate>, code: Option<&str>) -> String {
     let delegate_side =
         serde_json::to_string_pretty(&policy::delegate_policy(&[account]).json).expect("json");
     let mut fix = String::new();

@@ -146,10 +146,7 @@ fn main() -> ExitCode {
 
 fn check(path: &std::path::Path) -> ExitCode {
     match Config::load_strict(path) {
-        Ok(config) => {
-            print!("{}", summary::render(&config, SystemClock.now()));
-            ExitCode::SUCCESS
-        }
+        Ok(config) => output(&summary::render(&config, SystemClock.now())),
         Err(e) => config_error(&e),
     }
 }
@@ -295,20 +292,33 @@ fn plan(
     }
     let (items, truncated) = upcoming::upcoming(&config, from, until, limit);
     if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&items).expect("serializable")
-        );
         if truncated {
             eprintln!("cut at {limit} actions: narrow the window or raise --limit");
         }
+        output(&format!(
+            "{}\n",
+            serde_json::to_string_pretty(&items).expect("serializable")
+        ))
     } else {
-        print!(
-            "{}",
-            upcoming::render_text(&config, &items, from, until, truncated)
-        );
+        output(&upcoming::render_text(
+            &config, &items, from, until, truncated,
+        ))
     }
-    ExitCode::SUCCESS
+}
+
+/// Writes a command's output to stdout. A reader that went away (`shiftd plan | head`) ends the
+/// command quietly, as it does for other Unix tools; any other write error is reported.
+fn output(text: &str) -> ExitCode {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("cannot write the output: {e}");
+            ExitCode::FAILURE
+        }
+    }
 }
 
 fn doctor(path: &std::path::Path) -> ExitCode {
@@ -331,11 +341,11 @@ fn doctor(path: &std::path::Path) -> ExitCode {
         Arc::new(shiftd::aws::sdk::connect),
         Arc::new(SystemClock),
     ));
-    println!(
-        "\n{} failure(s), {} warning(s)",
+    let _ = output(&format!(
+        "\n{} failure(s), {} warning(s)\n",
         report.failures(),
         report.warnings()
-    );
+    ));
     if report.failures() > 0 {
         ExitCode::FAILURE
     } else {
@@ -397,12 +407,11 @@ fn policy(
             .iter()
             .map(|d| serde_json::json!({ "title": d.title, "notes": d.notes, "document": d.json }))
             .collect();
-        println!(
-            "{}",
+        output(&format!(
+            "{}\n",
             serde_json::to_string_pretty(&array).expect("serializable")
-        );
+        ))
     } else {
-        print!("{}", policy::render(&docs));
+        output(&policy::render(&docs))
     }
-    ExitCode::SUCCESS
 }

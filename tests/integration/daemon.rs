@@ -257,4 +257,3 @@ fn a_large_selection_is_resolved_and_started_in_as_few_calls_as_ec2_allows() {
         assert_eq!(ok, 1, "{id}: exactly one ok entry");
     }
 }
-

@@ -69,4 +69,3 @@ fn a_hung_stop_call_is_abandoned_retried_and_reported_once() {
         .collect();
     assert_eq!(stops, vec![Some("delay".to_string()), None], "retried once");
 }
-

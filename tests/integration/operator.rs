@@ -334,3 +334,34 @@ fn doctor_on_access_denied_prints_both_sides_statements_and_on_unauthorized_stop
     }
     assert_eq!(fake.states(TARGET_ACCOUNT)[&ids[0]], "running");
 }
+
+/// `shiftd plan … | head` used to panic on the closed pipe (exit 101).
+#[test]
+fn plan_into_a_closed_pipe_ends_quietly() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_shiftd"))
+        .args([
+            "plan",
+            "--config",
+            &fixture("plan-new-york.toml"),
+            "--hours",
+            "100000",
+            "--limit",
+            "100000",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut first)
+        .unwrap();
+    assert!(first.contains("action(s) from"), "{first}");
+    // The reader goes away, as `head -1` does.
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}

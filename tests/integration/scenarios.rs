@@ -633,13 +633,23 @@ async fn an_imds_outage_at_boot_is_retried_and_the_due_action_waits_for_credenti
     let sim = Sim::new("2026-12-01T07:59:40Z");
     let ids = sim.aws.add_instances(TARGET, REGION, 2, "stopped", &[]);
     sim.aws.set_imds_down(true);
-    sim.write_config(&config("", &rule("morning", &ids, r#"start = "0 8 * * *""#)));
+    sim.write_config(&config(
+        "",
+        &rule("morning", &ids, r#"start = "0 8 * * *""#),
+    ));
     let daemon = sim.start();
     sim.advance(40 * SECOND).await;
-    assert!(sim.outcomes().is_empty(), "the action waits for credentials");
+    assert!(
+        sim.outcomes().is_empty(),
+        "the action waits for credentials"
+    );
     sim.aws.set_imds_down(false);
     sim.advance(3 * MINUTE).await;
     sim.assert_one_each(&ids, Action::Start, ResultKind::Ok);
-    assert!(sim.logs.text().contains("IMDS is not reachable"), "{}", sim.logs.text());
+    assert!(
+        sim.logs.text().contains("IMDS is not reachable"),
+        "{}",
+        sim.logs.text()
+    );
     daemon.stop().await;
 }
