@@ -385,6 +385,19 @@ impl Shiftd {
         let dir = tempfile::tempdir().unwrap();
         let config_path = dir.path().join("shiftd.toml");
         write_config(&config_path, config);
+        // The state starts where the config was written: an occurrence due after that is caught up even
+        // when shiftd itself starts late on a loaded machine (one-shot rules are not racy).
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        std::fs::write(
+            state.join("state.json"),
+            serde_json::json!({
+                "version": 2,
+                "checked_until": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+            })
+            .to_string(),
+        )
+        .unwrap();
         let log = dir.path().join("stderr.log");
         let child = Command::new(env!("CARGO_BIN_EXE_shiftd"))
             .args(["run", "--log", "journald", "--config"])
@@ -500,7 +513,8 @@ pub fn shiftd(args: &[&str]) -> Output {
         .unwrap()
 }
 
-/// A six-field cron expression (UTC) that fires once, `seconds` from now.
+/// A six-field cron expression (UTC) that fires once, `seconds` from now. Not racy: `Shiftd::spawn`
+/// starts shiftd's state at the moment the config is written, so a late start still catches it up.
 pub fn once_in(seconds: i64) -> String {
     use chrono::Timelike;
     let at = chrono::Utc::now() + chrono::Duration::seconds(seconds);
