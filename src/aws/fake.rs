@@ -698,3 +698,77 @@ impl Ec2 for FakeEc2 {
             .count())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::SimulatedClock;
+
+    fn world() -> (FakeAws, AccountCredentials) {
+        let clock: Arc<dyn Clock> = Arc::new(SimulatedClock::starting_at(
+            DateTime::parse_from_rfc3339("2026-12-01T08:00:00Z")
+                .unwrap()
+                .with_timezone(&Utc),
+        ));
+        let aws = FakeAws::new(clock.clone());
+        let creds = AccountCredentials::new("a1", clock.clone());
+        (aws, creds)
+    }
+
+    async fn session(aws: &FakeAws, creds: &AccountCredentials) {
+        let spec = SessionSpec {
+            role_arn: "arn:aws:iam::111111111111:role/r".into(),
+            external_id: None,
+            session_name: "shiftd-test".into(),
+            duration: Duration::from_secs(3600),
+            refresh_before_expiry: Duration::from_secs(600),
+        };
+        let c = aws.sts("r").await.assume_role(&spec).await.unwrap();
+        let expiry = c.expiry;
+        creds.publish(c, expiry);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn token_buckets_refuse_when_empty_and_refill_over_time() {
+        let (aws, creds) = world();
+        session(&aws, &creds).await;
+        let ids = aws.add_instances("111111111111", "r", 3, "stopped", &[]);
+        // A resource bucket: 2 instances, refilled at 1 per second.
+        aws.set_bucket(START, 2.0, 1.0, true);
+        let ec2 = aws.ec2("r", creds.clone()).await;
+        ec2.change_state(Action::Start, &ids[..2], false)
+            .await
+            .unwrap();
+        let e = ec2
+            .change_state(Action::Start, &ids[2..], false)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Some("RequestLimitExceeded"));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        ec2.change_state(Action::Start, &ids[2..], false)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn transitions_take_their_time_and_wrong_states_are_refused() {
+        let (aws, creds) = world();
+        session(&aws, &creds).await;
+        let ids = aws.add_instances("111111111111", "r", 1, "stopped", &[]);
+        let ec2 = aws.ec2("r", creds.clone()).await;
+        ec2.change_state(Action::Start, &ids, false).await.unwrap();
+        assert_eq!(aws.states(&ids), ["pending"]);
+        let e = ec2
+            .change_state(Action::Stop, &ids, false)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Some("IncorrectInstanceState"));
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        assert_eq!(aws.states(&ids), ["running"]);
+        assert_eq!(
+            aws.calls_of(START).len(),
+            1,
+            "the refused stop is logged as a stop, not a start"
+        );
+    }
+}
