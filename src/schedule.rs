@@ -7,6 +7,9 @@
 //! - Day of week counts as in crontab: 0 and 7 are Sunday, 1 is Monday; names `Sun`..`Sat` work too.
 //! - When both day-of-month and day-of-week are restricted (neither starts with `*`), a day matches
 //!   when *either* matches; otherwise both must (one of them matches every day anyway).
+//! - `?` (as in EventBridge and Quartz) as the whole day-of-month or day-of-week field means "no specific
+//!   value": the other day field alone decides (`0 8 ? * Mon-Fri` fires on weekdays only). It is an
+//!   error in both day fields at once, and in any other field.
 //! - A local time that does not exist (DST spring forward) fires once, at the first instant after the gap.
 //! - A local time that occurs twice (DST fall back) fires once, at its first occurrence.
 
@@ -73,6 +76,37 @@ impl CronSchedule {
             }
         };
         let (minute, hour, dom, month, dow) = (rest[0], rest[1], rest[2], rest[3], rest[4]);
+        let named = [
+            (seconds, "second"),
+            (minute, "minute"),
+            (hour, "hour"),
+            (month, "month"),
+        ];
+        if let Some((field, name)) = named.iter().find(|(f, _)| f.contains('?')) {
+            return Err(err(format!(
+                "{name} {field:?}: \"?\" (no specific value) is only for day-of-month or day-of-week"
+            )));
+        }
+        for (field, name) in [(dom, "day-of-month"), (dow, "day-of-week")] {
+            if field.contains('?') && field != "?" {
+                return Err(err(format!(
+                    "{name} {field:?}: \"?\" (no specific value) must be the whole field"
+                )));
+            }
+        }
+        // "?" says "no specific value": the other day field alone decides, as if this one were "*".
+        let (dom, dow) = match (dom, dow) {
+            ("?", "?") => {
+                return Err(err(
+                    "day-of-month and day-of-week are both \"?\": one of them must say which days \
+                     (\"*\" for every day)"
+                        .to_string(),
+                ));
+            }
+            ("?", dow) => ("*", dow),
+            (dom, "?") => (dom, "*"),
+            fields => fields,
+        };
         let dow_names = crontab_day_of_week_to_names(dow).map_err(err)?;
         let translated = format!("{seconds} {minute} {hour} {dom} {month} {dow_names}");
         let parsed = cron::Schedule::from_str(&translated).map_err(|e| err(cron_reason(&e)))?;
@@ -513,6 +547,68 @@ mod tests {
         assert_eq!(firings.len(), 23);
     }
 
+    /// Local firings in `(after, until]`, as `YYYY-MM-DD HH:MM` in the zone.
+    fn local_firings(expr: &str, zone: &str, after: &str, until: &str) -> Vec<String> {
+        let zone: Tz = zone.parse().unwrap();
+        CronSchedule::parse(expr)
+            .unwrap()
+            .firings_between(utc(after), utc(until), zone, 1000)
+            .into_iter()
+            .map(|t| t.with_timezone(&zone).format("%Y-%m-%d %H:%M").to_string())
+            .collect()
+    }
+
+    #[test]
+    fn question_mark_leaves_the_other_day_field_to_decide() {
+        const WEEKDAYS: &[&str] = &["11-30", "12-01", "12-02", "12-03", "12-04"];
+        const EVERY_DAY: &[&str] = &[
+            "11-30", "12-01", "12-02", "12-03", "12-04", "12-05", "12-06",
+        ];
+        // A week from Monday 2026-11-30 in Berlin, December 2026 in Tokyo.
+        let week = ("2026-11-29T12:00:00Z", "2026-12-06T23:00:00Z");
+        let december = ("2026-11-30T15:00:00Z", "2026-12-31T15:00:00Z");
+        // (expression, zone, (after, until), the 2026 dates it fires on at 08:00 local)
+        let cases = [
+            // EventBridge's "08:00 on weekdays": not the weekend.
+            ("0 8 ? * Mon-Fri", "Europe/Berlin", week, WEEKDAYS),
+            ("0 8 ? * 1-5", "Europe/Berlin", week, WEEKDAYS),
+            ("0 0 8 ? * MON-FRI", "Europe/Berlin", week, WEEKDAYS),
+            ("0 8 * * Mon-Fri", "Europe/Berlin", week, WEEKDAYS),
+            ("0 8 ? * *", "Europe/Berlin", week, EVERY_DAY),
+            // The 15th only, whatever its weekday.
+            ("0 8 15 * ?", "Asia/Tokyo", december, &["12-15"]),
+            ("0 8 15 * *", "Asia/Tokyo", december, &["12-15"]),
+            ("0 8 15,31 * ?", "Asia/Tokyo", december, &["12-15", "12-31"]),
+            // Both restricted, no "?": crontab's OR still applies (the 15th, and Sundays).
+            (
+                "0 8 15 * Sun",
+                "Asia/Tokyo",
+                december,
+                &["12-06", "12-13", "12-15", "12-20", "12-27"],
+            ),
+            (
+                "0 8 ? * 0",
+                "Asia/Tokyo",
+                december,
+                &["12-06", "12-13", "12-20", "12-27"],
+            ),
+            (
+                "0 8 ? * 7",
+                "Asia/Tokyo",
+                december,
+                &["12-06", "12-13", "12-20", "12-27"],
+            ),
+        ];
+        for (expr, zone, (after, until), dates) in cases {
+            let want: Vec<String> = dates.iter().map(|d| format!("2026-{d} 08:00")).collect();
+            assert_eq!(
+                local_firings(expr, zone, after, until),
+                want,
+                "{expr} in {zone} over ({after}, {until}]"
+            );
+        }
+    }
+
     #[test]
     fn parse_errors_say_what_is_wrong() {
         let cases: &[(&str, &str)] = &[
@@ -532,6 +628,35 @@ mod tests {
             ("0 8 * * Funday", "'Funday' is not a valid day of the week;"),
             ("0 8 * Jam *", "'Jam' is not a valid month name;"),
             ("0 8 * * */0", "not a positive number"),
+            // "?" only as a whole day field, and in one of them.
+            (
+                "0 8 ? * ?",
+                "day-of-month and day-of-week are both \"?\": one of them must say which days",
+            ),
+            (
+                "? 8 * * *",
+                "minute \"?\": \"?\" (no specific value) is only for day-of-month or day-of-week",
+            ),
+            (
+                "0 ? * * *",
+                "hour \"?\": \"?\" (no specific value) is only for",
+            ),
+            (
+                "0 8 * ? *",
+                "month \"?\": \"?\" (no specific value) is only for",
+            ),
+            (
+                "? 0 8 * * Mon",
+                "second \"?\": \"?\" (no specific value) is only for",
+            ),
+            (
+                "0 8 1,? * *",
+                "day-of-month \"1,?\": \"?\" (no specific value) must be the whole field",
+            ),
+            (
+                "0 8 * * ?/2",
+                "day-of-week \"?/2\": \"?\" (no specific value) must be the whole field",
+            ),
         ];
         for (expr, want) in cases {
             let err = CronSchedule::parse(expr).unwrap_err().to_string();
