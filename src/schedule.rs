@@ -1,6 +1,8 @@
 //! Cron schedules with crontab(5) semantics, evaluated in an IANA time zone.
 //!
-//! Pure: no clock reads. Every question is "what is the first firing strictly after this instant?".
+//! Pure: no clock reads. The questions are "what is the first firing strictly after this instant?"
+//! (`next_after`, and `firings_after` for the ones after it) and "what is the latest firing at or before
+//! this instant?" (`prev_at_or_before`).
 //!
 //! Semantics (these are shiftd's, not the `cron` crate's, which only parses the fields):
 //! - 5 fields (`min hour dom month dow`) or 6 with leading seconds.
@@ -16,7 +18,8 @@
 use std::str::FromStr;
 
 use chrono::{
-    DateTime, Datelike, Duration, NaiveDate, NaiveDateTime, NaiveTime, TimeZone, Timelike, Utc,
+    DateTime, Datelike, Duration, LocalResult, NaiveDate, NaiveDateTime, NaiveTime, Offset,
+    TimeZone, Timelike, Utc,
 };
 use chrono_tz::Tz;
 use cron::TimeUnitSpec;
@@ -139,42 +142,132 @@ impl CronSchedule {
         }
     }
 
-    /// Local wall-clock times on `date` at or after `from` (a time of day), in order.
-    fn times_from(&self, from: NaiveTime) -> impl Iterator<Item = NaiveTime> + '_ {
-        let start = from.num_seconds_from_midnight();
-        self.fields.hours().iter().flat_map(move |h| {
-            self.fields.minutes().iter().flat_map(move |m| {
-                self.fields.seconds().iter().filter_map(move |s| {
-                    let secs = h * 3600 + m * 60 + s;
-                    (secs >= start)
-                        .then(|| NaiveTime::from_hms_opt(h, m, s))
-                        .flatten()
-                })
-            })
-        })
+    /// The first time of day (in seconds from midnight) at or after `from` that the time fields
+    /// match, if any on this day.
+    fn time_at_or_after(&self, from: u32) -> Option<u32> {
+        let (fh, fm, fs) = (from / 3600, from / 60 % 60, from % 60);
+        for h in self.fields.hours().range(fh..) {
+            let m0 = if h == fh { fm } else { 0 };
+            for m in self.fields.minutes().range(m0..) {
+                let s0 = if h == fh && m == fm { fs } else { 0 };
+                if let Some(s) = self.fields.seconds().range(s0..).next() {
+                    return Some(h * 3600 + m * 60 + s);
+                }
+            }
+        }
+        None
+    }
+
+    /// The last time of day (in seconds from midnight) at or before `upto` that the time fields match.
+    fn time_at_or_before(&self, upto: u32) -> Option<u32> {
+        let (uh, um, us) = (upto / 3600, upto / 60 % 60, upto % 60);
+        for h in self.fields.hours().range(..=uh).rev() {
+            let m0 = if h == uh { um } else { 59 };
+            for m in self.fields.minutes().range(..=m0).rev() {
+                let s0 = if h == uh && m == um { us } else { 59 };
+                if let Some(s) = self.fields.seconds().range(..=s0).next_back() {
+                    return Some(h * 3600 + m * 60 + s);
+                }
+            }
+        }
+        None
     }
 
     /// The first firing strictly after `after`, in `zone`. `None` if it never fires (e.g. `0 0 30 2 *`).
     pub fn next_after(&self, after: DateTime<Utc>, zone: Tz) -> Option<DateTime<Utc>> {
-        let local = after.with_timezone(&zone).naive_local();
-        // Start a few hours early on the first day: around a DST change, an earlier wall-clock time can
-        // map to a later instant (times in a gap move to its end).
-        let lower = local - Duration::hours(3);
-        let mut date = lower.date();
-        let mut from = lower.time();
-        for _ in 0..SEARCH_DAYS {
-            if self.date_matches(date) {
-                for time in self.times_from(from) {
-                    let instant = resolve_local(&zone, date.and_time(time))?;
-                    if instant > after {
-                        return Some(instant);
-                    }
-                }
+        self.firings_after(after, None, zone).next()
+    }
+
+    /// The latest firing at or before `at`, in `zone`: the counterpart of [`Self::next_after`], found by
+    /// searching backwards from `at`, as far back as `next_after` searches forward. `None` if it never
+    /// fired in that span.
+    pub fn prev_at_or_before(&self, at: DateTime<Utc>, zone: Tz) -> Option<DateTime<Utc>> {
+        self.latest_in(None, at, zone)
+    }
+
+    /// The latest firing in `(after, at]` (`after` of `None`: as far back as the search goes).
+    /// Searching backwards stops at `after`'s local date, so a short window costs a day or two.
+    pub(crate) fn latest_in(
+        &self,
+        after: Option<DateTime<Utc>>,
+        at: DateTime<Utc>,
+        zone: Tz,
+    ) -> Option<DateTime<Utc>> {
+        let local = at.with_timezone(&zone);
+        // Firing instants grow with wall-clock time (see `resolve_local`), so the search starts at the
+        // latest wall-clock time that fires at or before `at`: `at`'s own, or, when `at` is the second
+        // occurrence of a repeated time, the end of the repetition (the times repeated since fire at
+        // their first occurrence, before `at`).
+        let mut upper = local.naive_local();
+        if let LocalResult::Ambiguous(first, second) = zone.from_local_datetime(&upper)
+            && second == local
+        {
+            let repeated =
+                first.offset().fix().local_minus_utc() - second.offset().fix().local_minus_utc();
+            upper += Duration::seconds(repeated.into());
+        }
+        let stop = after.map(|a| {
+            a.with_timezone(&zone)
+                .date_naive()
+                .pred_opt()
+                .unwrap_or(NaiveDate::MIN)
+        });
+        let mut date = upper.date();
+        let mut upto = upper.time().num_seconds_from_midnight();
+        for _ in 0..=SEARCH_DAYS {
+            if stop.is_some_and(|stop| date < stop) {
+                return None;
             }
-            date = date.succ_opt()?;
-            from = NaiveTime::MIN;
+            let mut cursor = Some(upto);
+            while let Some(secs) = cursor
+                .filter(|_| self.date_matches(date))
+                .and_then(|u| self.time_at_or_before(u))
+            {
+                let instant = resolve_local(&zone, date.and_time(time_of_day(secs)))?;
+                if after.is_some_and(|after| instant <= after) {
+                    return None;
+                }
+                if instant <= at {
+                    return Some(instant);
+                }
+                // Not reached with the start above; kept so that a wrong start costs time, not a
+                // wrong answer.
+                cursor = secs.checked_sub(1);
+            }
+            date = date.pred_opt()?;
+            upto = SECONDS_PER_DAY - 1;
         }
         None
+    }
+
+    /// Firings strictly after `after` and, with `until`, at most `until`: in order, each instant once
+    /// (wall-clock times in a DST gap all fire at its end, together with the time at the end). Lazy:
+    /// each step costs a few set lookups and one time zone conversion, plus one date check per day
+    /// without firings. Without `until` it searches as far as [`Self::next_after`] does.
+    pub fn firings_after(
+        &self,
+        after: DateTime<Utc>,
+        until: Option<DateTime<Utc>>,
+        zone: Tz,
+    ) -> Firings<'_> {
+        // Firing instants grow with wall-clock time (see `resolve_local`), and `after`'s own wall-clock
+        // time fires at or before `after`: earlier times cannot fire after it.
+        let start = after.with_timezone(&zone).naive_local();
+        let mut last_date = start.date() + Duration::days(SEARCH_DAYS);
+        if let Some(until) = until {
+            // A day past `until`'s date covers a repeated hour running past midnight.
+            let end = until.with_timezone(&zone).date_naive() + Duration::days(1);
+            last_date = last_date.min(end);
+        }
+        Firings {
+            schedule: self,
+            zone,
+            after,
+            until,
+            date: start.date(),
+            last_date,
+            next_second: start.time().num_seconds_from_midnight(),
+        }
     }
 
     /// Firings in `(after, until]`, in order, at most `limit`.
@@ -185,25 +278,74 @@ impl CronSchedule {
         zone: Tz,
         limit: usize,
     ) -> Vec<DateTime<Utc>> {
-        let mut out = Vec::new();
-        let mut cursor = after;
-        while out.len() < limit {
-            match self.next_after(cursor, zone) {
-                Some(t) if t <= until => {
-                    out.push(t);
-                    cursor = t;
+        self.firings_after(after, Some(until), zone)
+            .take(limit)
+            .collect()
+    }
+}
+
+const SECONDS_PER_DAY: u32 = 86_400;
+
+fn time_of_day(secs: u32) -> NaiveTime {
+    NaiveTime::from_num_seconds_from_midnight_opt(secs, 0).expect("less than a day")
+}
+
+/// The iterator of [`CronSchedule::firings_after`].
+#[derive(Clone, Debug)]
+pub struct Firings<'a> {
+    schedule: &'a CronSchedule,
+    zone: Tz,
+    /// Every instant yielded is after this; it moves to each instant yielded.
+    after: DateTime<Utc>,
+    until: Option<DateTime<Utc>>,
+    date: NaiveDate,
+    last_date: NaiveDate,
+    /// The time of day on `date` to look from, in seconds from midnight.
+    next_second: u32,
+}
+
+impl Iterator for Firings<'_> {
+    type Item = DateTime<Utc>;
+
+    fn next(&mut self) -> Option<DateTime<Utc>> {
+        while self.date <= self.last_date {
+            if self.schedule.date_matches(self.date)
+                && let Some(secs) = self.schedule.time_at_or_after(self.next_second)
+            {
+                self.next_second = secs + 1;
+                let Some(instant) =
+                    resolve_local(&self.zone, self.date.and_time(time_of_day(secs)))
+                else {
+                    break;
+                };
+                if self.until.is_some_and(|until| instant > until) {
+                    break;
                 }
-                _ => break,
+                if instant > self.after {
+                    self.after = instant;
+                    return Some(instant);
+                }
+                continue;
             }
+            let Some(next) = self.date.succ_opt() else {
+                break;
+            };
+            self.date = next;
+            self.next_second = 0;
         }
-        out
+        self.date = self.last_date.succ_opt().unwrap_or(NaiveDate::MAX);
+        None
     }
 }
 
 /// Maps a local wall-clock time to the instant it fires at: the earlier of two occurrences, or the end of
 /// a DST gap for a time that does not exist.
+///
+/// The instant never decreases as the wall-clock time increases: times before a repeated hour fire before
+/// it, its times fire at their first occurrence (before the transition), the times after it fire after.
+/// `next_after` and `prev_at_or_before` rely on this to start their searches at the given instant's
+/// own wall-clock time.
 fn resolve_local(zone: &Tz, naive: NaiveDateTime) -> Option<DateTime<Utc>> {
-    use chrono::LocalResult;
     match zone.from_local_datetime(&naive) {
         LocalResult::Single(t) => Some(t.with_timezone(&Utc)),
         LocalResult::Ambiguous(earliest, _) => Some(earliest.with_timezone(&Utc)),
@@ -281,6 +423,7 @@ fn crontab_day_of_week_to_names(field: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
 
     fn utc(s: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
@@ -606,6 +749,256 @@ mod tests {
                 want,
                 "{expr} in {zone} over ({after}, {until}]"
             );
+        }
+    }
+
+    /// Every firing of `s` whose wall-clock date is within two days of `t`'s, by brute force: each
+    /// matching wall-clock time resolved on its own, without the searches' shortcuts.
+    fn oracle(s: &CronSchedule, t: DateTime<Utc>, zone: Tz) -> BTreeSet<DateTime<Utc>> {
+        let day = t.with_timezone(&zone).date_naive();
+        let mut out = BTreeSet::new();
+        for date in (-2..=2).map(|d| day + Duration::days(d)) {
+            if !s.date_matches(date) {
+                continue;
+            }
+            for h in s.fields.hours().iter() {
+                for m in s.fields.minutes().iter() {
+                    for sec in s.fields.seconds().iter() {
+                        let naive = date.and_hms_opt(h, m, sec).unwrap();
+                        out.insert(resolve_local(&zone, naive).unwrap());
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn prev_at_or_before_is_the_latest_firing_at_or_before() {
+        use rand::{Rng, SeedableRng, rngs::StdRng};
+        let expressions = [
+            "0 8 * * Mon-Fri",
+            "30 2 * * *",
+            "15 2 * * *",
+            "45 1 * * *",
+            "*/15 * * * *",
+            "0 * * * *",
+            "* * * * *",
+            "*/5 0-3 * * *",
+            "0 1-3 * * *",
+            "0 30 1,2,3 * * *",
+            "10 0 0 * * *",
+            "59 23 * * *",
+            "0 0 1 * Fri",
+            "0 12 ? * Sun",
+            "0 0 29 2 *",
+            "*/7 * * * * *",
+            "* * * * * *",
+            "* 2 * * * *",
+        ];
+        let zones = [
+            "America/New_York",
+            "Europe/Berlin",
+            "Australia/Lord_Howe",
+            "Asia/Kolkata",
+            "UTC",
+        ];
+        // DST changes (in some of the zones) and plain days, to sample around.
+        let centres = [
+            "2026-11-01T06:00:00Z",
+            "2027-03-14T07:00:00Z",
+            "2026-10-25T01:00:00Z",
+            "2027-03-28T01:00:00Z",
+            "2026-10-03T15:30:00Z",
+            "2027-04-03T15:00:00Z",
+            "2027-06-15T12:00:00Z",
+            "2028-02-29T00:00:00Z",
+        ];
+        let mut rng = StdRng::seed_from_u64(20261101);
+        for expr in expressions {
+            let s = CronSchedule::parse(expr).unwrap();
+            let per_day =
+                s.fields.hours().count() * s.fields.minutes().count() * s.fields.seconds().count();
+            for zone in zones {
+                let zone: Tz = zone.parse().unwrap();
+                for _ in 0..40 {
+                    let centre = utc(centres[rng.random_range(0..centres.len())]);
+                    let mut t = centre + Duration::seconds(rng.random_range(-4 * 3600..4 * 3600));
+                    match rng.random_range(0..3) {
+                        0 => t += Duration::nanoseconds(rng.random_range(1..1_000_000_000)),
+                        1 => t = t.with_second(0).unwrap(),
+                        _ => {}
+                    }
+                    let what = format!("{expr} in {zone} at {t:?}");
+                    let Some(p) = s.prev_at_or_before(t, zone) else {
+                        panic!("{what}: fired within eight years")
+                    };
+                    // The latest at or before: a firing, and nothing fires after it up to `t`.
+                    assert!(p <= t, "{what}: {p:?}");
+                    assert_eq!(
+                        s.next_after(p - Duration::nanoseconds(1), zone),
+                        Some(p),
+                        "{what}: {p:?} is a firing"
+                    );
+                    if p.timestamp_subsec_nanos() == 0 {
+                        assert_eq!(
+                            s.next_after(p - Duration::seconds(1), zone),
+                            Some(p),
+                            "{what}"
+                        );
+                    }
+                    let n = s.next_after(t, zone).unwrap();
+                    assert!(n > t, "{what}");
+                    assert_eq!(s.next_after(p, zone), Some(n), "{what}: nothing in between");
+                    assert_eq!(s.prev_at_or_before(n, zone), Some(n), "{what}");
+                    assert_eq!(
+                        s.prev_at_or_before(n - Duration::nanoseconds(1), zone),
+                        Some(p),
+                        "{what}"
+                    );
+                    // Against brute force, when the answer is near enough for it to see.
+                    if per_day <= 1440 {
+                        let all = oracle(&s, t, zone);
+                        let day = Duration::days(1);
+                        if let Some(want) = all.range(..=t).next_back().filter(|w| t - **w < day) {
+                            assert_eq!(p, *want, "{what}: brute force");
+                        }
+                        if let Some(want) =
+                            all.range(t..).find(|w| **w > t).filter(|w| **w - t < day)
+                        {
+                            assert_eq!(n, *want, "{what}: brute force");
+                        }
+                        let window: Vec<_> = all
+                            .range(t - Duration::hours(12)..=t + Duration::hours(12))
+                            .filter(|w| **w > t - Duration::hours(12))
+                            .copied()
+                            .collect();
+                        assert_eq!(
+                            s.firings_between(
+                                t - Duration::hours(12),
+                                t + Duration::hours(12),
+                                zone,
+                                usize::MAX
+                            ),
+                            window,
+                            "{what}: firings in a day around it"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn prev_at_or_before_table() {
+        // (expression, zone, at, expected latest firing at or before, in the zone's local time)
+        let cases: &[(&str, &str, &str, Option<&str>)] = &[
+            // At a firing: that firing.
+            (
+                "0 8 * * *",
+                "UTC",
+                "2026-11-29T08:00:00Z",
+                Some("2026-11-29T08:00:00+00:00"),
+            ),
+            (
+                "0 8 * * *",
+                "UTC",
+                "2026-11-29T07:59:59Z",
+                Some("2026-11-28T08:00:00+00:00"),
+            ),
+            // Weekdays only: on Monday morning, Friday's.
+            (
+                "0 20 * * Mon-Fri",
+                "Asia/Tokyo",
+                "2026-11-30T00:00:00Z",
+                Some("2026-11-27T20:00:00+09:00"),
+            ),
+            (
+                "0 8 ? * Mon-Fri",
+                "Europe/Berlin",
+                "2026-12-06T12:00:00Z",
+                Some("2026-12-04T08:00:00+01:00"),
+            ),
+            // Every second: the same second, sub-second part dropped.
+            (
+                "* * * * * *",
+                "UTC",
+                "2026-11-29T10:00:02.750Z",
+                Some("2026-11-29T10:00:02+00:00"),
+            ),
+            // Spring forward (New York 02:00 -> 03:00): 02:30 fires at 03:00, the end of the gap.
+            (
+                "30 2 * * *",
+                "America/New_York",
+                "2027-03-14T07:00:00Z",
+                Some("2027-03-14T03:00:00-04:00"),
+            ),
+            (
+                "30 2 * * *",
+                "America/New_York",
+                "2027-03-14T06:59:59Z",
+                Some("2027-03-13T02:30:00-05:00"),
+            ),
+            (
+                "*/15 * * * *",
+                "America/New_York",
+                "2027-03-14T07:10:00Z",
+                Some("2027-03-14T03:00:00-04:00"),
+            ),
+            // Fall back (New York 02:00 -> 01:00): during the repeated hour, its first occurrence.
+            (
+                "30 1 * * *",
+                "America/New_York",
+                "2026-11-01T06:45:00Z",
+                Some("2026-11-01T01:30:00-04:00"),
+            ),
+            (
+                "0 * * * *",
+                "America/New_York",
+                "2026-11-01T06:59:59Z",
+                Some("2026-11-01T01:00:00-04:00"),
+            ),
+            (
+                "0 * * * *",
+                "America/New_York",
+                "2026-11-01T07:00:00Z",
+                Some("2026-11-01T02:00:00-05:00"),
+            ),
+            (
+                "*/20 * * * *",
+                "America/New_York",
+                "2026-11-01T06:30:00Z",
+                Some("2026-11-01T01:40:00-04:00"),
+            ),
+            // Lord Howe's 30-minute changes.
+            (
+                "15 2 * * *",
+                "Australia/Lord_Howe",
+                "2026-10-03T15:30:00Z",
+                Some("2026-10-04T02:30:00+11:00"),
+            ),
+            (
+                "45 1 * * *",
+                "Australia/Lord_Howe",
+                "2027-04-03T15:20:00Z",
+                Some("2027-04-04T01:45:00+11:00"),
+            ),
+            // Leap day, four years back; never.
+            (
+                "0 0 29 2 *",
+                "UTC",
+                "2027-03-01T00:00:00Z",
+                Some("2024-02-29T00:00:00+00:00"),
+            ),
+            ("0 0 30 2 *", "UTC", "2027-03-01T00:00:00Z", None),
+        ];
+        for (expr, zone, at, want) in cases {
+            let zone: Tz = zone.parse().unwrap();
+            let got = CronSchedule::parse(expr)
+                .unwrap()
+                .prev_at_or_before(utc(at), zone)
+                .map(|t| t.with_timezone(&zone).to_rfc3339());
+            assert_eq!(got.as_deref(), *want, "{expr} in {zone} at {at}");
         }
     }
 
