@@ -5,7 +5,9 @@
 //! this instant?" (`prev_at_or_before`).
 //!
 //! Semantics (these are shiftd's, not the `cron` crate's, which only parses the fields):
-//! - 5 fields (`min hour dom month dow`) or 6 with leading seconds.
+//! - 5 fields (`min hour dom month dow`) or 6 with leading seconds, or one of crontab's macros:
+//!   `@yearly` (`@annually`), `@monthly`, `@weekly`, `@daily` (`@midnight`), `@hourly`. `@reboot` is
+//!   refused: shiftd acts at instants, and catches up after a restart.
 //! - Day of week counts as in crontab: 0 and 7 are Sunday, 1 is Monday; names `Sun`..`Sat` work too.
 //! - When both day-of-month and day-of-week are restricted (neither starts with `*`), a day matches
 //!   when *either* matches; otherwise both must (one of them matches every day anyway).
@@ -67,7 +69,8 @@ impl CronSchedule {
             expression: expression.to_string(),
             reason,
         };
-        let fields: Vec<&str> = expression.split_whitespace().collect();
+        let expanded = expand_macro(expression.trim()).map_err(err)?;
+        let fields: Vec<&str> = expanded.unwrap_or(expression).split_whitespace().collect();
         let (seconds, rest) = match fields.len() {
             5 => ("0", &fields[..]),
             6 => (fields[0], &fields[1..]),
@@ -336,6 +339,34 @@ impl Iterator for Firings<'_> {
         self.date = self.last_date.succ_opt().unwrap_or(NaiveDate::MAX);
         None
     }
+}
+
+/// The five fields a crontab macro (`@daily`...) stands for; `None` for an expression that is not one.
+fn expand_macro(expression: &str) -> Result<Option<&'static str>, String> {
+    if !expression.starts_with('@') {
+        return Ok(None);
+    }
+    let fields = match expression.to_ascii_lowercase().as_str() {
+        "@yearly" | "@annually" => "0 0 1 1 *",
+        "@monthly" => "0 0 1 * *",
+        "@weekly" => "0 0 * * 0",
+        "@daily" | "@midnight" => "0 0 * * *",
+        "@hourly" => "0 * * * *",
+        "@reboot" => {
+            return Err(
+                "@reboot is not supported: shiftd acts at instants, and occurrences due while \
+                        it was not running are caught up (or reported as missed) when it starts"
+                    .to_string(),
+            );
+        }
+        _ => {
+            return Err(format!(
+                "unknown macro {expression:?}: expected one of @yearly, @annually, @monthly, @weekly, \
+                 @daily, @midnight or @hourly, alone, or cron fields"
+            ));
+        }
+    };
+    Ok(Some(fields))
 }
 
 /// Maps a local wall-clock time to the instant it fires at: the earlier of two occurrences, or the end of
@@ -1003,6 +1034,39 @@ mod tests {
     }
 
     #[test]
+    fn macros_fire_as_the_fields_they_stand_for() {
+        // (macro, the fields it stands for)
+        let cases = [
+            ("@yearly", "0 0 1 1 *"),
+            ("@annually", "0 0 1 1 *"),
+            ("@monthly", "0 0 1 * *"),
+            ("@weekly", "0 0 * * 0"),
+            ("@daily", "0 0 * * *"),
+            ("@midnight", "0 0 * * *"),
+            ("@hourly", "0 * * * *"),
+            (" @Daily ", "0 0 * * *"),
+        ];
+        let zone: Tz = "Europe/Berlin".parse().unwrap();
+        let (after, until) = (utc("2026-11-29T00:00:00Z"), utc("2028-12-31T00:00:00Z"));
+        for (m, fields) in cases {
+            let got = CronSchedule::parse(m).unwrap();
+            assert_eq!(got.source(), m);
+            let want = CronSchedule::parse(fields).unwrap();
+            let got = got.firings_between(after, until, zone, 100_000);
+            assert!(!got.is_empty(), "{m}");
+            assert_eq!(
+                got,
+                want.firings_between(after, until, zone, 100_000),
+                "{m}"
+            );
+        }
+        assert_eq!(
+            next("@weekly", "UTC", "2026-11-30T00:00:00Z").as_deref(),
+            Some("2026-12-06T00:00:00+00:00")
+        );
+    }
+
+    #[test]
     fn parse_errors_say_what_is_wrong() {
         let cases: &[(&str, &str)] = &[
             ("0 8 * *", "expected 5 fields"),
@@ -1021,6 +1085,16 @@ mod tests {
             ("0 8 * * Funday", "'Funday' is not a valid day of the week;"),
             ("0 8 * Jam *", "'Jam' is not a valid month name;"),
             ("0 8 * * */0", "not a positive number"),
+            (
+                "@reboot",
+                "@reboot is not supported: shiftd acts at instants, and occurrences due while it was \
+                 not running are caught up (or reported as missed) when it starts",
+            ),
+            (
+                "@fortnightly",
+                "unknown macro \"@fortnightly\": expected one of @yearly, @annually, @monthly,",
+            ),
+            ("@daily 8", "unknown macro \"@daily 8\""),
             // "?" only as a whole day field, and in one of them.
             (
                 "0 8 ? * ?",
