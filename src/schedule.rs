@@ -14,6 +14,10 @@
 //! - `?` (as in EventBridge and Quartz) as the whole day-of-month or day-of-week field means "no specific
 //!   value": the other day field alone decides (`0 8 ? * Mon-Fri` fires on weekdays only). It is an
 //!   error in both day fields at once, and in any other field.
+//! - Quartz and EventBridge day rules, in lists or alone: in day-of-month `L` (the last day), `LW` (the
+//!   last weekday, Monday to Friday) and `nW` (the weekday nearest day n, within the month); in
+//!   day-of-week `dL` (the last day d of the month: `5L`, `FriL`) and `d#k` (the k-th day d: `Mon#2`).
+//!   The `cron` crate does not parse them: they are taken out of the fields handed to it and matched here.
 //! - A local time that does not exist (DST spring forward) fires once, at the first instant after the gap.
 //! - A local time that occurs twice (DST fall back) fires once, at its first occurrence.
 
@@ -21,7 +25,7 @@ use std::str::FromStr;
 
 use chrono::{
     DateTime, Datelike, Duration, LocalResult, NaiveDate, NaiveDateTime, NaiveTime, Offset,
-    TimeZone, Timelike, Utc,
+    TimeZone, Timelike, Utc, Weekday,
 };
 use chrono_tz::Tz;
 use cron::TimeUnitSpec;
@@ -59,8 +63,85 @@ fn cron_reason(e: &cron::error::Error) -> String {
 pub struct CronSchedule {
     source: String,
     fields: cron::Schedule,
-    day_of_month_restricted: bool,
-    day_of_week_restricted: bool,
+    day_of_month: DayField,
+    day_of_week: DayField,
+}
+
+/// How one day field decides, beyond what the `cron` crate parsed of it.
+#[derive(Clone, Debug)]
+struct DayField {
+    /// Not `*` or `?` (crontab: when both day fields are restricted, either matching is enough).
+    restricted: bool,
+    /// Whether the field has plain items (days, ranges, steps), which the `cron` crate matches. When it
+    /// only has special ones, the crate was given `*` and its answer does not count.
+    plain: bool,
+    special: Vec<SpecialDay>,
+}
+
+impl DayField {
+    fn matches(&self, date: NaiveDate, plain_match: bool) -> bool {
+        (self.plain && plain_match) || self.special.iter().any(|s| s.matches(date))
+    }
+}
+
+/// Day rules of Quartz and EventBridge that the `cron` crate does not parse, matched by shiftd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SpecialDay {
+    /// `L` in day-of-month: the last day of the month.
+    LastDay,
+    /// `LW`: the last weekday (Monday to Friday) of the month.
+    LastWeekday,
+    /// `nW`: the weekday nearest day n, within the month (none in a month without day n).
+    NearestWeekday(u32),
+    /// `dL` in day-of-week: the last of these days in the month.
+    LastOf(Weekday),
+    /// `d#k`: the k-th of these days in the month.
+    Nth(Weekday, u32),
+}
+
+impl SpecialDay {
+    fn matches(self, date: NaiveDate) -> bool {
+        let last = last_day_of_month(date);
+        match self {
+            SpecialDay::LastDay => date.day() == last,
+            SpecialDay::LastWeekday => {
+                let back = match date.with_day(last).map(|d| d.weekday()) {
+                    Some(Weekday::Sat) => 1,
+                    Some(Weekday::Sun) => 2,
+                    _ => 0,
+                };
+                date.day() == last - back
+            }
+            SpecialDay::NearestWeekday(n) => {
+                let Some(day) = date.with_day(n) else {
+                    return false;
+                };
+                let nearest = match day.weekday() {
+                    Weekday::Sat if n == 1 => 3,
+                    Weekday::Sat => n - 1,
+                    Weekday::Sun if n == last => n - 2,
+                    Weekday::Sun => n + 1,
+                    _ => n,
+                };
+                date.day() == nearest
+            }
+            SpecialDay::LastOf(weekday) => date.weekday() == weekday && date.day() + 7 > last,
+            SpecialDay::Nth(weekday, k) => {
+                date.weekday() == weekday && (date.day() - 1) / 7 + 1 == k
+            }
+        }
+    }
+}
+
+fn last_day_of_month(date: NaiveDate) -> u32 {
+    let first_of_next = if date.month() == 12 {
+        NaiveDate::from_ymd_opt(date.year() + 1, 1, 1)
+    } else {
+        NaiveDate::from_ymd_opt(date.year(), date.month() + 1, 1)
+    };
+    first_of_next
+        .and_then(|d| d.pred_opt())
+        .map_or(31, |d| d.day())
 }
 
 impl CronSchedule {
@@ -88,10 +169,17 @@ impl CronSchedule {
             (hour, "hour"),
             (month, "month"),
         ];
-        if let Some((field, name)) = named.iter().find(|(f, _)| f.contains('?')) {
-            return Err(err(format!(
-                "{name} {field:?}: \"?\" (no specific value) is only for day-of-month or day-of-week"
-            )));
+        for (field, name) in named {
+            if field.contains('?') {
+                return Err(err(format!(
+                    "{name} {field:?}: \"?\" (no specific value) is only for day-of-month or day-of-week"
+                )));
+            }
+            if has_day_syntax(field, name == "month") {
+                return Err(err(format!(
+                    "{name} {field:?}: \"L\", \"W\" and \"#\" are only for day-of-month and day-of-week"
+                )));
+            }
         }
         for (field, name) in [(dom, "day-of-month"), (dow, "day-of-week")] {
             if field.contains('?') && field != "?" {
@@ -113,14 +201,28 @@ impl CronSchedule {
             (dom, "?") => (dom, "*"),
             fields => fields,
         };
-        let dow_names = crontab_day_of_week_to_names(dow).map_err(err)?;
-        let translated = format!("{seconds} {minute} {hour} {dom} {month} {dow_names}");
+        let (dom_plain, dom_special) = split_day_of_month(dom).map_err(err)?;
+        let (dow_plain, dow_special) = split_day_of_week(dow).map_err(err)?;
+        let dow_names =
+            crontab_day_of_week_to_names(dow_plain.as_deref().unwrap_or("*")).map_err(err)?;
+        let translated = format!(
+            "{seconds} {minute} {hour} {} {month} {dow_names}",
+            dom_plain.as_deref().unwrap_or("*")
+        );
         let parsed = cron::Schedule::from_str(&translated).map_err(|e| err(cron_reason(&e)))?;
         Ok(Self {
             source: expression.to_string(),
             fields: parsed,
-            day_of_month_restricted: !dom.starts_with('*'),
-            day_of_week_restricted: !dow.starts_with('*'),
+            day_of_month: DayField {
+                restricted: !dom.starts_with('*'),
+                plain: dom_plain.is_some(),
+                special: dom_special,
+            },
+            day_of_week: DayField {
+                restricted: !dow.starts_with('*'),
+                plain: dow_plain.is_some(),
+                special: dow_special,
+            },
         })
     }
 
@@ -132,13 +234,17 @@ impl CronSchedule {
         if !self.fields.months().includes(date.month()) {
             return false;
         }
-        let dom = self.fields.days_of_month().includes(date.day());
+        let dom = self
+            .day_of_month
+            .matches(date, self.fields.days_of_month().includes(date.day()));
         // cron crate ordinals: 1 = Sunday.
-        let dow = self
-            .fields
-            .days_of_week()
-            .includes(date.weekday().num_days_from_sunday() + 1);
-        if self.day_of_month_restricted && self.day_of_week_restricted {
+        let dow = self.day_of_week.matches(
+            date,
+            self.fields
+                .days_of_week()
+                .includes(date.weekday().num_days_from_sunday() + 1),
+        );
+        if self.day_of_month.restricted && self.day_of_week.restricted {
             dom || dow
         } else {
             dom && dow
@@ -395,6 +501,142 @@ fn resolve_local(zone: &Tz, naive: NaiveDateTime) -> Option<DateTime<Utc>> {
             None
         }
     }
+}
+
+/// Whether a field other than the day fields uses the day fields' `L`, `W` or `#`. Month names are
+/// letters too: there only the day fields' own forms count (`L`, `LW`, `15W`, `#`).
+fn has_day_syntax(field: &str, month: bool) -> bool {
+    field.split([',', '-', '/']).any(|item| {
+        let item = item.to_ascii_uppercase();
+        item.contains('#')
+            || item == "L"
+            || item == "LW"
+            || item
+                .strip_suffix('W')
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            || (!month && (item.contains('L') || item.contains('W')))
+    })
+}
+
+const DAY_OF_MONTH_EXPECTED: &str = "expected days 1-31 (ranges, lists, steps), \"L\" (last day), \
+     \"LW\" (last weekday) or \"nW\" (the weekday nearest day n)";
+
+/// Splits a day-of-month field into its plain items (for the `cron` crate; `None` if there are none)
+/// and its `L`, `LW` and `nW` items.
+fn split_day_of_month(field: &str) -> Result<(Option<String>, Vec<SpecialDay>), String> {
+    let mut plain = Vec::new();
+    let mut special = Vec::new();
+    for item in field.split(',') {
+        let upper = item.to_ascii_uppercase();
+        if upper.contains('#') {
+            return Err(format!(
+                "day-of-month {item:?}: \"#\" (the n-th weekday) is only for day-of-week, e.g. \"Mon#2\""
+            ));
+        }
+        if upper == "L" {
+            special.push(SpecialDay::LastDay);
+        } else if upper == "LW" {
+            special.push(SpecialDay::LastWeekday);
+        } else if let Some(n) = upper.strip_suffix('W').filter(|n| !n.contains(['L', 'W'])) {
+            match n.parse::<u32>() {
+                Ok(n @ 1..=31) => special.push(SpecialDay::NearestWeekday(n)),
+                _ => {
+                    return Err(format!(
+                        "day-of-month {item:?}: \"nW\" needs a day n from 1 to 31 (\"15W\": the weekday \
+                         nearest the 15th)"
+                    ));
+                }
+            }
+        } else if upper.contains(['L', 'W']) {
+            return Err(format!("day-of-month {item:?}: {DAY_OF_MONTH_EXPECTED}"));
+        } else {
+            plain.push(item);
+        }
+    }
+    Ok(((!plain.is_empty()).then(|| plain.join(",")), special))
+}
+
+/// Splits a day-of-week field into its plain items (`None` if there are none) and its `dL` and `d#k`
+/// items.
+fn split_day_of_week(field: &str) -> Result<(Option<String>, Vec<SpecialDay>), String> {
+    let mut plain = Vec::new();
+    let mut special = Vec::new();
+    for item in field.split(',') {
+        if let Some((day, k)) = item.split_once('#') {
+            let day = weekday(day).ok_or_else(|| {
+                format!(
+                    "day-of-week {item:?}: \"d#k\" needs a day d (0-7 or Sun-Sat) and k from 1 to 5, \
+                     e.g. \"Mon#2\" for the second Monday"
+                )
+            })?;
+            match k.parse::<u32>() {
+                Ok(k @ 1..=5) => special.push(SpecialDay::Nth(day, k)),
+                _ => {
+                    return Err(format!(
+                        "day-of-week {item:?}: a month has at most 5 of each day; use 1 to 5 after \"#\""
+                    ));
+                }
+            }
+        } else if let Some(day) = item.strip_suffix(['L', 'l']) {
+            if day.is_empty() {
+                return Err(format!(
+                    "day-of-week {item:?}: say which day is the last of the month, e.g. \"FriL\" or \
+                     \"5L\" for the last Friday"
+                ));
+            }
+            let day = weekday(day).ok_or_else(|| {
+                format!(
+                    "day-of-week {item:?}: \"dL\" needs a day d (0-7 or Sun-Sat), e.g. \"FriL\" or \
+                     \"5L\" for the last Friday of the month"
+                )
+            })?;
+            special.push(SpecialDay::LastOf(day));
+        } else if item.ends_with(['W', 'w']) {
+            return Err(format!(
+                "day-of-week {item:?}: \"W\" (nearest weekday) is only for day-of-month, e.g. \"15W\""
+            ));
+        } else {
+            plain.push(item);
+        }
+    }
+    Ok(((!plain.is_empty()).then(|| plain.join(",")), special))
+}
+
+/// A day of the week as crontab writes it: 0-7 (0 and 7 are Sunday) or a name.
+fn weekday(text: &str) -> Option<Weekday> {
+    const NAMES: [(&str, Weekday); 16] = [
+        ("sun", Weekday::Sun),
+        ("sunday", Weekday::Sun),
+        ("mon", Weekday::Mon),
+        ("monday", Weekday::Mon),
+        ("tue", Weekday::Tue),
+        ("tues", Weekday::Tue),
+        ("tuesday", Weekday::Tue),
+        ("wed", Weekday::Wed),
+        ("wednesday", Weekday::Wed),
+        ("thu", Weekday::Thu),
+        ("thurs", Weekday::Thu),
+        ("thursday", Weekday::Thu),
+        ("fri", Weekday::Fri),
+        ("friday", Weekday::Fri),
+        ("sat", Weekday::Sat),
+        ("saturday", Weekday::Sat),
+    ];
+    const BY_NUMBER: [Weekday; 8] = [
+        Weekday::Sun,
+        Weekday::Mon,
+        Weekday::Tue,
+        Weekday::Wed,
+        Weekday::Thu,
+        Weekday::Fri,
+        Weekday::Sat,
+        Weekday::Sun,
+    ];
+    if let Ok(n) = text.parse::<usize>() {
+        return BY_NUMBER.get(n).copied();
+    }
+    let lower = text.to_ascii_lowercase();
+    NAMES.iter().find(|(n, _)| *n == lower).map(|(_, d)| *d)
 }
 
 const DAY_NAMES: [&str; 8] = ["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT", "SUN"];
@@ -826,6 +1068,10 @@ mod tests {
             "*/7 * * * * *",
             "* * * * * *",
             "* 2 * * * *",
+            "0 8 LW * ?",
+            "30 1 ? * Sun#1",
+            "0 2 ? * SunL",
+            "15 2 1W * ?",
         ];
         let zones = [
             "America/New_York",
@@ -1067,6 +1313,119 @@ mod tests {
     }
 
     #[test]
+    fn last_nearest_weekday_and_nth_days() {
+        const LAST_FRIDAYS: &[&str] = &[
+            "05-29", "06-26", "07-31", "08-28", "09-25", "10-30", "11-27",
+        ];
+        const LAST_SUNDAYS: &[&str] = &[
+            "05-31", "06-28", "07-26", "08-30", "09-27", "10-25", "11-29",
+        ];
+        const SECOND_MONDAYS: &[&str] = &[
+            "05-11", "06-08", "07-13", "08-10", "09-14", "10-12", "11-09",
+        ];
+        const FIRST_MONDAYS_AND_LAST_FRIDAYS: &[&str] = &[
+            "05-04", "05-29", "06-01", "06-26", "07-06", "07-31", "08-03", "08-28", "09-07",
+            "09-25", "10-05", "10-30", "11-02", "11-27",
+        ];
+        const LAST_DAYS: &[&str] = &[
+            "05-31", "06-30", "07-31", "08-31", "09-30", "10-31", "11-30",
+        ];
+        // May to November 2026 in Berlin, at 08:00: (expression, the dates it fires on).
+        let cases: &[(&str, &[&str])] = &[
+            ("0 8 L * ?", LAST_DAYS),
+            ("0 8 l * *", LAST_DAYS),
+            // The last weekday: Sunday 31 May -> Friday 29th, Saturday 31 October -> Friday 30th.
+            (
+                "0 8 LW * ?",
+                &[
+                    "05-29", "06-30", "07-31", "08-31", "09-30", "10-30", "11-30",
+                ],
+            ),
+            // Saturday 1 August -> Monday 3rd (not Friday 31 July); Sunday 1 November -> Monday 2nd.
+            (
+                "0 8 1W * ?",
+                &[
+                    "05-01", "06-01", "07-01", "08-03", "09-01", "10-01", "11-02",
+                ],
+            ),
+            // Saturday 15 August -> Friday 14th; Sunday 15 November -> Monday 16th.
+            (
+                "0 8 15W * ?",
+                &[
+                    "05-15", "06-15", "07-15", "08-14", "09-15", "10-15", "11-16",
+                ],
+            ),
+            // Sunday 31 May -> Friday 29th (not Monday 1 June); no 31st in June, September, November.
+            ("0 8 31W * ?", &["05-29", "07-31", "08-31", "10-30"]),
+            // The last Friday, in numbers (crontab's: 5 is Friday) or by name.
+            ("0 8 ? * 5L", LAST_FRIDAYS),
+            ("0 8 ? * FriL", LAST_FRIDAYS),
+            ("0 8 ? * fridayL", LAST_FRIDAYS),
+            ("0 8 ? * 0L", LAST_SUNDAYS),
+            ("0 8 ? * 7L", LAST_SUNDAYS),
+            ("0 8 ? * SunL", LAST_SUNDAYS),
+            ("0 8 ? * Mon#2", SECOND_MONDAYS),
+            ("0 8 ? * 1#2", SECOND_MONDAYS),
+            ("0 8 * * Mon#2", SECOND_MONDAYS),
+            ("0 0 8 ? * MON#2", SECOND_MONDAYS),
+            ("0 8 ? * Fri#5", &["05-29", "07-31", "10-30"]),
+            // In lists, with plain items.
+            (
+                "0 8 1,L * ?",
+                &[
+                    "05-01", "05-31", "06-01", "06-30", "07-01", "07-31", "08-01", "08-31",
+                    "09-01", "09-30", "10-01", "10-31", "11-01", "11-30",
+                ],
+            ),
+            ("0 8 ? * Mon#1,FriL", FIRST_MONDAYS_AND_LAST_FRIDAYS),
+            ("0 8 ? * FriL,Mon#1", FIRST_MONDAYS_AND_LAST_FRIDAYS),
+            // Both day fields restricted: crontab's OR, as with plain days.
+            (
+                "0 8 L * Mon#1",
+                &[
+                    "05-04", "05-31", "06-01", "06-30", "07-06", "07-31", "08-03", "08-31",
+                    "09-07", "09-30", "10-05", "10-31", "11-02", "11-30",
+                ],
+            ),
+            // With a month: the last day of February is... not in these months.
+            ("0 8 L 2 ?", &[]),
+            ("0 8 L 5,Jul ?", &["05-31", "07-31"]),
+        ];
+        for (expr, dates) in cases {
+            let want: Vec<String> = dates.iter().map(|d| format!("2026-{d} 08:00")).collect();
+            assert_eq!(
+                local_firings(
+                    expr,
+                    "Europe/Berlin",
+                    "2026-04-30T22:00:00Z",
+                    "2026-11-30T23:00:00Z"
+                ),
+                want,
+                "{expr}"
+            );
+        }
+        // Leap years, and a last weekday in winter.
+        assert_eq!(
+            local_firings(
+                "0 8 L 2 ?",
+                "UTC",
+                "2027-01-01T00:00:00Z",
+                "2029-01-01T00:00:00Z"
+            ),
+            ["2027-02-28 08:00", "2028-02-29 08:00"]
+        );
+        assert_eq!(
+            local_firings(
+                "0 8 LW * ?",
+                "UTC",
+                "2027-01-01T00:00:00Z",
+                "2027-04-01T00:00:00Z"
+            ),
+            ["2027-01-29 08:00", "2027-02-26 08:00", "2027-03-31 08:00"]
+        );
+    }
+
+    #[test]
     fn parse_errors_say_what_is_wrong() {
         let cases: &[(&str, &str)] = &[
             ("0 8 * *", "expected 5 fields"),
@@ -1095,6 +1454,86 @@ mod tests {
                 "unknown macro \"@fortnightly\": expected one of @yearly, @annually, @monthly,",
             ),
             ("@daily 8", "unknown macro \"@daily 8\""),
+            // L, W and #: where they belong, with what they need.
+            (
+                "0 8 W * ?",
+                "day-of-month \"W\": \"nW\" needs a day n from 1 to 31 (\"15W\": the weekday nearest the 15th)",
+            ),
+            (
+                "0 8 32W * ?",
+                "day-of-month \"32W\": \"nW\" needs a day n from 1 to 31",
+            ),
+            (
+                "0 8 0W * ?",
+                "day-of-month \"0W\": \"nW\" needs a day n from 1 to 31",
+            ),
+            (
+                "0 8 L-2 * ?",
+                "day-of-month \"L-2\": expected days 1-31 (ranges, lists, steps), \"L\" (last day), \
+                 \"LW\" (last weekday) or \"nW\" (the weekday nearest day n)",
+            ),
+            ("0 8 1-LW * ?", "day-of-month \"1-LW\": expected days 1-31"),
+            (
+                "0 8 1#2 * ?",
+                "day-of-month \"1#2\": \"#\" (the n-th weekday) is only for day-of-week, e.g. \"Mon#2\"",
+            ),
+            (
+                "0 8 ? * L",
+                "day-of-week \"L\": say which day is the last of the month, e.g. \"FriL\" or \"5L\"",
+            ),
+            (
+                "0 8 ? * 8L",
+                "day-of-week \"8L\": \"dL\" needs a day d (0-7 or Sun-Sat)",
+            ),
+            ("0 8 ? * FunL", "day-of-week \"FunL\": \"dL\" needs a day d"),
+            (
+                "0 8 ? * Mon-FriL",
+                "day-of-week \"Mon-FriL\": \"dL\" needs a day d",
+            ),
+            (
+                "0 8 ? * Mon#6",
+                "day-of-week \"Mon#6\": a month has at most 5 of each day; use 1 to 5 after \"#\"",
+            ),
+            (
+                "0 8 ? * Mon#0",
+                "day-of-week \"Mon#0\": a month has at most 5",
+            ),
+            (
+                "0 8 ? * Mon#",
+                "day-of-week \"Mon#\": a month has at most 5",
+            ),
+            (
+                "0 8 ? * Funday#2",
+                "day-of-week \"Funday#2\": \"d#k\" needs a day d (0-7 or Sun-Sat) and k from 1 to 5",
+            ),
+            (
+                "0 8 ? * 15W",
+                "day-of-week \"15W\": \"W\" (nearest weekday) is only for day-of-month, e.g. \"15W\"",
+            ),
+            (
+                "L 8 * * *",
+                "minute \"L\": \"L\", \"W\" and \"#\" are only for day-of-month and day-of-week",
+            ),
+            (
+                "0 1W * * *",
+                "hour \"1W\": \"L\", \"W\" and \"#\" are only for",
+            ),
+            (
+                "0#2 0 8 * * *",
+                "second \"0#2\": \"L\", \"W\" and \"#\" are only for",
+            ),
+            (
+                "0 8 * L *",
+                "month \"L\": \"L\", \"W\" and \"#\" are only for",
+            ),
+            (
+                "0 8 * 15W *",
+                "month \"15W\": \"L\", \"W\" and \"#\" are only for",
+            ),
+            (
+                "0 8 * Jan-Jul#2 *",
+                "month \"Jan-Jul#2\": \"L\", \"W\" and \"#\" are only for",
+            ),
             // "?" only as a whole day field, and in one of them.
             (
                 "0 8 ? * ?",
