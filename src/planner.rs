@@ -34,15 +34,40 @@ pub fn next_due(config: &Config, after: DateTime<Utc>) -> Option<DateTime<Utc>> 
         .min()
 }
 
-/// What became due in `(after, now]`: per rule and action, the latest occurrence is `due` (acted on if it
-/// is at most [`LATE_TOLERANCE`] old) and every other occurrence is `missed`. Each occurrence appears in
-/// exactly one of the lists, so walking time forward in adjacent windows handles each exactly once.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct DueWork {
-    pub due: Vec<Firing>,
-    pub missed: Vec<Firing>,
+/// Missed occurrences are counted up to this many per rule and action, so that catching up after a
+/// long outage costs a bounded time whatever the rules (a rule firing every second misses 86,400 a day).
+pub const MISSED_COUNT_CAP: u64 = 10_000;
+
+/// Occurrences of one rule's action that came and went, more than [`LATE_TOLERANCE`] ago, without being
+/// acted on (shiftd was not running, or the machine was suspended).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Missed {
+    pub rule: String,
+    pub action: Action,
+    /// How many, counting once the instants at which several of the action's expressions fire together.
+    /// Exact up to [`MISSED_COUNT_CAP`]; beyond that, `count` is the cap and `count_is_lower_bound` set.
+    pub count: u64,
+    pub count_is_lower_bound: bool,
+    /// The earliest and the latest (equal when `count` is 1).
+    pub first: DateTime<Utc>,
+    pub last: DateTime<Utc>,
 }
 
+/// What became due in `(after, now]`. Per rule and action, the latest occurrence is in `due` when it is at
+/// most [`LATE_TOLERANCE`] old; every other occurrence, and the latest one when it is older, is counted
+/// in one [`Missed`] entry. Each occurrence is in exactly one of the two, so walking time forward in
+/// adjacent windows handles each exactly once.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct DueWork {
+    /// At most one per rule and action, in configuration order.
+    pub due: Vec<Firing>,
+    /// At most one per rule and action, by earliest occurrence.
+    pub missed: Vec<Missed>,
+}
+
+/// Costs a few time zone conversions per rule and action for a short window, and at most
+/// [`MISSED_COUNT_CAP`] steps of counting per rule and action whatever the window: the latest occurrence
+/// is found searching back from `now`, not forward from `after`.
 pub fn due_between(config: &Config, after: DateTime<Utc>, now: DateTime<Utc>) -> DueWork {
     let mut work = DueWork::default();
     if now <= after {
@@ -50,32 +75,81 @@ pub fn due_between(config: &Config, after: DateTime<Utc>, now: DateTime<Utc>) ->
     }
     let tolerance = chrono::Duration::from_std(LATE_TOLERANCE).expect("small constant");
     for rule in &config.rules {
+        let zone = rule.timezone;
         for action in [Action::Start, Action::Stop] {
-            // Latest occurrence of any of this action's expressions; several expressions that fire at the
-            // same instant count once.
-            let mut instants: BTreeSet<DateTime<Utc>> = BTreeSet::new();
-            for s in rule.schedules(action) {
-                // A rule firing every second over a long outage is bounded: only the count matters then.
-                instants.extend(s.firings_between(after, now, rule.timezone, 10_000));
-            }
-            let Some(latest) = instants.pop_last() else {
+            let schedules = rule.schedules(action);
+            // The latest of any of this action's expressions, so several firing together count once.
+            let latest_in = |until| {
+                schedules
+                    .iter()
+                    .filter_map(|s| s.latest_in(Some(after), until, zone))
+                    .max()
+            };
+            let Some(latest) = latest_in(now) else {
                 continue;
             };
-            let firing = |at| Firing {
+            let last_missed = if now - latest <= tolerance {
+                work.due.push(Firing {
+                    rule: rule.name.clone(),
+                    action,
+                    at: latest,
+                });
+                latest_in(latest - chrono::Duration::nanoseconds(1))
+            } else {
+                Some(latest)
+            };
+            let Some(last) = last_missed else {
+                continue;
+            };
+            // `last` is among the firings counted; should the two searches ever disagree, it is still
+            // reported.
+            let (first, count, count_is_lower_bound) = count_firings(
+                schedules
+                    .iter()
+                    .map(|s| s.firings_after(after, Some(last), zone)),
+                MISSED_COUNT_CAP,
+            )
+            .unwrap_or((last, 1, false));
+            work.missed.push(Missed {
                 rule: rule.name.clone(),
                 action,
-                at,
-            };
-            if now - latest <= tolerance {
-                work.due.push(firing(latest));
-            } else {
-                work.missed.push(firing(latest));
-            }
-            work.missed.extend(instants.into_iter().map(firing));
+                count,
+                count_is_lower_bound,
+                first,
+                last,
+            });
         }
     }
-    work.missed.sort_by_key(|f| f.at);
+    work.missed.sort_by_key(|m| m.first);
     work
+}
+
+/// The first of the distinct instants the (ordered) iterators yield together, and how many there are,
+/// counted up to `cap`: `(first, count, whether there are more than cap)`. `None` if there are none.
+fn count_firings(
+    iterators: impl Iterator<Item = impl Iterator<Item = DateTime<Utc>>>,
+    cap: u64,
+) -> Option<(DateTime<Utc>, u64, bool)> {
+    let mut iterators: Vec<_> = iterators.map(Iterator::peekable).collect();
+    let mut next = || {
+        let earliest = iterators
+            .iter_mut()
+            .filter_map(|i| i.peek().copied())
+            .min()?;
+        for i in &mut iterators {
+            i.next_if_eq(&earliest);
+        }
+        Some(earliest)
+    };
+    let first = next()?;
+    let mut count = 1;
+    while count < cap {
+        if next().is_none() {
+            return Some((first, count, false));
+        }
+        count += 1;
+    }
+    Some((first, count, next().is_some()))
 }
 
 /// What one rule asks of one account: an action on a selection, in some regions.
@@ -337,16 +411,41 @@ stop = "0 11 * * *"
         );
     }
 
-    #[test]
-    fn due_between_table() {
-        let c = config();
-        let f = |rule: &str, action, at| Firing {
+    fn firing(rule: &str, action: Action, at: &str) -> Firing {
+        Firing {
             rule: rule.into(),
             action,
             at: utc(at),
-        };
+        }
+    }
+
+    fn missed(rule: &str, action: Action, count: u64, first: &str, last: &str) -> Missed {
+        Missed {
+            rule: rule.into(),
+            action,
+            count,
+            count_is_lower_bound: false,
+            first: utc(first),
+            last: utc(last),
+        }
+    }
+
+    fn sorted_due(mut v: Vec<Firing>) -> Vec<Firing> {
+        v.sort_by(|a, b| (a.at, &a.rule, a.action).cmp(&(b.at, &b.rule, b.action)));
+        v
+    }
+
+    fn sorted_missed(mut v: Vec<Missed>) -> Vec<Missed> {
+        v.sort_by(|a, b| (a.first, &a.rule, a.action).cmp(&(b.first, &b.rule, b.action)));
+        v
+    }
+
+    #[test]
+    fn due_between_table() {
+        let c = config();
+        use Action::Stop;
         // (after, now, due, missed)
-        let cases: Vec<(&str, &str, Vec<Firing>, Vec<Firing>)> = vec![
+        let cases: Vec<(&str, &str, Vec<Firing>, Vec<Missed>)> = vec![
             (
                 "2026-11-29T10:00:00Z",
                 "2026-11-29T10:59:59Z",
@@ -359,9 +458,9 @@ stop = "0 11 * * *"
                 "2026-11-30T10:00:00Z",
                 "2026-11-30T11:00:00Z",
                 vec![
-                    f("nightly", Action::Stop, "2026-11-30T11:00:00Z"),
-                    f("eu", Action::Stop, "2026-11-30T11:00:00Z"),
-                    f("office", Action::Stop, "2026-11-30T11:00:00Z"),
+                    firing("nightly", Stop, "2026-11-30T11:00:00Z"),
+                    firing("eu", Stop, "2026-11-30T11:00:00Z"),
+                    firing("office", Stop, "2026-11-30T11:00:00Z"),
                 ],
                 vec![],
             ),
@@ -370,8 +469,8 @@ stop = "0 11 * * *"
                 "2026-11-29T10:00:00Z",
                 "2026-11-29T11:02:00Z",
                 vec![
-                    f("nightly", Action::Stop, "2026-11-29T11:00:00Z"),
-                    f("eu", Action::Stop, "2026-11-29T11:00:00Z"),
+                    firing("nightly", Stop, "2026-11-29T11:00:00Z"),
+                    firing("eu", Stop, "2026-11-29T11:00:00Z"),
                 ],
                 vec![],
             ),
@@ -381,8 +480,20 @@ stop = "0 11 * * *"
                 "2026-11-29T12:00:00Z",
                 vec![],
                 vec![
-                    f("nightly", Action::Stop, "2026-11-29T11:00:00Z"),
-                    f("eu", Action::Stop, "2026-11-29T11:00:00Z"),
+                    missed(
+                        "nightly",
+                        Stop,
+                        1,
+                        "2026-11-29T11:00:00Z",
+                        "2026-11-29T11:00:00Z",
+                    ),
+                    missed(
+                        "eu",
+                        Stop,
+                        1,
+                        "2026-11-29T11:00:00Z",
+                        "2026-11-29T11:00:00Z",
+                    ),
                 ],
             ),
             // Asleep over two days: the older occurrences are missed, the latest (on time) is due.
@@ -390,30 +501,410 @@ stop = "0 11 * * *"
                 "2026-11-27T10:30:00Z",
                 "2026-11-29T11:00:30Z",
                 vec![
-                    f("nightly", Action::Stop, "2026-11-29T11:00:00Z"),
-                    f("eu", Action::Stop, "2026-11-29T11:00:00Z"),
+                    firing("nightly", Stop, "2026-11-29T11:00:00Z"),
+                    firing("eu", Stop, "2026-11-29T11:00:00Z"),
                 ],
                 vec![
-                    f("office", Action::Stop, "2026-11-27T11:00:00Z"),
-                    f("nightly", Action::Stop, "2026-11-27T11:00:00Z"),
-                    f("eu", Action::Stop, "2026-11-27T11:00:00Z"),
-                    f("nightly", Action::Stop, "2026-11-28T11:00:00Z"),
-                    f("eu", Action::Stop, "2026-11-28T11:00:00Z"),
+                    missed(
+                        "office",
+                        Stop,
+                        1,
+                        "2026-11-27T11:00:00Z",
+                        "2026-11-27T11:00:00Z",
+                    ),
+                    missed(
+                        "nightly",
+                        Stop,
+                        2,
+                        "2026-11-27T11:00:00Z",
+                        "2026-11-28T11:00:00Z",
+                    ),
+                    missed(
+                        "eu",
+                        Stop,
+                        2,
+                        "2026-11-27T11:00:00Z",
+                        "2026-11-28T11:00:00Z",
+                    ),
+                ],
+            ),
+            // Asleep over a week, waking late: the latest is missed too. Mondays count once for the
+            // nightly rule's two expressions.
+            (
+                "2026-11-22T12:00:00Z",
+                "2026-11-30T12:00:00Z",
+                vec![],
+                vec![
+                    // 08:00 JST is 23:00Z the day before: Monday 23 to Friday 27, and Monday 30.
+                    missed(
+                        "office",
+                        Action::Start,
+                        6,
+                        "2026-11-22T23:00:00Z",
+                        "2026-11-29T23:00:00Z",
+                    ),
+                    missed(
+                        "office",
+                        Stop,
+                        6,
+                        "2026-11-23T11:00:00Z",
+                        "2026-11-30T11:00:00Z",
+                    ),
+                    missed(
+                        "nightly",
+                        Stop,
+                        8,
+                        "2026-11-23T11:00:00Z",
+                        "2026-11-30T11:00:00Z",
+                    ),
+                    missed(
+                        "eu",
+                        Stop,
+                        8,
+                        "2026-11-23T11:00:00Z",
+                        "2026-11-30T11:00:00Z",
+                    ),
                 ],
             ),
         ];
         for (after, now, due, missed) in cases {
             let got = due_between(&c, utc(after), utc(now));
-            let sorted = |mut v: Vec<Firing>| {
-                v.sort_by(|a, b| (a.at, &a.rule).cmp(&(b.at, &b.rule)));
-                v
-            };
-            assert_eq!(sorted(got.due), sorted(due), "due in ({after}, {now}]");
             assert_eq!(
-                sorted(got.missed),
-                sorted(missed),
+                sorted_due(got.due),
+                sorted_due(due),
+                "due in ({after}, {now}]"
+            );
+            assert_eq!(
+                sorted_missed(got.missed),
+                sorted_missed(missed),
                 "missed in ({after}, {now}]"
             );
+        }
+    }
+
+    const FREQUENT: &str = r#"
+[accounts.a1]
+role_arn = "arn:aws:iam::111111111111:role/r"
+regions = ["eu-west-1"]
+
+[[rules]]
+name = "every-second"
+account = "a1"
+instances = ["i-01234567"]
+start = "* * * * * *"
+timezone = "Europe/Berlin"
+
+[[rules]]
+name = "minutes"
+account = "a1"
+instances = ["i-01234567"]
+stop = ["*/2 * * * *", "*/3 * * * *"]
+timezone = "Europe/Berlin"
+
+[[rules]]
+name = "hourly"
+account = "a1"
+instances = ["i-01234567"]
+start = "0 * * * *"
+stop = "*/30 * * * *"
+timezone = "America/New_York"
+"#;
+
+    fn frequent() -> Config {
+        Config::parse(Path::new("t.toml"), FREQUENT).unwrap()
+    }
+
+    #[test]
+    fn due_between_finds_the_latest_occurrence_after_any_outage() {
+        use Action::{Start, Stop};
+        let c = frequent();
+        let lower_bound = |mut m: Missed| {
+            m.count_is_lower_bound = true;
+            m
+        };
+        // (after, now, due, missed)
+        let cases: Vec<(&str, &str, Vec<Firing>, Vec<Missed>)> = vec![
+            // Eight days asleep: what is due is this second's, not one 10,000 seconds after waking;
+            // the missed ones are counted up to the cap, from the first to the one just before.
+            (
+                "2027-03-22T12:00:00.5Z",
+                "2027-03-30T12:00:00.5Z",
+                vec![
+                    firing("every-second", Start, "2027-03-30T12:00:00Z"),
+                    firing("minutes", Stop, "2027-03-30T12:00:00Z"),
+                    firing("hourly", Start, "2027-03-30T12:00:00Z"),
+                    firing("hourly", Stop, "2027-03-30T12:00:00Z"),
+                ],
+                vec![
+                    lower_bound(missed(
+                        "every-second",
+                        Start,
+                        MISSED_COUNT_CAP,
+                        "2027-03-22T12:00:01Z",
+                        "2027-03-30T11:59:59Z",
+                    )),
+                    // Every 2 or 3 minutes: 40 an hour (30 + 20, less the 10 of both), the latest
+                    // due. Berlin springs forward meanwhile: the marks from 02:00 to 02:58 fire at
+                    // 03:00 with 03:00's, once, so every real hour still has 40.
+                    missed(
+                        "minutes",
+                        Stop,
+                        8 * 24 * 40 - 1,
+                        "2027-03-22T12:02:00Z",
+                        "2027-03-30T11:58:00Z",
+                    ),
+                    missed(
+                        "hourly",
+                        Start,
+                        8 * 24 - 1,
+                        "2027-03-22T13:00:00Z",
+                        "2027-03-30T11:00:00Z",
+                    ),
+                    missed(
+                        "hourly",
+                        Stop,
+                        8 * 48 - 1,
+                        "2027-03-22T12:30:00Z",
+                        "2027-03-30T11:30:00Z",
+                    ),
+                ],
+            ),
+            // An hour: 2- and 3-minute marks, those of 6 minutes counted once (30 + 20 - 10).
+            (
+                "2026-11-29T10:00:00Z",
+                "2026-11-29T11:00:30Z",
+                vec![
+                    firing("every-second", Start, "2026-11-29T11:00:30Z"),
+                    firing("minutes", Stop, "2026-11-29T11:00:00Z"),
+                    firing("hourly", Start, "2026-11-29T11:00:00Z"),
+                    firing("hourly", Stop, "2026-11-29T11:00:00Z"),
+                ],
+                vec![
+                    missed(
+                        "every-second",
+                        Start,
+                        3600 + 30 - 1,
+                        "2026-11-29T10:00:01Z",
+                        "2026-11-29T11:00:29Z",
+                    ),
+                    missed(
+                        "minutes",
+                        Stop,
+                        39,
+                        "2026-11-29T10:02:00Z",
+                        "2026-11-29T10:58:00Z",
+                    ),
+                    missed(
+                        "hourly",
+                        Stop,
+                        1,
+                        "2026-11-29T10:30:00Z",
+                        "2026-11-29T10:30:00Z",
+                    ),
+                ],
+            ),
+            // Berlin springs forward at 02:00 local (01:00Z): no second of the gap fires; the minute
+            // marks from 02:00 to 02:58 fire at 03:00 with 03:00's, once. New York, a few minutes late.
+            (
+                "2027-03-28T00:40:00Z",
+                "2027-03-28T01:03:00Z",
+                vec![
+                    firing("every-second", Start, "2027-03-28T01:03:00Z"),
+                    firing("minutes", Stop, "2027-03-28T01:03:00Z"),
+                    firing("hourly", Start, "2027-03-28T01:00:00Z"),
+                    firing("hourly", Stop, "2027-03-28T01:00:00Z"),
+                ],
+                vec![
+                    missed(
+                        "every-second",
+                        Start,
+                        23 * 60 - 1,
+                        "2027-03-28T00:40:01Z",
+                        "2027-03-28T01:02:59Z",
+                    ),
+                    // 01:41 to 01:59 local: 12; 02:00 to 03:00 local: 1; 03:02.
+                    missed(
+                        "minutes",
+                        Stop,
+                        12 + 1 + 1,
+                        "2027-03-28T00:42:00Z",
+                        "2027-03-28T01:02:00Z",
+                    ),
+                ],
+            ),
+            // New York falls back at 02:00 local (06:00Z): the repeated hour fires once.
+            (
+                "2026-11-01T04:20:00Z",
+                "2026-11-01T07:00:05Z",
+                vec![
+                    firing("every-second", Start, "2026-11-01T07:00:05Z"),
+                    firing("minutes", Stop, "2026-11-01T07:00:00Z"),
+                    firing("hourly", Start, "2026-11-01T07:00:00Z"),
+                    firing("hourly", Stop, "2026-11-01T07:00:00Z"),
+                ],
+                vec![
+                    // Berlin changed a week before: every second fires.
+                    missed(
+                        "every-second",
+                        Start,
+                        9605 - 1,
+                        "2026-11-01T04:20:01Z",
+                        "2026-11-01T07:00:04Z",
+                    ),
+                    // 04:21 to 04:59: 26; 40 in each of the next two hours.
+                    missed(
+                        "minutes",
+                        Stop,
+                        26 + 40 + 40,
+                        "2026-11-01T04:21:00Z",
+                        "2026-11-01T06:58:00Z",
+                    ),
+                    // 01:00 EDT only (05:00Z), not 01:00 EST (06:00Z).
+                    missed(
+                        "hourly",
+                        Start,
+                        1,
+                        "2026-11-01T05:00:00Z",
+                        "2026-11-01T05:00:00Z",
+                    ),
+                    // 00:30, 01:00, 01:30 EDT, not their repetitions in EST.
+                    missed(
+                        "hourly",
+                        Stop,
+                        3,
+                        "2026-11-01T04:30:00Z",
+                        "2026-11-01T05:30:00Z",
+                    ),
+                ],
+            ),
+        ];
+        for (after, now, due, missed) in cases {
+            let got = due_between(&c, utc(after), utc(now));
+            assert_eq!(
+                sorted_due(got.due),
+                sorted_due(due),
+                "due in ({after}, {now}]"
+            );
+            assert_eq!(
+                sorted_missed(got.missed),
+                sorted_missed(missed),
+                "missed in ({after}, {now}]"
+            );
+        }
+    }
+
+    #[test]
+    fn count_firings_merges_and_caps() {
+        let t = |s: i64| DateTime::<Utc>::from_timestamp(s, 0).unwrap();
+        // (the iterators' instants, cap, (first, count, more than cap))
+        type Case<'a> = (&'a [&'a [i64]], u64, Option<(i64, u64, bool)>);
+        let cases: &[Case] = &[
+            (&[], 10, None),
+            (&[&[], &[]], 10, None),
+            (&[&[1, 3, 5], &[3, 4]], 10, Some((1, 4, false))),
+            (&[&[1, 3, 5], &[3, 4]], 4, Some((1, 4, false))),
+            (&[&[1, 3, 5], &[3, 4]], 3, Some((1, 3, true))),
+            (&[&[2], &[1, 2], &[2, 9]], 10, Some((1, 3, false))),
+            (&[&[7]], 1, Some((7, 1, false))),
+        ];
+        for (instants, cap, want) in cases {
+            let iterators = instants.iter().map(|v| v.iter().map(|s| t(*s)));
+            let got = count_firings(iterators, *cap);
+            assert_eq!(
+                got,
+                want.map(|(first, n, more)| (t(first), n, more)),
+                "{instants:?} capped at {cap}"
+            );
+        }
+    }
+
+    /// Occurrences in `(after, now]` of each rule and action, counting once those of several expressions
+    /// at one instant.
+    fn occurrences(c: &Config, after: DateTime<Utc>, now: DateTime<Utc>) -> u64 {
+        let mut total = 0;
+        for rule in &c.rules {
+            for action in [Action::Start, Action::Stop] {
+                let instants: BTreeSet<DateTime<Utc>> = rule
+                    .schedules(action)
+                    .iter()
+                    .flat_map(|s| s.firings_between(after, now, rule.timezone, usize::MAX))
+                    .collect();
+                total += instants.len() as u64;
+            }
+        }
+        total
+    }
+
+    #[test]
+    fn adjacent_windows_handle_each_occurrence_once() {
+        // (configuration, instants where the daemon woke; the first is where it resumed)
+        let cases: Vec<(Config, Vec<&str>)> = vec![
+            (
+                config(),
+                vec![
+                    "2026-11-22T12:00:00Z",
+                    "2026-11-24T09:17:03Z",
+                    "2026-11-24T11:00:00Z",
+                    "2026-11-24T11:04:59Z",
+                    "2026-11-27T23:00:00.250Z",
+                    "2026-11-30T12:00:00Z",
+                ],
+            ),
+            (
+                frequent(),
+                vec![
+                    "2026-11-01T04:00:00Z",
+                    "2026-11-01T04:20:00.5Z",
+                    "2026-11-01T05:00:00Z",
+                    "2026-11-01T05:59:59Z",
+                    "2026-11-01T06:30:00Z",
+                    "2026-11-01T06:30:00.001Z",
+                    "2026-11-01T06:30:01Z",
+                    "2026-11-01T06:41:00Z",
+                ],
+            ),
+            (
+                frequent(),
+                vec![
+                    "2027-03-28T00:10:00Z",
+                    "2027-03-28T00:59:59Z",
+                    "2027-03-28T01:00:00Z",
+                    "2027-03-28T01:00:01Z",
+                    "2027-03-28T02:00:00Z",
+                ],
+            ),
+        ];
+        for (c, wakes) in cases {
+            let wakes: Vec<DateTime<Utc>> = wakes.into_iter().map(utc).collect();
+            let (start, end) = (wakes[0], *wakes.last().unwrap());
+            let handled = |work: &DueWork| {
+                work.due.len() as u64 + work.missed.iter().map(|m| m.count).sum::<u64>()
+            };
+            let whole = due_between(&c, start, end);
+            assert!(whole.missed.iter().all(|m| !m.count_is_lower_bound));
+            let mut walked = 0;
+            for pair in wakes.windows(2) {
+                let (after, now) = (pair[0], pair[1]);
+                let work = due_between(&c, after, now);
+                // Nothing outside the window.
+                for f in &work.due {
+                    assert!(after < f.at && f.at <= now, "{f:?} in ({after}, {now}]");
+                }
+                for m in &work.missed {
+                    assert!(
+                        after < m.first && m.first <= m.last && m.last <= now,
+                        "{m:?}"
+                    );
+                }
+                assert_eq!(
+                    handled(&work),
+                    occurrences(&c, after, now),
+                    "({after}, {now}]"
+                );
+                walked += handled(&work);
+            }
+            assert_eq!(walked, handled(&whole), "walking from {start} to {end}");
+            assert_eq!(walked, occurrences(&c, start, end), "from {start} to {end}");
         }
     }
 

@@ -1,19 +1,31 @@
 //! Cron schedules with crontab(5) semantics, evaluated in an IANA time zone.
 //!
-//! Pure: no clock reads. Every question is "what is the first firing strictly after this instant?".
+//! Pure: no clock reads. The questions are "what is the first firing strictly after this instant?"
+//! (`next_after`, and `firings_after` for the ones after it) and "what is the latest firing at or before
+//! this instant?" (`prev_at_or_before`).
 //!
 //! Semantics (these are shiftd's, not the `cron` crate's, which only parses the fields):
-//! - 5 fields (`min hour dom month dow`) or 6 with leading seconds.
+//! - 5 fields (`min hour dom month dow`) or 6 with leading seconds, or one of crontab's macros:
+//!   `@yearly` (`@annually`), `@monthly`, `@weekly`, `@daily` (`@midnight`), `@hourly`. `@reboot` is
+//!   refused: shiftd acts at instants, and catches up after a restart.
 //! - Day of week counts as in crontab: 0 and 7 are Sunday, 1 is Monday; names `Sun`..`Sat` work too.
 //! - When both day-of-month and day-of-week are restricted (neither starts with `*`), a day matches
 //!   when *either* matches; otherwise both must (one of them matches every day anyway).
+//! - `?` (as in EventBridge and Quartz) as the whole day-of-month or day-of-week field means "no specific
+//!   value": the other day field alone decides (`0 8 ? * Mon-Fri` fires on weekdays only). It is an
+//!   error in both day fields at once, and in any other field.
+//! - Quartz and EventBridge day rules, in lists or alone: in day-of-month `L` (the last day), `LW` (the
+//!   last weekday, Monday to Friday) and `nW` (the weekday nearest day n, within the month); in
+//!   day-of-week `dL` (the last day d of the month: `5L`, `FriL`) and `d#k` (the k-th day d: `Mon#2`).
+//!   The `cron` crate does not parse them: they are taken out of the fields handed to it and matched here.
 //! - A local time that does not exist (DST spring forward) fires once, at the first instant after the gap.
 //! - A local time that occurs twice (DST fall back) fires once, at its first occurrence.
 
 use std::str::FromStr;
 
 use chrono::{
-    DateTime, Datelike, Duration, NaiveDate, NaiveDateTime, NaiveTime, TimeZone, Timelike, Utc,
+    DateTime, Datelike, Duration, LocalResult, NaiveDate, NaiveDateTime, NaiveTime, Offset,
+    TimeZone, Timelike, Utc, Weekday,
 };
 use chrono_tz::Tz;
 use cron::TimeUnitSpec;
@@ -51,8 +63,85 @@ fn cron_reason(e: &cron::error::Error) -> String {
 pub struct CronSchedule {
     source: String,
     fields: cron::Schedule,
-    day_of_month_restricted: bool,
-    day_of_week_restricted: bool,
+    day_of_month: DayField,
+    day_of_week: DayField,
+}
+
+/// How one day field decides, beyond what the `cron` crate parsed of it.
+#[derive(Clone, Debug)]
+struct DayField {
+    /// Not `*` or `?` (crontab: when both day fields are restricted, either matching is enough).
+    restricted: bool,
+    /// Whether the field has plain items (days, ranges, steps), which the `cron` crate matches. When it
+    /// only has special ones, the crate was given `*` and its answer does not count.
+    plain: bool,
+    special: Vec<SpecialDay>,
+}
+
+impl DayField {
+    fn matches(&self, date: NaiveDate, plain_match: bool) -> bool {
+        (self.plain && plain_match) || self.special.iter().any(|s| s.matches(date))
+    }
+}
+
+/// Day rules of Quartz and EventBridge that the `cron` crate does not parse, matched by shiftd.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum SpecialDay {
+    /// `L` in day-of-month: the last day of the month.
+    LastDay,
+    /// `LW`: the last weekday (Monday to Friday) of the month.
+    LastWeekday,
+    /// `nW`: the weekday nearest day n, within the month (none in a month without day n).
+    NearestWeekday(u32),
+    /// `dL` in day-of-week: the last of these days in the month.
+    LastOf(Weekday),
+    /// `d#k`: the k-th of these days in the month.
+    Nth(Weekday, u32),
+}
+
+impl SpecialDay {
+    fn matches(self, date: NaiveDate) -> bool {
+        let last = last_day_of_month(date);
+        match self {
+            SpecialDay::LastDay => date.day() == last,
+            SpecialDay::LastWeekday => {
+                let back = match date.with_day(last).map(|d| d.weekday()) {
+                    Some(Weekday::Sat) => 1,
+                    Some(Weekday::Sun) => 2,
+                    _ => 0,
+                };
+                date.day() == last - back
+            }
+            SpecialDay::NearestWeekday(n) => {
+                let Some(day) = date.with_day(n) else {
+                    return false;
+                };
+                let nearest = match day.weekday() {
+                    Weekday::Sat if n == 1 => 3,
+                    Weekday::Sat => n - 1,
+                    Weekday::Sun if n == last => n - 2,
+                    Weekday::Sun => n + 1,
+                    _ => n,
+                };
+                date.day() == nearest
+            }
+            SpecialDay::LastOf(weekday) => date.weekday() == weekday && date.day() + 7 > last,
+            SpecialDay::Nth(weekday, k) => {
+                date.weekday() == weekday && (date.day() - 1) / 7 + 1 == k
+            }
+        }
+    }
+}
+
+fn last_day_of_month(date: NaiveDate) -> u32 {
+    let first_of_next = if date.month() == 12 {
+        NaiveDate::from_ymd_opt(date.year() + 1, 1, 1)
+    } else {
+        NaiveDate::from_ymd_opt(date.year(), date.month() + 1, 1)
+    };
+    first_of_next
+        .and_then(|d| d.pred_opt())
+        .map_or(31, |d| d.day())
 }
 
 impl CronSchedule {
@@ -61,7 +150,8 @@ impl CronSchedule {
             expression: expression.to_string(),
             reason,
         };
-        let fields: Vec<&str> = expression.split_whitespace().collect();
+        let expanded = expand_macro(expression.trim()).map_err(err)?;
+        let fields: Vec<&str> = expanded.unwrap_or(expression).split_whitespace().collect();
         let (seconds, rest) = match fields.len() {
             5 => ("0", &fields[..]),
             6 => (fields[0], &fields[1..]),
@@ -73,14 +163,66 @@ impl CronSchedule {
             }
         };
         let (minute, hour, dom, month, dow) = (rest[0], rest[1], rest[2], rest[3], rest[4]);
-        let dow_names = crontab_day_of_week_to_names(dow).map_err(err)?;
-        let translated = format!("{seconds} {minute} {hour} {dom} {month} {dow_names}");
+        let named = [
+            (seconds, "second"),
+            (minute, "minute"),
+            (hour, "hour"),
+            (month, "month"),
+        ];
+        for (field, name) in named {
+            if field.contains('?') {
+                return Err(err(format!(
+                    "{name} {field:?}: \"?\" (no specific value) is only for day-of-month or day-of-week"
+                )));
+            }
+            if has_day_syntax(field, name == "month") {
+                return Err(err(format!(
+                    "{name} {field:?}: \"L\", \"W\" and \"#\" are only for day-of-month and day-of-week"
+                )));
+            }
+        }
+        for (field, name) in [(dom, "day-of-month"), (dow, "day-of-week")] {
+            if field.contains('?') && field != "?" {
+                return Err(err(format!(
+                    "{name} {field:?}: \"?\" (no specific value) must be the whole field"
+                )));
+            }
+        }
+        // "?" says "no specific value": the other day field alone decides, as if this one were "*".
+        let (dom, dow) = match (dom, dow) {
+            ("?", "?") => {
+                return Err(err(
+                    "day-of-month and day-of-week are both \"?\": one of them must say which days \
+                     (\"*\" for every day)"
+                        .to_string(),
+                ));
+            }
+            ("?", dow) => ("*", dow),
+            (dom, "?") => (dom, "*"),
+            fields => fields,
+        };
+        let (dom_plain, dom_special) = split_day_of_month(dom).map_err(err)?;
+        let (dow_plain, dow_special) = split_day_of_week(dow).map_err(err)?;
+        let dow_names =
+            crontab_day_of_week_to_names(dow_plain.as_deref().unwrap_or("*")).map_err(err)?;
+        let translated = format!(
+            "{seconds} {minute} {hour} {} {month} {dow_names}",
+            dom_plain.as_deref().unwrap_or("*")
+        );
         let parsed = cron::Schedule::from_str(&translated).map_err(|e| err(cron_reason(&e)))?;
         Ok(Self {
             source: expression.to_string(),
             fields: parsed,
-            day_of_month_restricted: !dom.starts_with('*'),
-            day_of_week_restricted: !dow.starts_with('*'),
+            day_of_month: DayField {
+                restricted: !dom.starts_with('*'),
+                plain: dom_plain.is_some(),
+                special: dom_special,
+            },
+            day_of_week: DayField {
+                restricted: !dow.starts_with('*'),
+                plain: dow_plain.is_some(),
+                special: dow_special,
+            },
         })
     }
 
@@ -92,55 +234,149 @@ impl CronSchedule {
         if !self.fields.months().includes(date.month()) {
             return false;
         }
-        let dom = self.fields.days_of_month().includes(date.day());
+        let dom = self
+            .day_of_month
+            .matches(date, self.fields.days_of_month().includes(date.day()));
         // cron crate ordinals: 1 = Sunday.
-        let dow = self
-            .fields
-            .days_of_week()
-            .includes(date.weekday().num_days_from_sunday() + 1);
-        if self.day_of_month_restricted && self.day_of_week_restricted {
+        let dow = self.day_of_week.matches(
+            date,
+            self.fields
+                .days_of_week()
+                .includes(date.weekday().num_days_from_sunday() + 1),
+        );
+        if self.day_of_month.restricted && self.day_of_week.restricted {
             dom || dow
         } else {
             dom && dow
         }
     }
 
-    /// Local wall-clock times on `date` at or after `from` (a time of day), in order.
-    fn times_from(&self, from: NaiveTime) -> impl Iterator<Item = NaiveTime> + '_ {
-        let start = from.num_seconds_from_midnight();
-        self.fields.hours().iter().flat_map(move |h| {
-            self.fields.minutes().iter().flat_map(move |m| {
-                self.fields.seconds().iter().filter_map(move |s| {
-                    let secs = h * 3600 + m * 60 + s;
-                    (secs >= start)
-                        .then(|| NaiveTime::from_hms_opt(h, m, s))
-                        .flatten()
-                })
-            })
-        })
+    /// The first time of day (in seconds from midnight) at or after `from` that the time fields
+    /// match, if any on this day.
+    fn time_at_or_after(&self, from: u32) -> Option<u32> {
+        let (fh, fm, fs) = (from / 3600, from / 60 % 60, from % 60);
+        for h in self.fields.hours().range(fh..) {
+            let m0 = if h == fh { fm } else { 0 };
+            for m in self.fields.minutes().range(m0..) {
+                let s0 = if h == fh && m == fm { fs } else { 0 };
+                if let Some(s) = self.fields.seconds().range(s0..).next() {
+                    return Some(h * 3600 + m * 60 + s);
+                }
+            }
+        }
+        None
+    }
+
+    /// The last time of day (in seconds from midnight) at or before `upto` that the time fields match.
+    fn time_at_or_before(&self, upto: u32) -> Option<u32> {
+        let (uh, um, us) = (upto / 3600, upto / 60 % 60, upto % 60);
+        for h in self.fields.hours().range(..=uh).rev() {
+            let m0 = if h == uh { um } else { 59 };
+            for m in self.fields.minutes().range(..=m0).rev() {
+                let s0 = if h == uh && m == um { us } else { 59 };
+                if let Some(s) = self.fields.seconds().range(..=s0).next_back() {
+                    return Some(h * 3600 + m * 60 + s);
+                }
+            }
+        }
+        None
     }
 
     /// The first firing strictly after `after`, in `zone`. `None` if it never fires (e.g. `0 0 30 2 *`).
     pub fn next_after(&self, after: DateTime<Utc>, zone: Tz) -> Option<DateTime<Utc>> {
-        let local = after.with_timezone(&zone).naive_local();
-        // Start a few hours early on the first day: around a DST change, an earlier wall-clock time can
-        // map to a later instant (times in a gap move to its end).
-        let lower = local - Duration::hours(3);
-        let mut date = lower.date();
-        let mut from = lower.time();
-        for _ in 0..SEARCH_DAYS {
-            if self.date_matches(date) {
-                for time in self.times_from(from) {
-                    let instant = resolve_local(&zone, date.and_time(time))?;
-                    if instant > after {
-                        return Some(instant);
-                    }
-                }
+        self.firings_after(after, None, zone).next()
+    }
+
+    /// The latest firing at or before `at`, in `zone`: the counterpart of [`Self::next_after`], found by
+    /// searching backwards from `at`, as far back as `next_after` searches forward. `None` if it never
+    /// fired in that span.
+    pub fn prev_at_or_before(&self, at: DateTime<Utc>, zone: Tz) -> Option<DateTime<Utc>> {
+        self.latest_in(None, at, zone)
+    }
+
+    /// The latest firing in `(after, at]` (`after` of `None`: as far back as the search goes).
+    /// Searching backwards stops at `after`'s local date, so a short window costs a day or two.
+    pub(crate) fn latest_in(
+        &self,
+        after: Option<DateTime<Utc>>,
+        at: DateTime<Utc>,
+        zone: Tz,
+    ) -> Option<DateTime<Utc>> {
+        let local = at.with_timezone(&zone);
+        // Firing instants grow with wall-clock time (see `resolve_local`), so the search starts at the
+        // latest wall-clock time that fires at or before `at`: `at`'s own, or, when `at` is the second
+        // occurrence of a repeated time, the end of the repetition (the times repeated since fire at
+        // their first occurrence, before `at`).
+        let mut upper = local.naive_local();
+        if let LocalResult::Ambiguous(first, second) = zone.from_local_datetime(&upper)
+            && second == local
+        {
+            let repeated =
+                first.offset().fix().local_minus_utc() - second.offset().fix().local_minus_utc();
+            upper += Duration::seconds(repeated.into());
+        }
+        let stop = after.map(|a| {
+            a.with_timezone(&zone)
+                .date_naive()
+                .pred_opt()
+                .unwrap_or(NaiveDate::MIN)
+        });
+        let mut date = upper.date();
+        let mut upto = upper.time().num_seconds_from_midnight();
+        for _ in 0..=SEARCH_DAYS {
+            if stop.is_some_and(|stop| date < stop) {
+                return None;
             }
-            date = date.succ_opt()?;
-            from = NaiveTime::MIN;
+            let mut cursor = Some(upto);
+            while let Some(secs) = cursor
+                .filter(|_| self.date_matches(date))
+                .and_then(|u| self.time_at_or_before(u))
+            {
+                let instant = resolve_local(&zone, date.and_time(time_of_day(secs)))?;
+                if after.is_some_and(|after| instant <= after) {
+                    return None;
+                }
+                if instant <= at {
+                    return Some(instant);
+                }
+                // Not reached with the start above; kept so that a wrong start costs time, not a
+                // wrong answer.
+                cursor = secs.checked_sub(1);
+            }
+            date = date.pred_opt()?;
+            upto = SECONDS_PER_DAY - 1;
         }
         None
+    }
+
+    /// Firings strictly after `after` and, with `until`, at most `until`: in order, each instant once
+    /// (wall-clock times in a DST gap all fire at its end, together with the time at the end). Lazy:
+    /// each step costs a few set lookups and one time zone conversion, plus one date check per day
+    /// without firings. Without `until` it searches as far as [`Self::next_after`] does.
+    pub fn firings_after(
+        &self,
+        after: DateTime<Utc>,
+        until: Option<DateTime<Utc>>,
+        zone: Tz,
+    ) -> Firings<'_> {
+        // Firing instants grow with wall-clock time (see `resolve_local`), and `after`'s own wall-clock
+        // time fires at or before `after`: earlier times cannot fire after it.
+        let start = after.with_timezone(&zone).naive_local();
+        let mut last_date = start.date() + Duration::days(SEARCH_DAYS);
+        if let Some(until) = until {
+            // A day past `until`'s date covers a repeated hour running past midnight.
+            let end = until.with_timezone(&zone).date_naive() + Duration::days(1);
+            last_date = last_date.min(end);
+        }
+        Firings {
+            schedule: self,
+            zone,
+            after,
+            until,
+            date: start.date(),
+            last_date,
+            next_second: start.time().num_seconds_from_midnight(),
+        }
     }
 
     /// Firings in `(after, until]`, in order, at most `limit`.
@@ -151,25 +387,102 @@ impl CronSchedule {
         zone: Tz,
         limit: usize,
     ) -> Vec<DateTime<Utc>> {
-        let mut out = Vec::new();
-        let mut cursor = after;
-        while out.len() < limit {
-            match self.next_after(cursor, zone) {
-                Some(t) if t <= until => {
-                    out.push(t);
-                    cursor = t;
-                }
-                _ => break,
-            }
-        }
-        out
+        self.firings_after(after, Some(until), zone)
+            .take(limit)
+            .collect()
     }
+}
+
+const SECONDS_PER_DAY: u32 = 86_400;
+
+fn time_of_day(secs: u32) -> NaiveTime {
+    NaiveTime::from_num_seconds_from_midnight_opt(secs, 0).expect("less than a day")
+}
+
+/// The iterator of [`CronSchedule::firings_after`].
+#[derive(Clone, Debug)]
+pub struct Firings<'a> {
+    schedule: &'a CronSchedule,
+    zone: Tz,
+    /// Every instant yielded is after this; it moves to each instant yielded.
+    after: DateTime<Utc>,
+    until: Option<DateTime<Utc>>,
+    date: NaiveDate,
+    last_date: NaiveDate,
+    /// The time of day on `date` to look from, in seconds from midnight.
+    next_second: u32,
+}
+
+impl Iterator for Firings<'_> {
+    type Item = DateTime<Utc>;
+
+    fn next(&mut self) -> Option<DateTime<Utc>> {
+        while self.date <= self.last_date {
+            if self.schedule.date_matches(self.date)
+                && let Some(secs) = self.schedule.time_at_or_after(self.next_second)
+            {
+                self.next_second = secs + 1;
+                let Some(instant) =
+                    resolve_local(&self.zone, self.date.and_time(time_of_day(secs)))
+                else {
+                    break;
+                };
+                if self.until.is_some_and(|until| instant > until) {
+                    break;
+                }
+                if instant > self.after {
+                    self.after = instant;
+                    return Some(instant);
+                }
+                continue;
+            }
+            let Some(next) = self.date.succ_opt() else {
+                break;
+            };
+            self.date = next;
+            self.next_second = 0;
+        }
+        self.date = self.last_date.succ_opt().unwrap_or(NaiveDate::MAX);
+        None
+    }
+}
+
+/// The five fields a crontab macro (`@daily`...) stands for; `None` for an expression that is not one.
+fn expand_macro(expression: &str) -> Result<Option<&'static str>, String> {
+    if !expression.starts_with('@') {
+        return Ok(None);
+    }
+    let fields = match expression.to_ascii_lowercase().as_str() {
+        "@yearly" | "@annually" => "0 0 1 1 *",
+        "@monthly" => "0 0 1 * *",
+        "@weekly" => "0 0 * * 0",
+        "@daily" | "@midnight" => "0 0 * * *",
+        "@hourly" => "0 * * * *",
+        "@reboot" => {
+            return Err(
+                "@reboot is not supported: shiftd acts at instants, and occurrences due while \
+                        it was not running are caught up (or reported as missed) when it starts"
+                    .to_string(),
+            );
+        }
+        _ => {
+            return Err(format!(
+                "unknown macro {expression:?}: expected one of @yearly, @annually, @monthly, @weekly, \
+                 @daily, @midnight or @hourly, alone, or cron fields"
+            ));
+        }
+    };
+    Ok(Some(fields))
 }
 
 /// Maps a local wall-clock time to the instant it fires at: the earlier of two occurrences, or the end of
 /// a DST gap for a time that does not exist.
+///
+/// The instant never decreases as the wall-clock time increases: times before a repeated hour fire before
+/// it, its times fire at their first occurrence (before the transition), the times after it fire after.
+/// `next_after` and `prev_at_or_before` rely on this to start their searches at the given instant's
+/// own wall-clock time.
 fn resolve_local(zone: &Tz, naive: NaiveDateTime) -> Option<DateTime<Utc>> {
-    use chrono::LocalResult;
     match zone.from_local_datetime(&naive) {
         LocalResult::Single(t) => Some(t.with_timezone(&Utc)),
         LocalResult::Ambiguous(earliest, _) => Some(earliest.with_timezone(&Utc)),
@@ -188,6 +501,142 @@ fn resolve_local(zone: &Tz, naive: NaiveDateTime) -> Option<DateTime<Utc>> {
             None
         }
     }
+}
+
+/// Whether a field other than the day fields uses the day fields' `L`, `W` or `#`. Month names are
+/// letters too: there only the day fields' own forms count (`L`, `LW`, `15W`, `#`).
+fn has_day_syntax(field: &str, month: bool) -> bool {
+    field.split([',', '-', '/']).any(|item| {
+        let item = item.to_ascii_uppercase();
+        item.contains('#')
+            || item == "L"
+            || item == "LW"
+            || item
+                .strip_suffix('W')
+                .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            || (!month && (item.contains('L') || item.contains('W')))
+    })
+}
+
+const DAY_OF_MONTH_EXPECTED: &str = "expected days 1-31 (ranges, lists, steps), \"L\" (last day), \
+     \"LW\" (last weekday) or \"nW\" (the weekday nearest day n)";
+
+/// Splits a day-of-month field into its plain items (for the `cron` crate; `None` if there are none)
+/// and its `L`, `LW` and `nW` items.
+fn split_day_of_month(field: &str) -> Result<(Option<String>, Vec<SpecialDay>), String> {
+    let mut plain = Vec::new();
+    let mut special = Vec::new();
+    for item in field.split(',') {
+        let upper = item.to_ascii_uppercase();
+        if upper.contains('#') {
+            return Err(format!(
+                "day-of-month {item:?}: \"#\" (the n-th weekday) is only for day-of-week, e.g. \"Mon#2\""
+            ));
+        }
+        if upper == "L" {
+            special.push(SpecialDay::LastDay);
+        } else if upper == "LW" {
+            special.push(SpecialDay::LastWeekday);
+        } else if let Some(n) = upper.strip_suffix('W').filter(|n| !n.contains(['L', 'W'])) {
+            match n.parse::<u32>() {
+                Ok(n @ 1..=31) => special.push(SpecialDay::NearestWeekday(n)),
+                _ => {
+                    return Err(format!(
+                        "day-of-month {item:?}: \"nW\" needs a day n from 1 to 31 (\"15W\": the weekday \
+                         nearest the 15th)"
+                    ));
+                }
+            }
+        } else if upper.contains(['L', 'W']) {
+            return Err(format!("day-of-month {item:?}: {DAY_OF_MONTH_EXPECTED}"));
+        } else {
+            plain.push(item);
+        }
+    }
+    Ok(((!plain.is_empty()).then(|| plain.join(",")), special))
+}
+
+/// Splits a day-of-week field into its plain items (`None` if there are none) and its `dL` and `d#k`
+/// items.
+fn split_day_of_week(field: &str) -> Result<(Option<String>, Vec<SpecialDay>), String> {
+    let mut plain = Vec::new();
+    let mut special = Vec::new();
+    for item in field.split(',') {
+        if let Some((day, k)) = item.split_once('#') {
+            let day = weekday(day).ok_or_else(|| {
+                format!(
+                    "day-of-week {item:?}: \"d#k\" needs a day d (0-7 or Sun-Sat) and k from 1 to 5, \
+                     e.g. \"Mon#2\" for the second Monday"
+                )
+            })?;
+            match k.parse::<u32>() {
+                Ok(k @ 1..=5) => special.push(SpecialDay::Nth(day, k)),
+                _ => {
+                    return Err(format!(
+                        "day-of-week {item:?}: a month has at most 5 of each day; use 1 to 5 after \"#\""
+                    ));
+                }
+            }
+        } else if let Some(day) = item.strip_suffix(['L', 'l']) {
+            if day.is_empty() {
+                return Err(format!(
+                    "day-of-week {item:?}: say which day is the last of the month, e.g. \"FriL\" or \
+                     \"5L\" for the last Friday"
+                ));
+            }
+            let day = weekday(day).ok_or_else(|| {
+                format!(
+                    "day-of-week {item:?}: \"dL\" needs a day d (0-7 or Sun-Sat), e.g. \"FriL\" or \
+                     \"5L\" for the last Friday of the month"
+                )
+            })?;
+            special.push(SpecialDay::LastOf(day));
+        } else if item.ends_with(['W', 'w']) {
+            return Err(format!(
+                "day-of-week {item:?}: \"W\" (nearest weekday) is only for day-of-month, e.g. \"15W\""
+            ));
+        } else {
+            plain.push(item);
+        }
+    }
+    Ok(((!plain.is_empty()).then(|| plain.join(",")), special))
+}
+
+/// A day of the week as crontab writes it: 0-7 (0 and 7 are Sunday) or a name.
+fn weekday(text: &str) -> Option<Weekday> {
+    const NAMES: [(&str, Weekday); 16] = [
+        ("sun", Weekday::Sun),
+        ("sunday", Weekday::Sun),
+        ("mon", Weekday::Mon),
+        ("monday", Weekday::Mon),
+        ("tue", Weekday::Tue),
+        ("tues", Weekday::Tue),
+        ("tuesday", Weekday::Tue),
+        ("wed", Weekday::Wed),
+        ("wednesday", Weekday::Wed),
+        ("thu", Weekday::Thu),
+        ("thurs", Weekday::Thu),
+        ("thursday", Weekday::Thu),
+        ("fri", Weekday::Fri),
+        ("friday", Weekday::Fri),
+        ("sat", Weekday::Sat),
+        ("saturday", Weekday::Sat),
+    ];
+    const BY_NUMBER: [Weekday; 8] = [
+        Weekday::Sun,
+        Weekday::Mon,
+        Weekday::Tue,
+        Weekday::Wed,
+        Weekday::Thu,
+        Weekday::Fri,
+        Weekday::Sat,
+        Weekday::Sun,
+    ];
+    if let Ok(n) = text.parse::<usize>() {
+        return BY_NUMBER.get(n).copied();
+    }
+    let lower = text.to_ascii_lowercase();
+    NAMES.iter().find(|(n, _)| *n == lower).map(|(_, d)| *d)
 }
 
 const DAY_NAMES: [&str; 8] = ["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT", "SUN"];
@@ -247,6 +696,7 @@ fn crontab_day_of_week_to_names(field: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeSet;
 
     fn utc(s: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
@@ -513,6 +963,468 @@ mod tests {
         assert_eq!(firings.len(), 23);
     }
 
+    /// Local firings in `(after, until]`, as `YYYY-MM-DD HH:MM` in the zone.
+    fn local_firings(expr: &str, zone: &str, after: &str, until: &str) -> Vec<String> {
+        let zone: Tz = zone.parse().unwrap();
+        CronSchedule::parse(expr)
+            .unwrap()
+            .firings_between(utc(after), utc(until), zone, 1000)
+            .into_iter()
+            .map(|t| t.with_timezone(&zone).format("%Y-%m-%d %H:%M").to_string())
+            .collect()
+    }
+
+    #[test]
+    fn question_mark_leaves_the_other_day_field_to_decide() {
+        const WEEKDAYS: &[&str] = &["11-30", "12-01", "12-02", "12-03", "12-04"];
+        const EVERY_DAY: &[&str] = &[
+            "11-30", "12-01", "12-02", "12-03", "12-04", "12-05", "12-06",
+        ];
+        // A week from Monday 2026-11-30 in Berlin, December 2026 in Tokyo.
+        let week = ("2026-11-29T12:00:00Z", "2026-12-06T23:00:00Z");
+        let december = ("2026-11-30T15:00:00Z", "2026-12-31T15:00:00Z");
+        // (expression, zone, (after, until), the 2026 dates it fires on at 08:00 local)
+        let cases = [
+            // EventBridge's "08:00 on weekdays": not the weekend.
+            ("0 8 ? * Mon-Fri", "Europe/Berlin", week, WEEKDAYS),
+            ("0 8 ? * 1-5", "Europe/Berlin", week, WEEKDAYS),
+            ("0 0 8 ? * MON-FRI", "Europe/Berlin", week, WEEKDAYS),
+            ("0 8 * * Mon-Fri", "Europe/Berlin", week, WEEKDAYS),
+            ("0 8 ? * *", "Europe/Berlin", week, EVERY_DAY),
+            // The 15th only, whatever its weekday.
+            ("0 8 15 * ?", "Asia/Tokyo", december, &["12-15"]),
+            ("0 8 15 * *", "Asia/Tokyo", december, &["12-15"]),
+            ("0 8 15,31 * ?", "Asia/Tokyo", december, &["12-15", "12-31"]),
+            // Both restricted, no "?": crontab's OR still applies (the 15th, and Sundays).
+            (
+                "0 8 15 * Sun",
+                "Asia/Tokyo",
+                december,
+                &["12-06", "12-13", "12-15", "12-20", "12-27"],
+            ),
+            (
+                "0 8 ? * 0",
+                "Asia/Tokyo",
+                december,
+                &["12-06", "12-13", "12-20", "12-27"],
+            ),
+            (
+                "0 8 ? * 7",
+                "Asia/Tokyo",
+                december,
+                &["12-06", "12-13", "12-20", "12-27"],
+            ),
+        ];
+        for (expr, zone, (after, until), dates) in cases {
+            let want: Vec<String> = dates.iter().map(|d| format!("2026-{d} 08:00")).collect();
+            assert_eq!(
+                local_firings(expr, zone, after, until),
+                want,
+                "{expr} in {zone} over ({after}, {until}]"
+            );
+        }
+    }
+
+    /// Every firing of `s` whose wall-clock date is within two days of `t`'s, by brute force: each
+    /// matching wall-clock time resolved on its own, without the searches' shortcuts.
+    fn oracle(s: &CronSchedule, t: DateTime<Utc>, zone: Tz) -> BTreeSet<DateTime<Utc>> {
+        let day = t.with_timezone(&zone).date_naive();
+        let mut out = BTreeSet::new();
+        for date in (-2..=2).map(|d| day + Duration::days(d)) {
+            if !s.date_matches(date) {
+                continue;
+            }
+            for h in s.fields.hours().iter() {
+                for m in s.fields.minutes().iter() {
+                    for sec in s.fields.seconds().iter() {
+                        let naive = date.and_hms_opt(h, m, sec).unwrap();
+                        out.insert(resolve_local(&zone, naive).unwrap());
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn prev_at_or_before_is_the_latest_firing_at_or_before() {
+        use rand::{Rng, SeedableRng, rngs::StdRng};
+        let expressions = [
+            "0 8 * * Mon-Fri",
+            "30 2 * * *",
+            "15 2 * * *",
+            "45 1 * * *",
+            "*/15 * * * *",
+            "0 * * * *",
+            "* * * * *",
+            "*/5 0-3 * * *",
+            "0 1-3 * * *",
+            "0 30 1,2,3 * * *",
+            "10 0 0 * * *",
+            "59 23 * * *",
+            "0 0 1 * Fri",
+            "0 12 ? * Sun",
+            "0 0 29 2 *",
+            "*/7 * * * * *",
+            "* * * * * *",
+            "* 2 * * * *",
+            "0 8 LW * ?",
+            "30 1 ? * Sun#1",
+            "0 2 ? * SunL",
+            "15 2 1W * ?",
+        ];
+        let zones = [
+            "America/New_York",
+            "Europe/Berlin",
+            "Australia/Lord_Howe",
+            "Asia/Kolkata",
+            "UTC",
+        ];
+        // DST changes (in some of the zones) and plain days, to sample around.
+        let centres = [
+            "2026-11-01T06:00:00Z",
+            "2027-03-14T07:00:00Z",
+            "2026-10-25T01:00:00Z",
+            "2027-03-28T01:00:00Z",
+            "2026-10-03T15:30:00Z",
+            "2027-04-03T15:00:00Z",
+            "2027-06-15T12:00:00Z",
+            "2028-02-29T00:00:00Z",
+        ];
+        let mut rng = StdRng::seed_from_u64(20261101);
+        for expr in expressions {
+            let s = CronSchedule::parse(expr).unwrap();
+            let per_day =
+                s.fields.hours().count() * s.fields.minutes().count() * s.fields.seconds().count();
+            for zone in zones {
+                let zone: Tz = zone.parse().unwrap();
+                for _ in 0..40 {
+                    let centre = utc(centres[rng.random_range(0..centres.len())]);
+                    let mut t = centre + Duration::seconds(rng.random_range(-4 * 3600..4 * 3600));
+                    match rng.random_range(0..3) {
+                        0 => t += Duration::nanoseconds(rng.random_range(1..1_000_000_000)),
+                        1 => t = t.with_second(0).unwrap(),
+                        _ => {}
+                    }
+                    let what = format!("{expr} in {zone} at {t:?}");
+                    let Some(p) = s.prev_at_or_before(t, zone) else {
+                        panic!("{what}: fired within eight years")
+                    };
+                    // The latest at or before: a firing, and nothing fires after it up to `t`.
+                    assert!(p <= t, "{what}: {p:?}");
+                    assert_eq!(
+                        s.next_after(p - Duration::nanoseconds(1), zone),
+                        Some(p),
+                        "{what}: {p:?} is a firing"
+                    );
+                    if p.timestamp_subsec_nanos() == 0 {
+                        assert_eq!(
+                            s.next_after(p - Duration::seconds(1), zone),
+                            Some(p),
+                            "{what}"
+                        );
+                    }
+                    let n = s.next_after(t, zone).unwrap();
+                    assert!(n > t, "{what}");
+                    assert_eq!(s.next_after(p, zone), Some(n), "{what}: nothing in between");
+                    assert_eq!(s.prev_at_or_before(n, zone), Some(n), "{what}");
+                    assert_eq!(
+                        s.prev_at_or_before(n - Duration::nanoseconds(1), zone),
+                        Some(p),
+                        "{what}"
+                    );
+                    // Against brute force, when the answer is near enough for it to see.
+                    if per_day <= 1440 {
+                        let all = oracle(&s, t, zone);
+                        let day = Duration::days(1);
+                        if let Some(want) = all.range(..=t).next_back().filter(|w| t - **w < day) {
+                            assert_eq!(p, *want, "{what}: brute force");
+                        }
+                        if let Some(want) =
+                            all.range(t..).find(|w| **w > t).filter(|w| **w - t < day)
+                        {
+                            assert_eq!(n, *want, "{what}: brute force");
+                        }
+                        let window: Vec<_> = all
+                            .range(t - Duration::hours(12)..=t + Duration::hours(12))
+                            .filter(|w| **w > t - Duration::hours(12))
+                            .copied()
+                            .collect();
+                        assert_eq!(
+                            s.firings_between(
+                                t - Duration::hours(12),
+                                t + Duration::hours(12),
+                                zone,
+                                usize::MAX
+                            ),
+                            window,
+                            "{what}: firings in a day around it"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn prev_at_or_before_table() {
+        // (expression, zone, at, expected latest firing at or before, in the zone's local time)
+        let cases: &[(&str, &str, &str, Option<&str>)] = &[
+            // At a firing: that firing.
+            (
+                "0 8 * * *",
+                "UTC",
+                "2026-11-29T08:00:00Z",
+                Some("2026-11-29T08:00:00+00:00"),
+            ),
+            (
+                "0 8 * * *",
+                "UTC",
+                "2026-11-29T07:59:59Z",
+                Some("2026-11-28T08:00:00+00:00"),
+            ),
+            // Weekdays only: on Monday morning, Friday's.
+            (
+                "0 20 * * Mon-Fri",
+                "Asia/Tokyo",
+                "2026-11-30T00:00:00Z",
+                Some("2026-11-27T20:00:00+09:00"),
+            ),
+            (
+                "0 8 ? * Mon-Fri",
+                "Europe/Berlin",
+                "2026-12-06T12:00:00Z",
+                Some("2026-12-04T08:00:00+01:00"),
+            ),
+            // Every second: the same second, sub-second part dropped.
+            (
+                "* * * * * *",
+                "UTC",
+                "2026-11-29T10:00:02.750Z",
+                Some("2026-11-29T10:00:02+00:00"),
+            ),
+            // Spring forward (New York 02:00 -> 03:00): 02:30 fires at 03:00, the end of the gap.
+            (
+                "30 2 * * *",
+                "America/New_York",
+                "2027-03-14T07:00:00Z",
+                Some("2027-03-14T03:00:00-04:00"),
+            ),
+            (
+                "30 2 * * *",
+                "America/New_York",
+                "2027-03-14T06:59:59Z",
+                Some("2027-03-13T02:30:00-05:00"),
+            ),
+            (
+                "*/15 * * * *",
+                "America/New_York",
+                "2027-03-14T07:10:00Z",
+                Some("2027-03-14T03:00:00-04:00"),
+            ),
+            // Fall back (New York 02:00 -> 01:00): during the repeated hour, its first occurrence.
+            (
+                "30 1 * * *",
+                "America/New_York",
+                "2026-11-01T06:45:00Z",
+                Some("2026-11-01T01:30:00-04:00"),
+            ),
+            (
+                "0 * * * *",
+                "America/New_York",
+                "2026-11-01T06:59:59Z",
+                Some("2026-11-01T01:00:00-04:00"),
+            ),
+            (
+                "0 * * * *",
+                "America/New_York",
+                "2026-11-01T07:00:00Z",
+                Some("2026-11-01T02:00:00-05:00"),
+            ),
+            (
+                "*/20 * * * *",
+                "America/New_York",
+                "2026-11-01T06:30:00Z",
+                Some("2026-11-01T01:40:00-04:00"),
+            ),
+            // Lord Howe's 30-minute changes.
+            (
+                "15 2 * * *",
+                "Australia/Lord_Howe",
+                "2026-10-03T15:30:00Z",
+                Some("2026-10-04T02:30:00+11:00"),
+            ),
+            (
+                "45 1 * * *",
+                "Australia/Lord_Howe",
+                "2027-04-03T15:20:00Z",
+                Some("2027-04-04T01:45:00+11:00"),
+            ),
+            // Leap day, four years back; never.
+            (
+                "0 0 29 2 *",
+                "UTC",
+                "2027-03-01T00:00:00Z",
+                Some("2024-02-29T00:00:00+00:00"),
+            ),
+            ("0 0 30 2 *", "UTC", "2027-03-01T00:00:00Z", None),
+        ];
+        for (expr, zone, at, want) in cases {
+            let zone: Tz = zone.parse().unwrap();
+            let got = CronSchedule::parse(expr)
+                .unwrap()
+                .prev_at_or_before(utc(at), zone)
+                .map(|t| t.with_timezone(&zone).to_rfc3339());
+            assert_eq!(got.as_deref(), *want, "{expr} in {zone} at {at}");
+        }
+    }
+
+    #[test]
+    fn macros_fire_as_the_fields_they_stand_for() {
+        // (macro, the fields it stands for)
+        let cases = [
+            ("@yearly", "0 0 1 1 *"),
+            ("@annually", "0 0 1 1 *"),
+            ("@monthly", "0 0 1 * *"),
+            ("@weekly", "0 0 * * 0"),
+            ("@daily", "0 0 * * *"),
+            ("@midnight", "0 0 * * *"),
+            ("@hourly", "0 * * * *"),
+            (" @Daily ", "0 0 * * *"),
+        ];
+        let zone: Tz = "Europe/Berlin".parse().unwrap();
+        let (after, until) = (utc("2026-11-29T00:00:00Z"), utc("2028-12-31T00:00:00Z"));
+        for (m, fields) in cases {
+            let got = CronSchedule::parse(m).unwrap();
+            assert_eq!(got.source(), m);
+            let want = CronSchedule::parse(fields).unwrap();
+            let got = got.firings_between(after, until, zone, 100_000);
+            assert!(!got.is_empty(), "{m}");
+            assert_eq!(
+                got,
+                want.firings_between(after, until, zone, 100_000),
+                "{m}"
+            );
+        }
+        assert_eq!(
+            next("@weekly", "UTC", "2026-11-30T00:00:00Z").as_deref(),
+            Some("2026-12-06T00:00:00+00:00")
+        );
+    }
+
+    #[test]
+    fn last_nearest_weekday_and_nth_days() {
+        const LAST_FRIDAYS: &[&str] = &[
+            "05-29", "06-26", "07-31", "08-28", "09-25", "10-30", "11-27",
+        ];
+        const LAST_SUNDAYS: &[&str] = &[
+            "05-31", "06-28", "07-26", "08-30", "09-27", "10-25", "11-29",
+        ];
+        const SECOND_MONDAYS: &[&str] = &[
+            "05-11", "06-08", "07-13", "08-10", "09-14", "10-12", "11-09",
+        ];
+        const FIRST_MONDAYS_AND_LAST_FRIDAYS: &[&str] = &[
+            "05-04", "05-29", "06-01", "06-26", "07-06", "07-31", "08-03", "08-28", "09-07",
+            "09-25", "10-05", "10-30", "11-02", "11-27",
+        ];
+        const LAST_DAYS: &[&str] = &[
+            "05-31", "06-30", "07-31", "08-31", "09-30", "10-31", "11-30",
+        ];
+        // May to November 2026 in Berlin, at 08:00: (expression, the dates it fires on).
+        let cases: &[(&str, &[&str])] = &[
+            ("0 8 L * ?", LAST_DAYS),
+            ("0 8 l * *", LAST_DAYS),
+            // The last weekday: Sunday 31 May -> Friday 29th, Saturday 31 October -> Friday 30th.
+            (
+                "0 8 LW * ?",
+                &[
+                    "05-29", "06-30", "07-31", "08-31", "09-30", "10-30", "11-30",
+                ],
+            ),
+            // Saturday 1 August -> Monday 3rd (not Friday 31 July); Sunday 1 November -> Monday 2nd.
+            (
+                "0 8 1W * ?",
+                &[
+                    "05-01", "06-01", "07-01", "08-03", "09-01", "10-01", "11-02",
+                ],
+            ),
+            // Saturday 15 August -> Friday 14th; Sunday 15 November -> Monday 16th.
+            (
+                "0 8 15W * ?",
+                &[
+                    "05-15", "06-15", "07-15", "08-14", "09-15", "10-15", "11-16",
+                ],
+            ),
+            // Sunday 31 May -> Friday 29th (not Monday 1 June); no 31st in June, September, November.
+            ("0 8 31W * ?", &["05-29", "07-31", "08-31", "10-30"]),
+            // The last Friday, in numbers (crontab's: 5 is Friday) or by name.
+            ("0 8 ? * 5L", LAST_FRIDAYS),
+            ("0 8 ? * FriL", LAST_FRIDAYS),
+            ("0 8 ? * fridayL", LAST_FRIDAYS),
+            ("0 8 ? * 0L", LAST_SUNDAYS),
+            ("0 8 ? * 7L", LAST_SUNDAYS),
+            ("0 8 ? * SunL", LAST_SUNDAYS),
+            ("0 8 ? * Mon#2", SECOND_MONDAYS),
+            ("0 8 ? * 1#2", SECOND_MONDAYS),
+            ("0 8 * * Mon#2", SECOND_MONDAYS),
+            ("0 0 8 ? * MON#2", SECOND_MONDAYS),
+            ("0 8 ? * Fri#5", &["05-29", "07-31", "10-30"]),
+            // In lists, with plain items.
+            (
+                "0 8 1,L * ?",
+                &[
+                    "05-01", "05-31", "06-01", "06-30", "07-01", "07-31", "08-01", "08-31",
+                    "09-01", "09-30", "10-01", "10-31", "11-01", "11-30",
+                ],
+            ),
+            ("0 8 ? * Mon#1,FriL", FIRST_MONDAYS_AND_LAST_FRIDAYS),
+            ("0 8 ? * FriL,Mon#1", FIRST_MONDAYS_AND_LAST_FRIDAYS),
+            // Both day fields restricted: crontab's OR, as with plain days.
+            (
+                "0 8 L * Mon#1",
+                &[
+                    "05-04", "05-31", "06-01", "06-30", "07-06", "07-31", "08-03", "08-31",
+                    "09-07", "09-30", "10-05", "10-31", "11-02", "11-30",
+                ],
+            ),
+            // With a month: the last day of February is... not in these months.
+            ("0 8 L 2 ?", &[]),
+            ("0 8 L 5,Jul ?", &["05-31", "07-31"]),
+        ];
+        for (expr, dates) in cases {
+            let want: Vec<String> = dates.iter().map(|d| format!("2026-{d} 08:00")).collect();
+            assert_eq!(
+                local_firings(
+                    expr,
+                    "Europe/Berlin",
+                    "2026-04-30T22:00:00Z",
+                    "2026-11-30T23:00:00Z"
+                ),
+                want,
+                "{expr}"
+            );
+        }
+        // Leap years, and a last weekday in winter.
+        assert_eq!(
+            local_firings(
+                "0 8 L 2 ?",
+                "UTC",
+                "2027-01-01T00:00:00Z",
+                "2029-01-01T00:00:00Z"
+            ),
+            ["2027-02-28 08:00", "2028-02-29 08:00"]
+        );
+        assert_eq!(
+            local_firings(
+                "0 8 LW * ?",
+                "UTC",
+                "2027-01-01T00:00:00Z",
+                "2027-04-01T00:00:00Z"
+            ),
+            ["2027-01-29 08:00", "2027-02-26 08:00", "2027-03-31 08:00"]
+        );
+    }
+
     #[test]
     fn parse_errors_say_what_is_wrong() {
         let cases: &[(&str, &str)] = &[
@@ -532,6 +1444,125 @@ mod tests {
             ("0 8 * * Funday", "'Funday' is not a valid day of the week;"),
             ("0 8 * Jam *", "'Jam' is not a valid month name;"),
             ("0 8 * * */0", "not a positive number"),
+            (
+                "@reboot",
+                "@reboot is not supported: shiftd acts at instants, and occurrences due while it was \
+                 not running are caught up (or reported as missed) when it starts",
+            ),
+            (
+                "@fortnightly",
+                "unknown macro \"@fortnightly\": expected one of @yearly, @annually, @monthly,",
+            ),
+            ("@daily 8", "unknown macro \"@daily 8\""),
+            // L, W and #: where they belong, with what they need.
+            (
+                "0 8 W * ?",
+                "day-of-month \"W\": \"nW\" needs a day n from 1 to 31 (\"15W\": the weekday nearest the 15th)",
+            ),
+            (
+                "0 8 32W * ?",
+                "day-of-month \"32W\": \"nW\" needs a day n from 1 to 31",
+            ),
+            (
+                "0 8 0W * ?",
+                "day-of-month \"0W\": \"nW\" needs a day n from 1 to 31",
+            ),
+            (
+                "0 8 L-2 * ?",
+                "day-of-month \"L-2\": expected days 1-31 (ranges, lists, steps), \"L\" (last day), \
+                 \"LW\" (last weekday) or \"nW\" (the weekday nearest day n)",
+            ),
+            ("0 8 1-LW * ?", "day-of-month \"1-LW\": expected days 1-31"),
+            (
+                "0 8 1#2 * ?",
+                "day-of-month \"1#2\": \"#\" (the n-th weekday) is only for day-of-week, e.g. \"Mon#2\"",
+            ),
+            (
+                "0 8 ? * L",
+                "day-of-week \"L\": say which day is the last of the month, e.g. \"FriL\" or \"5L\"",
+            ),
+            (
+                "0 8 ? * 8L",
+                "day-of-week \"8L\": \"dL\" needs a day d (0-7 or Sun-Sat)",
+            ),
+            ("0 8 ? * FunL", "day-of-week \"FunL\": \"dL\" needs a day d"),
+            (
+                "0 8 ? * Mon-FriL",
+                "day-of-week \"Mon-FriL\": \"dL\" needs a day d",
+            ),
+            (
+                "0 8 ? * Mon#6",
+                "day-of-week \"Mon#6\": a month has at most 5 of each day; use 1 to 5 after \"#\"",
+            ),
+            (
+                "0 8 ? * Mon#0",
+                "day-of-week \"Mon#0\": a month has at most 5",
+            ),
+            (
+                "0 8 ? * Mon#",
+                "day-of-week \"Mon#\": a month has at most 5",
+            ),
+            (
+                "0 8 ? * Funday#2",
+                "day-of-week \"Funday#2\": \"d#k\" needs a day d (0-7 or Sun-Sat) and k from 1 to 5",
+            ),
+            (
+                "0 8 ? * 15W",
+                "day-of-week \"15W\": \"W\" (nearest weekday) is only for day-of-month, e.g. \"15W\"",
+            ),
+            (
+                "L 8 * * *",
+                "minute \"L\": \"L\", \"W\" and \"#\" are only for day-of-month and day-of-week",
+            ),
+            (
+                "0 1W * * *",
+                "hour \"1W\": \"L\", \"W\" and \"#\" are only for",
+            ),
+            (
+                "0#2 0 8 * * *",
+                "second \"0#2\": \"L\", \"W\" and \"#\" are only for",
+            ),
+            (
+                "0 8 * L *",
+                "month \"L\": \"L\", \"W\" and \"#\" are only for",
+            ),
+            (
+                "0 8 * 15W *",
+                "month \"15W\": \"L\", \"W\" and \"#\" are only for",
+            ),
+            (
+                "0 8 * Jan-Jul#2 *",
+                "month \"Jan-Jul#2\": \"L\", \"W\" and \"#\" are only for",
+            ),
+            // "?" only as a whole day field, and in one of them.
+            (
+                "0 8 ? * ?",
+                "day-of-month and day-of-week are both \"?\": one of them must say which days",
+            ),
+            (
+                "? 8 * * *",
+                "minute \"?\": \"?\" (no specific value) is only for day-of-month or day-of-week",
+            ),
+            (
+                "0 ? * * *",
+                "hour \"?\": \"?\" (no specific value) is only for",
+            ),
+            (
+                "0 8 * ? *",
+                "month \"?\": \"?\" (no specific value) is only for",
+            ),
+            (
+                "? 0 8 * * Mon",
+                "second \"?\": \"?\" (no specific value) is only for",
+            ),
+            (
+                "0 8 1,? * *",
+                "day-of-month \"1,?\": \"?\" (no specific value) must be the whole field",
+            ),
+            (
+                "0 8 * * ?/2",
+                "day-of-week \"?/2\": \"?\" (no specific value) must be the whole field",
+            ),
         ];
         for (expr, want) in cases {
             let err = CronSchedule::parse(expr).unwrap_err().to_string();
