@@ -21,12 +21,12 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use crate::aws::{Aws, ConnectAws};
 use crate::clock::{Clock, chrono_duration};
-use crate::config::{Account, Action, Config, ConfigError};
+use crate::config::{Account, Config, ConfigError};
 use crate::credentials::{self, AccountCredentials, SessionSpec};
 use crate::executor::{self, AccountClients, BatchContext, ExecOptions, RegionClient};
 use crate::notify::ServiceManager;
 use crate::outcome::{Outcome, OutcomeSink, ResultKind};
-use crate::planner::{self, AccountBatch, Firing};
+use crate::planner::{self, AccountBatch, Firing, Missed};
 use crate::state::{self, OccurrenceKey, OccurrenceRecord, Phase, Snapshot};
 
 /// The longest single sleep: the loop re-reads the clock at least this often, so a wall-clock step
@@ -617,48 +617,47 @@ fn resume_point(saved: Option<DateTime<Utc>>, now: DateTime<Utc>) -> DateTime<Ut
     from
 }
 
-/// Missed occurrences reported one by one per rule and action; beyond that, one summary entry.
-const MISSED_DETAIL: usize = 10;
-
-fn report_missed(sink: &dyn OutcomeSink, config: &Config, missed: &[Firing], now: DateTime<Utc>) {
-    let mut by_rule: BTreeMap<(&str, Action), Vec<&Firing>> = BTreeMap::new();
-    for f in missed {
-        by_rule.entry((&f.rule, f.action)).or_default().push(f);
-    }
-    for ((rule_name, action), firings) in by_rule {
-        let Some(rule) = config.rules.iter().find(|r| r.name == rule_name) else {
+/// One entry per rule and action that missed occurrences: the occurrence itself when it is one, the
+/// count and the span otherwise.
+fn report_missed(sink: &dyn OutcomeSink, config: &Config, missed: &[Missed], now: DateTime<Utc>) {
+    for m in missed {
+        let Some(rule) = config.rules.iter().find(|r| r.name == m.rule) else {
             continue;
         };
-        let entry = |reason: String| Outcome {
-            action,
+        let reason = if m.count == 1 {
+            format!(
+                "missed: due at {}, noticed at {} (more than {} late: shiftd was not running or the \
+                 machine was suspended); not acted on (selection: {})",
+                m.first.to_rfc3339(),
+                now.to_rfc3339(),
+                humantime::format_duration(planner::LATE_TOLERANCE),
+                rule.selection
+            )
+        } else {
+            format!(
+                "missed {}{} occurrence(s) from {} to {}, noticed at {} (shiftd was not running or the \
+                 machine was suspended); not acted on (selection: {})",
+                if m.count_is_lower_bound {
+                    "at least "
+                } else {
+                    ""
+                },
+                m.count,
+                m.first.to_rfc3339(),
+                m.last.to_rfc3339(),
+                now.to_rfc3339(),
+                rule.selection
+            )
+        };
+        sink.record(&Outcome {
+            action: m.action,
             rules: vec![rule.name.clone()],
             account: rule.account.clone(),
             region: rule.regions.join(","),
             instance_id: None,
             result: ResultKind::Failed,
             reason,
-        };
-        // Firings come sorted; the latest are the ones reported one by one.
-        let detailed = firings.len().saturating_sub(MISSED_DETAIL);
-        if detailed > 0 {
-            sink.record(&entry(format!(
-                "missed {detailed} occurrence(s) from {} to {} (shiftd was not running or the machine \
-                 was suspended); not acted on (selection: {})",
-                firings[0].at.to_rfc3339(),
-                firings[detailed - 1].at.to_rfc3339(),
-                rule.selection
-            )));
-        }
-        for f in &firings[detailed..] {
-            sink.record(&entry(format!(
-                "missed: due at {}, noticed at {} (more than {} late: shiftd was not running or the \
-                 machine was suspended); not acted on (selection: {})",
-                f.at.to_rfc3339(),
-                now.to_rfc3339(),
-                humantime::format_duration(planner::LATE_TOLERANCE),
-                rule.selection
-            )));
-        }
+        });
     }
 }
 
