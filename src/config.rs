@@ -3,7 +3,7 @@
 //! Every problem is reported with the file, line and column it concerns and what was expected, and all
 //! problems of a file are reported together. A [`Config`] only exists once the whole file is valid.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -525,9 +525,10 @@ fn validate(path: &Path, raw: RawConfig, loc: &Locator, issues: &mut Vec<ConfigI
             );
         }
         let mut regions = Vec::new();
+        let mut seen = HashSet::new();
         for r in account.regions.into_inner() {
             check_region(&r, &mut report);
-            if !regions.contains(r.get_ref()) {
+            if seen.insert(r.get_ref().clone()) {
                 regions.push(r.into_inner());
             }
         }
@@ -584,8 +585,10 @@ fn validate(path: &Path, raw: RawConfig, loc: &Locator, issues: &mut Vec<ConfigI
                     );
                 }
                 let mut out = Vec::new();
+                let mut seen = HashSet::new();
+                let known: HashSet<&str> = account.regions.iter().map(String::as_str).collect();
                 for r in rs.get_ref() {
-                    if check_region(r, &mut report) && !account.regions.contains(r.get_ref()) {
+                    if check_region(r, &mut report) && !known.contains(r.get_ref().as_str()) {
                         report(
                             r.span().start,
                             format!(
@@ -596,7 +599,7 @@ fn validate(path: &Path, raw: RawConfig, loc: &Locator, issues: &mut Vec<ConfigI
                             ),
                         );
                     }
-                    if !out.contains(r.get_ref()) {
+                    if seen.insert(r.get_ref().as_str()) {
                         out.push(r.get_ref().clone());
                     }
                 }
@@ -607,6 +610,7 @@ fn validate(path: &Path, raw: RawConfig, loc: &Locator, issues: &mut Vec<ConfigI
         };
 
         let mut selection = Selection::default();
+        let mut seen_ids = HashSet::new();
         for id in &rule.instances {
             if !valid_instance_id(id.get_ref()) {
                 report(
@@ -616,7 +620,7 @@ fn validate(path: &Path, raw: RawConfig, loc: &Locator, issues: &mut Vec<ConfigI
                         id.get_ref()
                     ),
                 );
-            } else if !selection.instance_ids.contains(id.get_ref()) {
+            } else if seen_ids.insert(id.get_ref().as_str()) {
                 selection.instance_ids.push(id.get_ref().clone());
             }
         }
@@ -940,5 +944,21 @@ timezone = "Asia/Tokyo"
         );
         assert!(parse_role_arn("arn:aws:iam::1111:role/x").is_err());
         assert!(parse_role_arn("arn:aws:iam::111111111111:user/x").is_err());
+    }
+
+    #[test]
+    fn a_rule_with_100000_instance_ids_validates() {
+        let ids: Vec<String> = (0..100_000u64).map(|i| format!("\"i-{i:017x}\"")).collect();
+        let text = format!(
+            "[accounts.a]\nrole_arn = \"arn:aws:iam::111111111111:role/r\"\nregions = [\"eu-west-1\"]\n\
+             [[rules]]\nname = \"many\"\naccount = \"a\"\nstart = \"0 8 * * *\"\ninstances = [{}, \"i-{:017x}\"]\n",
+            ids.join(", "),
+            7
+        );
+        let c = Config::parse(Path::new("t.toml"), &text).unwrap();
+        let got = &c.rules[0].selection.instance_ids;
+        assert_eq!(got.len(), 100_000, "the repeated ID is kept once");
+        assert_eq!(got[0], "i-00000000000000000");
+        assert_eq!(got[99_999], format!("i-{:017x}", 99_999));
     }
 }
