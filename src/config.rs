@@ -17,9 +17,47 @@ use crate::schedule::CronSchedule;
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/shiftd/shiftd.toml";
 
+/// The range a duration in `[defaults]` must lie in (both ends included), and its default.
+pub struct DurationBounds {
+    pub min: Duration,
+    pub max: Duration,
+    pub default: Duration,
+    /// Why the range is what it is, appended to the message for a value outside it.
+    why: &'static str,
+}
+
 /// AssumeRole accepts 15 minutes to 12 hours (the role's maximum session duration may be lower).
-const MIN_SESSION: Duration = Duration::from_secs(15 * 60);
-const MAX_SESSION: Duration = Duration::from_secs(12 * 3600);
+pub const SESSION_DURATION: DurationBounds = DurationBounds {
+    min: Duration::from_secs(15 * 60),
+    max: Duration::from_secs(12 * 3600),
+    default: Duration::from_secs(3600),
+    why: " (what AssumeRole accepts)",
+};
+
+/// Credentials stop signing requests [`SIGNING_MARGIN`](crate::credentials::SIGNING_MARGIN) before they
+/// expire, so renewal starts at least a minute earlier than that; and at least a minute after issue.
+pub const REFRESH_BEFORE_EXPIRY: DurationBounds = DurationBounds {
+    min: crate::credentials::SIGNING_MARGIN.saturating_add(Duration::from_secs(60)),
+    max: SESSION_DURATION.max.saturating_sub(Duration::from_secs(60)),
+    default: Duration::from_secs(600),
+    why: " (credentials stop being used 1m before they expire: renewal needs a minute more)",
+};
+
+/// How long an action follows its instances: starting or stopping one takes seconds to minutes.
+pub const VERIFY_TIMEOUT: DurationBounds = DurationBounds {
+    min: Duration::from_secs(10),
+    max: Duration::from_secs(3600),
+    default: Duration::from_secs(600),
+    why: "",
+};
+
+/// How long a due action waits for credentials; 0s fails it at once when there are none.
+pub const CREDENTIALS_WAIT: DurationBounds = DurationBounds {
+    min: Duration::ZERO,
+    max: Duration::from_secs(3600),
+    default: Duration::from_secs(300),
+    why: "",
+};
 
 // ---------------------------------------------------------------------------------------------------------
 // The validated model
@@ -375,55 +413,53 @@ fn validate(path: &Path, raw: RawConfig, loc: &Locator, issues: &mut Vec<ConfigI
         Some(s) => parse_zone(s, &mut report),
         None => Tz::UTC,
     };
-    let mut duration = |field: &Option<Spanned<String>>, name: &str, default: Duration| match field
-    {
-        Some(s) => match humantime::parse_duration(s.get_ref()) {
-            Ok(v) if !v.is_zero() => v,
-            _ => {
+    // Each duration is checked against its own range; the relation between the two session durations
+    // is only checked when both are valid on their own.
+    let mut duration = |field: &Option<Spanned<String>>, name: &str, bounds: &DurationBounds| {
+        let Some(s) = field else {
+            return Some(bounds.default);
+        };
+        let range = format!(
+            "{} to {}",
+            humantime::format_duration(bounds.min),
+            humantime::format_duration(bounds.max)
+        );
+        match humantime::parse_duration(s.get_ref()) {
+            Ok(v) if (bounds.min..=bounds.max).contains(&v) => Some(v),
+            Ok(_) => {
                 report(
                     s.span().start,
                     format!(
-                        "{name}: {:?} is not a duration: expected a positive duration such as \"10m\", \"1h\" or \"90s\"",
+                        "{name}: {:?} is out of range: expected {range}{}",
+                        s.get_ref(),
+                        bounds.why
+                    ),
+                );
+                None
+            }
+            Err(_) => {
+                report(
+                    s.span().start,
+                    format!(
+                        "{name}: {:?} is not a duration: expected a duration from {range}, such as \"10m\", \"1h\" or \"90s\"",
                         s.get_ref()
                     ),
                 );
-                default
+                None
             }
-        },
-        None => default,
+        }
     };
-    let session_duration = duration(
-        &d.session_duration,
-        "session_duration",
-        Duration::from_secs(3600),
-    );
+    let session_duration = duration(&d.session_duration, "session_duration", &SESSION_DURATION);
     let refresh_before_expiry = duration(
         &d.refresh_before_expiry,
         "refresh_before_expiry",
-        Duration::from_secs(600),
+        &REFRESH_BEFORE_EXPIRY,
     );
-    let verify_timeout = duration(
-        &d.verify_timeout,
-        "verify_timeout",
-        Duration::from_secs(600),
-    );
-    let credentials_wait = duration(
-        &d.credentials_wait,
-        "credentials_wait",
-        Duration::from_secs(300),
-    );
-    if let Some(s) = &d.session_duration
-        && !(MIN_SESSION..=MAX_SESSION).contains(&session_duration)
+    let verify_timeout = duration(&d.verify_timeout, "verify_timeout", &VERIFY_TIMEOUT);
+    let credentials_wait = duration(&d.credentials_wait, "credentials_wait", &CREDENTIALS_WAIT);
+    if let (Some(refresh), Some(session)) = (refresh_before_expiry, session_duration)
+        && refresh.saturating_add(Duration::from_secs(60)) > session
     {
-        report(
-            s.span().start,
-            format!(
-                "session_duration: {:?} is outside what AssumeRole accepts: expected 15m to 12h",
-                s.get_ref()
-            ),
-        );
-    }
-    if refresh_before_expiry + Duration::from_secs(60) > session_duration {
         let offset = d
             .refresh_before_expiry
             .as_ref()
@@ -433,11 +469,16 @@ fn validate(path: &Path, raw: RawConfig, loc: &Locator, issues: &mut Vec<ConfigI
             offset,
             format!(
                 "refresh_before_expiry ({}) must be at least 1m shorter than session_duration ({})",
-                humantime::format_duration(refresh_before_expiry),
-                humantime::format_duration(session_duration)
+                humantime::format_duration(refresh),
+                humantime::format_duration(session)
             ),
         );
     }
+    // Invalid values were reported; the defaults stand in for them in the (discarded) model.
+    let session_duration = session_duration.unwrap_or(SESSION_DURATION.default);
+    let refresh_before_expiry = refresh_before_expiry.unwrap_or(REFRESH_BEFORE_EXPIRY.default);
+    let verify_timeout = verify_timeout.unwrap_or(VERIFY_TIMEOUT.default);
+    let credentials_wait = credentials_wait.unwrap_or(CREDENTIALS_WAIT.default);
 
     // [credentials]
     let credentials = match raw.credentials {
@@ -960,5 +1001,136 @@ timezone = "Asia/Tokyo"
         assert_eq!(got.len(), 100_000, "the repeated ID is kept once");
         assert_eq!(got[0], "i-00000000000000000");
         assert_eq!(got[99_999], format!("i-{:017x}", 99_999));
+    }
+
+    /// `[defaults]` with one duration set, and where its value starts (line 2, column 1 + key + 4).
+    fn with_default(key: &str, value: &str) -> String {
+        format!("[defaults]\n{key} = \"{value}\"\n{MINIMAL}")
+    }
+
+    #[test]
+    fn durations_are_checked_against_their_ranges() {
+        // (key, value, None if accepted, else a part of the message)
+        let cases: &[(&str, &str, Option<&str>)] = &[
+            ("session_duration", "15m", None),
+            ("session_duration", "12h", None),
+            (
+                "session_duration",
+                "14m 59s",
+                Some("is out of range: expected 15m to 12h (what AssumeRole accepts)"),
+            ),
+            (
+                "session_duration",
+                "12h 1s",
+                Some("is out of range: expected 15m to 12h"),
+            ),
+            (
+                "session_duration",
+                "18446744073709551615s",
+                Some("is out of range: expected 15m to 12h"),
+            ),
+            ("session_duration", "0s", Some("is out of range")),
+            (
+                "session_duration",
+                "1 hour and a bit",
+                Some("is not a duration: expected a duration from 15m to 12h"),
+            ),
+            ("refresh_before_expiry", "2m", None),
+            ("refresh_before_expiry", "59m", None),
+            (
+                "refresh_before_expiry",
+                "119s",
+                Some("is out of range: expected 2m to 11h 59m"),
+            ),
+            (
+                "refresh_before_expiry",
+                "0s",
+                Some("is out of range: expected 2m to 11h 59m"),
+            ),
+            (
+                "refresh_before_expiry",
+                "18446744073709551615s",
+                Some("is out of range: expected 2m to 11h 59m"),
+            ),
+            (
+                "refresh_before_expiry",
+                "59m 1s",
+                Some("must be at least 1m shorter than session_duration (1h)"),
+            ),
+            (
+                "refresh_before_expiry",
+                "99999999999999999999999s",
+                Some("is not a duration"),
+            ),
+            ("verify_timeout", "10s", None),
+            ("verify_timeout", "1h", None),
+            (
+                "verify_timeout",
+                "9s",
+                Some("verify_timeout: \"9s\" is out of range: expected 10s to 1h"),
+            ),
+            (
+                "verify_timeout",
+                "1h 1s",
+                Some("is out of range: expected 10s to 1h"),
+            ),
+            (
+                "verify_timeout",
+                "18446744073709551615s",
+                Some("is out of range: expected 10s to 1h"),
+            ),
+            ("verify_timeout", "-1s", Some("is not a duration")),
+            ("credentials_wait", "0s", None),
+            ("credentials_wait", "1h", None),
+            (
+                "credentials_wait",
+                "3601s",
+                Some("credentials_wait: \"3601s\" is out of range: expected 0s to 1h"),
+            ),
+            (
+                "credentials_wait",
+                "18446744073709551615s",
+                Some("is out of range: expected 0s to 1h"),
+            ),
+            ("credentials_wait", "", Some("is not a duration")),
+        ];
+        for &(key, value, want) in cases {
+            let text = with_default(key, value);
+            let got = Config::parse(Path::new("t.toml"), &text);
+            match (want, got) {
+                (None, Ok(_)) => {}
+                (None, Err(e)) => panic!("{key} = {value:?} refused: {e}"),
+                (Some(want), Ok(_)) => panic!("{key} = {value:?} accepted, expected {want:?}"),
+                (Some(want), Err(e)) => {
+                    let message = e.to_string();
+                    let at = format!("t.toml:2:{}: ", key.len() + 4);
+                    assert!(
+                        message.starts_with(&at) && message.contains(want),
+                        "{key} = {value:?}: expected {at}...{want}... got {message}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn accepted_durations_leave_no_arithmetic_to_overflow() {
+        let text = format!(
+            "[defaults]\nsession_duration = \"12h\"\nrefresh_before_expiry = \"11h 59m\"\n\
+             verify_timeout = \"1h\"\ncredentials_wait = \"1h\"\n{MINIMAL}"
+        );
+        let c = Config::parse(Path::new("t.toml"), &text).unwrap();
+        let d = &c.defaults;
+        assert_eq!(d.refresh_before_expiry, REFRESH_BEFORE_EXPIRY.max);
+        for bounds in [
+            &SESSION_DURATION,
+            &REFRESH_BEFORE_EXPIRY,
+            &VERIFY_TIMEOUT,
+            &CREDENTIALS_WAIT,
+        ] {
+            assert!(bounds.min <= bounds.default && bounds.default <= bounds.max);
+            assert!(bounds.max <= Duration::from_secs(24 * 3600));
+        }
+        assert!(REFRESH_BEFORE_EXPIRY.min > crate::credentials::SIGNING_MARGIN);
     }
 }
