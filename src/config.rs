@@ -178,12 +178,23 @@ impl Rule {
 // Errors
 // ---------------------------------------------------------------------------------------------------------
 
-/// One problem in a configuration file, at a 1-based line and column.
+/// One problem in a configuration file, at a 1-based line and column; line 0 is the file as a whole
+/// (it is not a regular file, or too large), where no position makes sense.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConfigIssue {
     pub line: usize,
     pub column: usize,
     pub message: String,
+}
+
+impl ConfigIssue {
+    fn whole_file(message: impl Into<String>) -> ConfigIssue {
+        ConfigIssue {
+            line: 0,
+            column: 0,
+            message: message.into(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -210,7 +221,10 @@ pub enum ConfigError {
 fn render_issues(path: &Path, issues: &[ConfigIssue]) -> String {
     let lines: Vec<String> = issues
         .iter()
-        .map(|i| format!("{}:{}:{}: {}", path.display(), i.line, i.column, i.message))
+        .map(|i| match i.line {
+            0 => format!("{}: {}", path.display(), i.message),
+            _ => format!("{}:{}:{}: {}", path.display(), i.line, i.column, i.message),
+        })
         .collect();
     lines.join("\n")
 }
@@ -333,15 +347,14 @@ impl<'de> Deserialize<'de> for OneOrMany {
 impl Config {
     /// Reads and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Config::parse(path, &text)
+        let (bytes, _) = read_config_file(path)?;
+        Config::parse(path, decode(path, &bytes)?)
     }
 
-    /// Validates `text` as the contents of `path` (the path is only used in messages).
+    /// Validates `text` as the contents of `path` (the path is only used in messages). A leading UTF-8
+    /// byte order mark is ignored.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let loc = Locator { text };
         let invalid = |issues| ConfigError::Invalid {
             path: path.to_path_buf(),
@@ -361,15 +374,13 @@ impl Config {
         }
     }
 
-    /// Like [`Config::load`], and first refuses a file that others could have changed (as sshd's
+    /// Like [`Config::load`], and refuses a file that others could have changed (as sshd's
     /// StrictModes does): writable by group or others, or owned by neither root nor the user running.
+    /// Mode and owner are those of the very file read, not of whatever the path names afterwards.
     pub fn load_strict(path: &Path) -> Result<Config, ConfigError> {
         use std::os::unix::fs::MetadataExt;
-        let config = Config::load(path)?;
-        let meta = std::fs::metadata(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let (bytes, meta) = read_config_file(path)?;
+        let config = Config::parse(path, decode(path, &bytes)?)?;
         // SAFETY: geteuid has no preconditions and cannot fail.
         let euid = unsafe { libc::geteuid() };
         match permission_problem(meta.mode(), meta.uid(), euid) {
@@ -384,6 +395,128 @@ impl Config {
     pub fn account(&self, name: &str) -> Option<&Account> {
         self.accounts.get(name)
     }
+}
+
+/// The largest configuration file read: far more than any real one (100,000 instance IDs fit in 3 MB,
+/// so a fleet that size is selected by tags), and small enough that parsing it is quick.
+pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+
+/// What kind of file `file_type` is, for a message refusing anything but a regular file.
+fn file_kind(file_type: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if file_type.is_dir() {
+        "a directory"
+    } else if file_type.is_fifo() {
+        "a FIFO"
+    } else if file_type.is_char_device() {
+        "a character device"
+    } else if file_type.is_block_device() {
+        "a block device"
+    } else if file_type.is_socket() {
+        "a socket"
+    } else if file_type.is_symlink() {
+        "a symbolic link"
+    } else {
+        "not a file"
+    }
+}
+
+fn not_regular(path: &Path, file_type: std::fs::FileType) -> ConfigError {
+    ConfigError::Invalid {
+        path: path.to_path_buf(),
+        issues: vec![ConfigIssue::whole_file(format!(
+            "not a regular file: {}: expected a configuration file",
+            file_kind(file_type)
+        ))],
+    }
+}
+
+/// Opens `path` for reading without blocking (a FIFO would block a plain open until a writer came) and
+/// refuses, by the opened handle's own metadata, anything that is not a regular file.
+fn open_regular(path: &Path) -> Result<(std::fs::File, std::fs::Metadata), ConfigError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let read_error = |source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(read_error)?;
+    let meta = file.metadata().map_err(read_error)?;
+    if !meta.is_file() {
+        return Err(not_regular(path, meta.file_type()));
+    }
+    Ok((file, meta))
+}
+
+/// The bytes of the configuration file at `path` (at most [`MAX_CONFIG_BYTES`]) and its metadata.
+fn read_config_file(path: &Path) -> Result<(Vec<u8>, std::fs::Metadata), ConfigError> {
+    use std::io::Read;
+    let read_error = |source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    // Refuse what is plainly not a regular file before opening it: opening a device can have effects.
+    // A socket cannot be opened at all. The opened handle is checked again, as the path may change.
+    if let Ok(meta) = std::fs::metadata(path)
+        && !meta.is_file()
+    {
+        return Err(not_regular(path, meta.file_type()));
+    }
+    let (file, meta) = open_regular(path)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_error)?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(ConfigError::Invalid {
+            path: path.to_path_buf(),
+            issues: vec![ConfigIssue::whole_file(format!(
+                "larger than {} MiB: expected a configuration file of at most {MAX_CONFIG_BYTES} bytes",
+                MAX_CONFIG_BYTES / (1024 * 1024)
+            ))],
+        });
+    }
+    Ok((bytes, meta))
+}
+
+/// The text of a configuration file: UTF-8, with or without a byte order mark.
+fn decode<'a>(path: &Path, bytes: &'a [u8]) -> Result<&'a str, ConfigError> {
+    let invalid = |issue| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        issues: vec![issue],
+    };
+    let encoding = match bytes {
+        [0, 0, 0xFE, 0xFF, ..] => Some("UTF-32 (big-endian byte order mark 00 00 FE FF)"),
+        [0xFF, 0xFE, 0, 0, ..] => Some("UTF-32 (little-endian byte order mark FF FE 00 00)"),
+        [0xFE, 0xFF, ..] => Some("UTF-16 (big-endian byte order mark FE FF)"),
+        [0xFF, 0xFE, ..] => Some("UTF-16 (little-endian byte order mark FF FE)"),
+        _ => None,
+    };
+    if let Some(encoding) = encoding {
+        return Err(invalid(ConfigIssue::whole_file(format!(
+            "the file is {encoding}: save it as UTF-8"
+        ))));
+    }
+    std::str::from_utf8(bytes).map_err(|e| {
+        let offset = e.valid_up_to();
+        // The valid prefix locates the bad byte; the BOM, if any, is not counted as a column.
+        let valid = std::str::from_utf8(&bytes[..offset]).unwrap_or_default();
+        let bom = usize::from(valid.starts_with('\u{feff}')) * 3;
+        let loc = Locator {
+            text: &valid[bom..],
+        };
+        invalid(loc.at(
+            offset - bom,
+            format!(
+                "not UTF-8: byte 0x{:02X} at byte offset {offset}: expected UTF-8 text \
+                 (save the file as UTF-8, not Latin-1 or another legacy encoding)",
+                bytes[offset]
+            ),
+        ))
+    })
 }
 
 /// What is wrong with a configuration file's mode and owner, if anything.
@@ -1132,5 +1265,182 @@ timezone = "Asia/Tokyo"
             assert!(bounds.max <= Duration::from_secs(24 * 3600));
         }
         assert!(REFRESH_BEFORE_EXPIRY.min > crate::credentials::SIGNING_MARGIN);
+    }
+
+    /// What loading `path` says, as `check` would print it.
+    fn load_error(path: &Path) -> ConfigError {
+        match Config::load(path) {
+            Ok(_) => panic!("{} accepted", path.display()),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn file_contents_that_are_not_utf8_text_are_refused_with_their_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let utf8_bom = [b"\xEF\xBB\xBF".as_slice(), MINIMAL.as_bytes()].concat();
+        // (contents, None if accepted, else the whole first line of the message after the path)
+        let cases: Vec<(Vec<u8>, Option<&str>)> = vec![
+            (MINIMAL.as_bytes().to_vec(), None),
+            (utf8_bom, None),
+            (
+                b"# caf\xE9\n".to_vec(),
+                Some(":1:6: not UTF-8: byte 0xE9 at byte offset 5: expected UTF-8 text"),
+            ),
+            (
+                [MINIMAL.as_bytes(), b"# d\xC3\xA9j\xC3\xA0 vu, caf\xE9\n"].concat(),
+                Some(":13:15: not UTF-8: byte 0xE9 at byte offset 308"),
+            ),
+            (
+                b"\xEF\xBB\xBF# caf\xE9".to_vec(),
+                Some(":1:6: not UTF-8: byte 0xE9 at byte offset 8"),
+            ),
+            (b"x = \"\xC3\"".to_vec(), Some(":1:6: not UTF-8: byte 0xC3")),
+            (
+                b"\xFF\xFE#\0 \0x\0\n\0".to_vec(),
+                Some(
+                    ": the file is UTF-16 (little-endian byte order mark FF FE): save it as UTF-8",
+                ),
+            ),
+            (
+                b"\xFE\xFF\0#\0 \0x\0\n".to_vec(),
+                Some(": the file is UTF-16 (big-endian byte order mark FE FF): save it as UTF-8"),
+            ),
+            (
+                b"\xFF\xFE\0\0#\0\0\0".to_vec(),
+                Some(": the file is UTF-32 (little-endian byte order mark FF FE 00 00)"),
+            ),
+        ];
+        for (i, (bytes, want)) in cases.into_iter().enumerate() {
+            let path = dir.path().join(format!("case{i}.toml"));
+            std::fs::write(&path, &bytes).unwrap();
+            match want {
+                None => {
+                    Config::load(&path).unwrap_or_else(|e| panic!("case {i} refused: {e}"));
+                }
+                Some(want) => {
+                    let err = load_error(&path);
+                    assert!(
+                        matches!(err, ConfigError::Invalid { .. }),
+                        "case {i}: {err:?}"
+                    );
+                    let message = err.to_string();
+                    let want = format!("{}{want}", path.display());
+                    assert!(
+                        message.starts_with(&want),
+                        "case {i}: expected {want}\n got {message}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn files_that_are_not_regular_are_refused_without_blocking() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo.toml");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+        // SAFETY: c is a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let socket = dir.path().join("socket.toml");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let cases = [
+            (dir.path().to_path_buf(), "a directory"),
+            (fifo.clone(), "a FIFO"),
+            (PathBuf::from("/dev/zero"), "a character device"),
+            (PathBuf::from("/dev/null"), "a character device"),
+            (socket, "a socket"),
+        ];
+        for (path, kind) in cases {
+            // A blocking open of the FIFO, or reading /dev/zero to its end, would never return.
+            let (tx, rx) = std::sync::mpsc::channel();
+            let p = path.clone();
+            std::thread::spawn(move || tx.send(Config::load_strict(&p).map(|_| ())));
+            let got = rx
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap_or_else(|_| panic!("{} still loading after 10 s", path.display()));
+            let err = got.expect_err("refused");
+            assert!(matches!(err, ConfigError::Invalid { .. }), "{err:?}");
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "{}: not a regular file: {kind}: expected a configuration file",
+                    path.display()
+                )
+            );
+        }
+        // The opened handle is checked too (the path may have been replaced after the first look):
+        // a FIFO is opened without waiting for a writer, then refused.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(open_regular(&fifo).map(|_| ())));
+        let got = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("open did not block");
+        assert!(
+            got.unwrap_err()
+                .to_string()
+                .contains("not a regular file: a FIFO")
+        );
+    }
+
+    #[test]
+    fn files_that_cannot_be_read_are_refused_naming_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.toml");
+        let b = dir.path().join("b.toml");
+        std::os::unix::fs::symlink(&b, &a).unwrap();
+        std::os::unix::fs::symlink(&a, &b).unwrap();
+        let mut cases = vec![
+            (a, "Too many levels of symbolic links"),
+            (dir.path().join("missing.toml"), "No such file or directory"),
+        ];
+        // Even root cannot read this regular file (reading address 0 of a process fails), if it exists.
+        let mem = Path::new("/proc/self/mem");
+        if mem.is_file() {
+            cases.push((mem.to_path_buf(), ""));
+        }
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            use std::os::unix::fs::PermissionsExt;
+            let locked = dir.path().join("locked.toml");
+            std::fs::write(&locked, MINIMAL).unwrap();
+            std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o000)).unwrap();
+            cases.push((locked, "Permission denied"));
+        }
+        for (path, why) in cases {
+            let err = load_error(&path);
+            assert!(matches!(err, ConfigError::Read { .. }), "{err:?}");
+            let message = err.to_string();
+            assert!(
+                message.starts_with(&format!(
+                    "cannot read configuration file {}: ",
+                    path.display()
+                )) && message.contains(why),
+                "{message}"
+            );
+        }
+    }
+
+    #[test]
+    fn files_over_one_mib_are_refused_saying_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.toml");
+        let line = format!("#{}\n", "x".repeat(1022));
+        let mut text = line.repeat(1024);
+        assert_eq!(text.len() as u64, MAX_CONFIG_BYTES);
+        std::fs::write(&path, &text).unwrap();
+        Config::load(&path).expect("exactly the limit is accepted");
+        text.push('\n');
+        std::fs::write(&path, &text).unwrap();
+        let err = load_error(&path);
+        assert!(matches!(err, ConfigError::Invalid { .. }), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}: larger than 1 MiB: expected a configuration file of at most 1048576 bytes",
+                path.display()
+            )
+        );
     }
 }
