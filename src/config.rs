@@ -229,6 +229,10 @@ fn render_issues(path: &Path, issues: &[ConfigIssue]) -> String {
     lines.join("\n")
 }
 
+/// At most this many problems of a file are listed, then how many more there are: a file can hold
+/// hundreds of thousands, and the first ones are what to fix.
+pub const MAX_ISSUES: usize = 100;
+
 /// Turns byte offsets into 1-based line and column (in characters).
 struct Locator<'a> {
     text: &'a str,
@@ -236,16 +240,43 @@ struct Locator<'a> {
 
 impl Locator<'_> {
     fn at(&self, offset: usize, message: impl Into<String>) -> ConfigIssue {
-        let offset = offset.min(self.text.len());
-        let before = &self.text[..offset];
-        let line = before.matches('\n').count() + 1;
-        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-        let column = self.text[line_start..offset].chars().count() + 1;
-        ConfigIssue {
-            line,
-            column,
-            message: message.into(),
+        self.all(vec![(offset, message.into())]).remove(0)
+    }
+
+    /// Places every problem, in file order (problems at one place keep their order), listing at most
+    /// [`MAX_ISSUES`]: one pass over the text, however many problems there are.
+    fn all(&self, mut problems: Vec<(usize, String)>) -> Vec<ConfigIssue> {
+        problems.sort_by_key(|(offset, _)| *offset);
+        let more = problems.len().saturating_sub(MAX_ISSUES);
+        if more > 0 {
+            problems.truncate(MAX_ISSUES + 1);
+            let (at, first) = problems.pop().expect("more than MAX_ISSUES");
+            problems.push((
+                at,
+                format!("{more} more problem(s) from here on are not listed, the first: {first}"),
+            ));
         }
+        let (mut pos, mut line, mut column) = (0, 1, 1);
+        problems
+            .into_iter()
+            .map(|(offset, message)| {
+                let offset = self.text.floor_char_boundary(offset);
+                for c in self.text[pos..offset].chars() {
+                    if c == '\n' {
+                        line += 1;
+                        column = 1;
+                    } else {
+                        column += 1;
+                    }
+                }
+                pos = offset;
+                ConfigIssue {
+                    line,
+                    column,
+                    message,
+                }
+            })
+            .collect()
     }
 }
 
@@ -364,13 +395,12 @@ impl Config {
             let offset = e.span().map_or(0, |s| s.start);
             invalid(vec![loc.at(offset, e.message().trim_end().to_string())])
         })?;
-        let mut issues = Vec::new();
-        let config = validate(path, raw, &loc, &mut issues);
-        if issues.is_empty() {
+        let mut problems = Vec::new();
+        let config = validate(path, raw, &mut problems);
+        if problems.is_empty() {
             Ok(config)
         } else {
-            issues.sort_by_key(|i| (i.line, i.column));
-            Err(invalid(issues))
+            Err(invalid(loc.all(problems)))
         }
     }
 
@@ -537,8 +567,9 @@ pub fn permission_problem(mode: u32, owner: u32, euid: u32) -> Option<String> {
     None
 }
 
-fn validate(path: &Path, raw: RawConfig, loc: &Locator, issues: &mut Vec<ConfigIssue>) -> Config {
-    let mut report = |offset: usize, msg: String| issues.push(loc.at(offset, msg));
+/// Checks `raw`, adding each problem found to `problems` as the byte offset it concerns and a message.
+fn validate(path: &Path, raw: RawConfig, problems: &mut Vec<(usize, String)>) -> Config {
+    let mut report = |offset: usize, msg: String| problems.push((offset, msg));
 
     // [defaults]
     let d = raw.defaults;
@@ -1118,6 +1149,54 @@ timezone = "Asia/Tokyo"
         );
         assert!(parse_role_arn("arn:aws:iam::1111:role/x").is_err());
         assert!(parse_role_arn("arn:aws:iam::111111111111:user/x").is_err());
+    }
+
+    #[test]
+    fn a_file_with_a_third_of_a_million_problems_lists_the_first_hundred() {
+        // 1 MiB holds about 350,000 empty instance IDs, each a problem. Placing each one by scanning
+        // the text before it took minutes.
+        let mut text = String::from(
+            "[accounts.a]\nrole_arn = \"arn:aws:iam::111111111111:role/r\"\nregions = [\"eu-west-1\"]\n\
+             [[rules]]\nname = \"many\"\naccount = \"a\"\nstart = \"0 8 * * *\"\ninstances = [",
+        );
+        let count = (MAX_CONFIG_BYTES as usize - text.len() - 2) / 3;
+        text.push_str(&"\"\",".repeat(count));
+        text.push_str("]\n");
+        assert!(text.len() as u64 <= MAX_CONFIG_BYTES && count > 300_000);
+        let err = Config::parse(Path::new("t.toml"), &text).unwrap_err();
+        let ConfigError::Invalid { issues, .. } = &err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(issues.len(), MAX_ISSUES + 1);
+        assert_eq!((issues[0].line, issues[0].column), (8, 14));
+        assert_eq!((issues[1].line, issues[1].column), (8, 17));
+        let last = &issues[MAX_ISSUES];
+        assert_eq!((last.line, last.column), (8, 14 + 3 * MAX_ISSUES));
+        assert!(
+            last.message.starts_with(&format!(
+                "{} more problem(s) from here on are not listed, the first: rule \"many\": \"\" is not an instance ID",
+                count - MAX_ISSUES
+            )),
+            "{}",
+            last.message
+        );
+    }
+
+    #[test]
+    fn problems_are_placed_by_character_and_listed_in_file_order() {
+        // The rule's problems are found before the account's, and the columns count characters.
+        let text = "[[rules]]\nname = \"ö-rule\"\naccount = \"nope\"\nstart = \"0 8 * * *\"\n\
+                    [accounts.a]\nrole_arn = \"arn:aws:iam::1:role/r\"\nregions = [\"日本\", \"x\"]\n";
+        let err = Config::parse(Path::new("t.toml"), text).unwrap_err();
+        let ConfigError::Invalid { issues, .. } = &err else {
+            panic!("{err:?}")
+        };
+        let places: Vec<(usize, usize)> = issues.iter().map(|i| (i.line, i.column)).collect();
+        assert_eq!(
+            places,
+            [(2, 8), (2, 8), (3, 11), (6, 12), (7, 12), (7, 18)],
+            "{err}"
+        );
     }
 
     #[test]
