@@ -530,7 +530,7 @@ fn decode<'a>(path: &Path, bytes: &'a [u8]) -> Result<&'a str, ConfigError> {
             "the file is {encoding}: save it as UTF-8"
         ))));
     }
-    std::str::from_utf8(bytes).map_err(|e| {
+    let text = std::str::from_utf8(bytes).map_err(|e| {
         let offset = e.valid_up_to();
         // The valid prefix locates the bad byte; the BOM, if any, is not counted as a column.
         let valid = std::str::from_utf8(&bytes[..offset]).unwrap_or_default();
@@ -546,7 +546,19 @@ fn decode<'a>(path: &Path, bytes: &'a [u8]) -> Result<&'a str, ConfigError> {
                 bytes[offset]
             ),
         ))
-    })
+    })?;
+    // TOML allows no NUL anywhere; they mostly come from UTF-16 without a byte order mark, which the
+    // TOML parser would report as some unexpected character.
+    if let Some(offset) = text.find('\0') {
+        let bom = if text.starts_with('\u{feff}') { 3 } else { 0 };
+        let loc = Locator { text: &text[bom..] };
+        return Err(invalid(loc.at(
+            offset - bom,
+            "NUL byte: expected UTF-8 text (a file with NUL bytes is often UTF-16 without a byte \
+             order mark: save it as UTF-8)",
+        )));
+    }
+    Ok(text)
 }
 
 /// What is wrong with a configuration file's mode and owner, if anything.
@@ -1375,6 +1387,15 @@ timezone = "Asia/Tokyo"
                 Some(":1:6: not UTF-8: byte 0xE9 at byte offset 8"),
             ),
             (b"x = \"\xC3\"".to_vec(), Some(":1:6: not UTF-8: byte 0xC3")),
+            (
+                b"# a\0b\n".to_vec(),
+                Some(":1:4: NUL byte: expected UTF-8 text"),
+            ),
+            (
+                b"#\0 \0x\0\n\0".to_vec(),
+                Some(":1:2: NUL byte: expected UTF-8 text (a file with NUL bytes is often UTF-16"),
+            ),
+            (b"\xEF\xBB\xBFx\0".to_vec(), Some(":1:2: NUL byte")),
             (
                 b"\xFF\xFE#\0 \0x\0\n\0".to_vec(),
                 Some(
