@@ -1544,3 +1544,367 @@ timezone = "Asia/Tokyo"
         );
     }
 }
+
+/// Property tests: nothing a configuration file or a cron expression can hold makes shiftd panic.
+/// `PROPTEST_CASES` sets the number of cases per property (256 by default). Inputs found to fail
+/// belong in `tests/fixtures/fuzz-seeds/`, which `every_seed_is_refused_or_accepted_without_panicking`
+/// replays; no regression files are written next to the source.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use chrono::{DateTime, TimeZone, Utc};
+    use proptest::prelude::*;
+    use proptest::test_runner::Config as ProptestConfig;
+
+    /// A valid file using every section, which the structured generators fill in and mutate.
+    const TEMPLATE: &str = r#"[defaults]
+timezone = "Asia/Tokyo"
+session_duration = "@SESSION@"
+refresh_before_expiry = "@REFRESH@"
+verify_timeout = "@VERIFY@"
+credentials_wait = "@WAIT@"
+dry_run = false
+
+[credentials]
+source = "imds"
+
+[accounts.account1]
+role_arn = "arn:aws:iam::111111111111:role/account1-role-ec2"
+external_id = "shiftd-7f3a"
+regions = ["ap-northeast-1", "us-east-1"]
+
+[[rules]]
+name = "office-hours"
+account = "account1"
+instances = ["i-0123456789abcdef0", "i-01234567"]
+start = "@START@"
+stop = ["@STOP@", "0 23 * * 0,6"]
+timezone = "Europe/Berlin"
+
+[[rules]]
+name = "dev.nights"
+account = "account1"
+regions = ["us-east-1"]
+tags = { Environment = ["dev", "stg"], Schedule = "office*" }
+stop = "0 21 * * *"
+"#;
+
+    fn valid() -> String {
+        TEMPLATE
+            .replace("@SESSION@", "1h")
+            .replace("@REFRESH@", "10m")
+            .replace("@VERIFY@", "10m")
+            .replace("@WAIT@", "5m")
+            .replace("@START@", "0 8 * * Mon-Fri")
+            .replace("@STOP@", "0 20 * * 1-5")
+    }
+
+    fn config() -> ProptestConfig {
+        ProptestConfig {
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    /// Parses `text` and, if it is valid, uses the result the ways the commands do. Panics only on a bug.
+    fn exercise_config(text: &str) {
+        match Config::parse(Path::new("t.toml"), text) {
+            Ok(c) => exercise_valid(&c),
+            Err(ConfigError::Invalid { issues, .. }) => {
+                assert!(!issues.is_empty());
+                for i in &issues {
+                    assert!(i.line >= 1 && i.column >= 1, "{i:?}");
+                    assert!(!i.message.is_empty());
+                }
+            }
+            Err(e) => panic!("parse can only find the text invalid: {e:?}"),
+        }
+    }
+
+    fn exercise_valid(c: &Config) {
+        let from = Utc.with_ymd_and_hms(2026, 3, 28, 0, 0, 0).unwrap();
+        let until = from + chrono::Duration::days(2);
+        let _ = crate::summary::render(c, from);
+        let (items, truncated) = crate::upcoming::upcoming(c, from, until, 50);
+        let _ = crate::upcoming::render_text(c, &items, from, until, truncated);
+        let delegate = crate::policy::Delegate::Account("123456789012".into());
+        let _ = crate::policy::render(&crate::policy::documents(c, None, Some(&delegate)));
+    }
+
+    /// Bytes as `load` would see them in a file.
+    fn exercise_bytes(bytes: &[u8]) {
+        match decode(Path::new("t.toml"), bytes) {
+            Ok(text) => exercise_config(text),
+            Err(ConfigError::Invalid { issues, .. }) => assert_eq!(issues.len(), 1),
+            Err(e) => panic!("decode can only find the bytes invalid: {e:?}"),
+        }
+    }
+
+    fn exercise_cron(expression: &str) {
+        if let Ok(s) = CronSchedule::parse(expression) {
+            let from: DateTime<Utc> = Utc.with_ymd_and_hms(2026, 10, 24, 22, 30, 0).unwrap();
+            for zone in [
+                Tz::UTC,
+                chrono_tz::Europe::London,
+                chrono_tz::Australia::Lord_Howe,
+            ] {
+                let _ = s.next_after(from, zone);
+            }
+            let _ = s.firings_between(from, from + chrono::Duration::days(3), Tz::UTC, 20);
+        }
+    }
+
+    fn number() -> impl Strategy<Value = String> {
+        prop_oneof![
+            (0u64..=61).prop_map(|n| n.to_string()),
+            any::<u64>().prop_map(|n| n.to_string()),
+            Just("18446744073709551616".to_string()),
+            Just("4294967296".to_string()),
+            Just("-1".to_string()),
+            Just("00".to_string()),
+        ]
+    }
+
+    fn name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            prop::sample::select(vec![
+                "Mon", "TUE", "wed", "Thu", "Fri", "Sat", "Sun", "Fry", "Monday", "Jan", "FEB",
+                "dec", "Sept", "Oct", "L", "W", "LW", "?", "*",
+            ])
+            .prop_map(str::to_string),
+            "[A-Za-z]{1,4}",
+        ]
+    }
+
+    fn cron_item() -> impl Strategy<Value = String> {
+        let atom = prop_oneof![number(), name()];
+        prop_oneof![
+            atom.clone(),
+            (atom.clone(), atom.clone()).prop_map(|(a, b)| format!("{a}-{b}")),
+            (atom.clone(), number()).prop_map(|(a, s)| format!("{a}/{s}")),
+            (atom.clone(), atom.clone(), number()).prop_map(|(a, b, s)| format!("{a}-{b}/{s}")),
+            number().prop_map(|s| format!("*/{s}")),
+            number().prop_map(|n| format!("{n}L")),
+            number().prop_map(|n| format!("{n}W")),
+            (atom, number()).prop_map(|(d, n)| format!("{d}#{n}")),
+        ]
+    }
+
+    fn cron_field() -> impl Strategy<Value = String> {
+        prop::collection::vec(cron_item(), 1..4).prop_map(|items| items.join(","))
+    }
+
+    fn cron_expression() -> impl Strategy<Value = String> {
+        prop_oneof![
+            6 => prop::collection::vec(cron_field(), 5..=6).prop_map(|f| f.join(" ")),
+            2 => prop::collection::vec(cron_field(), 0..=8).prop_map(|f| f.join(" ")),
+            1 => prop::sample::select(vec![
+                "@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly",
+                "@reboot", "@every 5m", "@", "@Daily",
+            ])
+            .prop_map(str::to_string),
+        ]
+    }
+
+    fn duration() -> impl Strategy<Value = String> {
+        let unit = prop::sample::select(vec![
+            "", "s", "sec", "m", "min", "h", "hr", "d", "w", "M", "y", "ms", "us", "ns", "x",
+        ]);
+        prop_oneof![
+            (number(), unit.clone()).prop_map(|(n, u)| format!("{n}{u}")),
+            prop::collection::vec((number(), unit), 1..4).prop_map(|parts| {
+                parts
+                    .into_iter()
+                    .map(|(n, u)| format!("{n}{u}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            }),
+        ]
+    }
+
+    /// Short TOML-ish snippets: keys, tables, values, and the characters that end or open them.
+    fn snippet() -> impl Strategy<Value = String> {
+        prop_oneof![
+            prop::sample::select(vec![
+                "[defaults]",
+                "[[rules]]",
+                "[accounts.x]",
+                "[credentials]",
+                "[rules]",
+                "[[defaults]]",
+                "name = \"office-hours\"",
+                "account = \"account1\"",
+                "instances = []",
+                "tags = {}",
+                "tags = { \"\" = [] }",
+                "regions = []",
+                "start = []",
+                "stop = [[]]",
+                "start = 1",
+                "timezone = \"\"",
+                "source = \"profile\"",
+                "profile = \" \"",
+                "dry_run = 1",
+                "\"",
+                "'''",
+                "\"\"\"",
+                "[",
+                "]",
+                "{",
+                "}",
+                "=",
+                ",",
+                "#",
+                "\n",
+                "\r\n",
+                "\t",
+                "\0",
+                "\u{feff}",
+                "\u{301}",
+                "ø",
+                "日本",
+                "\\u0000",
+                "\\",
+                "1979-05-27T07:32:00Z",
+                "nan",
+                "inf",
+                "-0",
+                "0x10",
+                "1e400",
+                "a.b.c = 1",
+                "x = { y = { z = [1, [2, {}]] } }",
+            ])
+            .prop_map(str::to_string),
+            duration().prop_map(|d| format!("session_duration = \"{d}\"")),
+            cron_expression().prop_map(|c| format!("start = \"{c}\"")),
+            any::<String>(),
+        ]
+    }
+
+    /// A valid file changed by a few insertions, deletions and replacements at arbitrary places.
+    fn mutated() -> impl Strategy<Value = String> {
+        let edit = (any::<prop::sample::Index>(), 0usize..40, snippet());
+        prop::collection::vec(edit, 1..5).prop_map(|edits| {
+            let mut text = valid();
+            for (at, delete, insert) in edits {
+                let start = text.floor_char_boundary(at.index(text.len() + 1));
+                let end = text.floor_char_boundary((start + delete).min(text.len()));
+                text.replace_range(start..end, &insert);
+            }
+            text
+        })
+    }
+
+    /// The template with generated durations and cron expressions in its holes.
+    fn filled() -> impl Strategy<Value = String> {
+        (
+            duration(),
+            duration(),
+            duration(),
+            duration(),
+            cron_expression(),
+            cron_expression(),
+        )
+            .prop_map(|(session, refresh, verify, wait, start, stop)| {
+                TEMPLATE
+                    .replace("@SESSION@", &session)
+                    .replace("@REFRESH@", &refresh)
+                    .replace("@VERIFY@", &verify)
+                    .replace("@WAIT@", &wait)
+                    .replace("@START@", &start)
+                    .replace("@STOP@", &stop)
+            })
+    }
+
+    #[test]
+    fn the_template_is_valid() {
+        Config::parse(Path::new("t.toml"), &valid()).unwrap();
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn config_from_any_string(text in any::<String>()) {
+            exercise_config(&text);
+        }
+
+        #[test]
+        fn config_from_any_bytes(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            exercise_bytes(&bytes);
+        }
+
+        #[test]
+        fn config_with_a_bom_or_bad_byte(prefix in prop::sample::select(vec![
+            &b""[..], b"\xEF\xBB\xBF", b"\xFF\xFE", b"\xFE\xFF", b"\xEF\xBB",
+        ]), text in mutated(), at in any::<prop::sample::Index>(), byte in 0x80u8..) {
+            let mut bytes = [prefix, text.as_bytes()].concat();
+            bytes.insert(at.index(bytes.len() + 1), byte);
+            exercise_bytes(&bytes);
+        }
+
+        #[test]
+        fn config_mutated_from_a_valid_one(text in mutated()) {
+            exercise_config(&text);
+        }
+
+        #[test]
+        fn config_with_generated_durations_and_cron(text in filled()) {
+            exercise_config(&text);
+        }
+
+        #[test]
+        fn cron_from_any_string(expression in any::<String>()) {
+            exercise_cron(&expression);
+        }
+
+        #[test]
+        fn cron_from_generated_fields(expression in cron_expression()) {
+            exercise_cron(&expression);
+        }
+    }
+
+    fn seeds() -> Vec<PathBuf> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fuzz-seeds");
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .map(|e| e.unwrap().path())
+            .collect();
+        paths.sort();
+        paths
+    }
+
+    #[test]
+    fn every_seed_is_refused_or_accepted_without_panicking() {
+        let (mut configs, mut crons) = (0, 0);
+        for path in seeds() {
+            let file = path.file_name().unwrap().to_string_lossy().into_owned();
+            let bytes = std::fs::read(&path).unwrap();
+            if file.starts_with("config-") {
+                // Through the file, as `check` reads it, and through the bytes alone.
+                match Config::load(&path) {
+                    Ok(c) => exercise_valid(&c),
+                    Err(ConfigError::Invalid { .. }) => {}
+                    Err(e) => panic!("{file}: {e:?}"),
+                }
+                exercise_bytes(&bytes);
+                configs += 1;
+            } else if file.starts_with("cron-") {
+                // One expression per file; the final newline is not part of it.
+                let text = String::from_utf8_lossy(&bytes);
+                let expression = text.strip_suffix('\n').unwrap_or(&text);
+                exercise_cron(expression);
+                // And in a rule, quoted as TOML quotes it.
+                let quoted = toml::Value::String(expression.to_string()).to_string();
+                exercise_config(&valid().replace("\"0 21 * * *\"", &quoted));
+                crons += 1;
+            } else if file != "README.md" {
+                panic!("{file}: seeds are config-*.toml or cron-*.txt");
+            }
+        }
+        assert!(
+            configs >= 10 && crons >= 10,
+            "{configs} config and {crons} cron seeds"
+        );
+    }
+}
