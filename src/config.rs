@@ -1,7 +1,9 @@
 //! The configuration file: parsing, validation, and the validated model the daemon runs on.
 //!
 //! Every problem is reported with the file, line and column it concerns and what was expected, and all
-//! problems of a file are reported together. A [`Config`] only exists once the whole file is valid.
+//! problems of a file are reported together (the first [`MAX_ISSUES`] listed, then how many more). A
+//! file that is not one (a directory, FIFO, device), is over [`MAX_CONFIG_BYTES`] or is not UTF-8 text
+//! is refused the same way. A [`Config`] only exists once the whole file is valid.
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
@@ -1453,7 +1455,7 @@ timezone = "Asia/Tokyo"
             (socket, "a socket"),
         ];
         for (path, kind) in cases {
-            // A blocking open of the FIFO, or reading /dev/zero to its end, would never return.
+            // A blocking open of the FIFO, or reading an endless device to its end, would never return.
             let (tx, rx) = std::sync::mpsc::channel();
             let p = path.clone();
             std::thread::spawn(move || tx.send(Config::load_strict(&p).map(|_| ())));
