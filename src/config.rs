@@ -1,9 +1,11 @@
 //! The configuration file: parsing, validation, and the validated model the daemon runs on.
 //!
 //! Every problem is reported with the file, line and column it concerns and what was expected, and all
-//! problems of a file are reported together. A [`Config`] only exists once the whole file is valid.
+//! problems of a file are reported together (the first [`MAX_ISSUES`] listed, then how many more). A
+//! file that is not one (a directory, FIFO, device), is over [`MAX_CONFIG_BYTES`] or is not UTF-8 text
+//! is refused the same way. A [`Config`] only exists once the whole file is valid.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -17,9 +19,47 @@ use crate::schedule::CronSchedule;
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/shiftd/shiftd.toml";
 
+/// The range a duration in `[defaults]` must lie in (both ends included), and its default.
+pub struct DurationBounds {
+    pub min: Duration,
+    pub max: Duration,
+    pub default: Duration,
+    /// Why the range is what it is, appended to the message for a value outside it.
+    why: &'static str,
+}
+
 /// AssumeRole accepts 15 minutes to 12 hours (the role's maximum session duration may be lower).
-const MIN_SESSION: Duration = Duration::from_secs(15 * 60);
-const MAX_SESSION: Duration = Duration::from_secs(12 * 3600);
+pub const SESSION_DURATION: DurationBounds = DurationBounds {
+    min: Duration::from_secs(15 * 60),
+    max: Duration::from_secs(12 * 3600),
+    default: Duration::from_secs(3600),
+    why: " (what AssumeRole accepts)",
+};
+
+/// Credentials stop signing requests [`SIGNING_MARGIN`](crate::credentials::SIGNING_MARGIN) before they
+/// expire, so renewal starts at least a minute earlier than that; and at least a minute after issue.
+pub const REFRESH_BEFORE_EXPIRY: DurationBounds = DurationBounds {
+    min: crate::credentials::SIGNING_MARGIN.saturating_add(Duration::from_secs(60)),
+    max: SESSION_DURATION.max.saturating_sub(Duration::from_secs(60)),
+    default: Duration::from_secs(600),
+    why: " (credentials stop being used 1m before they expire: renewal needs a minute more)",
+};
+
+/// How long an action follows its instances: starting or stopping one takes seconds to minutes.
+pub const VERIFY_TIMEOUT: DurationBounds = DurationBounds {
+    min: Duration::from_secs(10),
+    max: Duration::from_secs(3600),
+    default: Duration::from_secs(600),
+    why: "",
+};
+
+/// How long a due action waits for credentials; 0s fails it at once when there are none.
+pub const CREDENTIALS_WAIT: DurationBounds = DurationBounds {
+    min: Duration::ZERO,
+    max: Duration::from_secs(3600),
+    default: Duration::from_secs(300),
+    why: "",
+};
 
 // ---------------------------------------------------------------------------------------------------------
 // The validated model
@@ -140,12 +180,23 @@ impl Rule {
 // Errors
 // ---------------------------------------------------------------------------------------------------------
 
-/// One problem in a configuration file, at a 1-based line and column.
+/// One problem in a configuration file, at a 1-based line and column; line 0 is the file as a whole
+/// (it is not a regular file, or too large), where no position makes sense.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ConfigIssue {
     pub line: usize,
     pub column: usize,
     pub message: String,
+}
+
+impl ConfigIssue {
+    fn whole_file(message: impl Into<String>) -> ConfigIssue {
+        ConfigIssue {
+            line: 0,
+            column: 0,
+            message: message.into(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -172,10 +223,17 @@ pub enum ConfigError {
 fn render_issues(path: &Path, issues: &[ConfigIssue]) -> String {
     let lines: Vec<String> = issues
         .iter()
-        .map(|i| format!("{}:{}:{}: {}", path.display(), i.line, i.column, i.message))
+        .map(|i| match i.line {
+            0 => format!("{}: {}", path.display(), i.message),
+            _ => format!("{}:{}:{}: {}", path.display(), i.line, i.column, i.message),
+        })
         .collect();
     lines.join("\n")
 }
+
+/// At most this many problems of a file are listed, then how many more there are: a file can hold
+/// hundreds of thousands, and the first ones are what to fix.
+pub const MAX_ISSUES: usize = 100;
 
 /// Turns byte offsets into 1-based line and column (in characters).
 struct Locator<'a> {
@@ -184,16 +242,43 @@ struct Locator<'a> {
 
 impl Locator<'_> {
     fn at(&self, offset: usize, message: impl Into<String>) -> ConfigIssue {
-        let offset = offset.min(self.text.len());
-        let before = &self.text[..offset];
-        let line = before.matches('\n').count() + 1;
-        let line_start = before.rfind('\n').map_or(0, |i| i + 1);
-        let column = self.text[line_start..offset].chars().count() + 1;
-        ConfigIssue {
-            line,
-            column,
-            message: message.into(),
+        self.all(vec![(offset, message.into())]).remove(0)
+    }
+
+    /// Places every problem, in file order (problems at one place keep their order), listing at most
+    /// [`MAX_ISSUES`]: one pass over the text, however many problems there are.
+    fn all(&self, mut problems: Vec<(usize, String)>) -> Vec<ConfigIssue> {
+        problems.sort_by_key(|(offset, _)| *offset);
+        let more = problems.len().saturating_sub(MAX_ISSUES);
+        if more > 0 {
+            problems.truncate(MAX_ISSUES + 1);
+            let (at, first) = problems.pop().expect("more than MAX_ISSUES");
+            problems.push((
+                at,
+                format!("{more} more problem(s) from here on are not listed, the first: {first}"),
+            ));
         }
+        let (mut pos, mut line, mut column) = (0, 1, 1);
+        problems
+            .into_iter()
+            .map(|(offset, message)| {
+                let offset = self.text.floor_char_boundary(offset);
+                for c in self.text[pos..offset].chars() {
+                    if c == '\n' {
+                        line += 1;
+                        column = 1;
+                    } else {
+                        column += 1;
+                    }
+                }
+                pos = offset;
+                ConfigIssue {
+                    line,
+                    column,
+                    message,
+                }
+            })
+            .collect()
     }
 }
 
@@ -295,15 +380,14 @@ impl<'de> Deserialize<'de> for OneOrMany {
 impl Config {
     /// Reads and validates the file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        Config::parse(path, &text)
+        let (bytes, _) = read_config_file(path)?;
+        Config::parse(path, decode(path, &bytes)?)
     }
 
-    /// Validates `text` as the contents of `path` (the path is only used in messages).
+    /// Validates `text` as the contents of `path` (the path is only used in messages). A leading UTF-8
+    /// byte order mark is ignored.
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let loc = Locator { text };
         let invalid = |issues| ConfigError::Invalid {
             path: path.to_path_buf(),
@@ -313,25 +397,22 @@ impl Config {
             let offset = e.span().map_or(0, |s| s.start);
             invalid(vec![loc.at(offset, e.message().trim_end().to_string())])
         })?;
-        let mut issues = Vec::new();
-        let config = validate(path, raw, &loc, &mut issues);
-        if issues.is_empty() {
+        let mut problems = Vec::new();
+        let config = validate(path, raw, &mut problems);
+        if problems.is_empty() {
             Ok(config)
         } else {
-            issues.sort_by_key(|i| (i.line, i.column));
-            Err(invalid(issues))
+            Err(invalid(loc.all(problems)))
         }
     }
 
-    /// Like [`Config::load`], and first refuses a file that others could have changed (as sshd's
+    /// Like [`Config::load`], and refuses a file that others could have changed (as sshd's
     /// StrictModes does): writable by group or others, or owned by neither root nor the user running.
+    /// Mode and owner are those of the very file read, not of whatever the path names afterwards.
     pub fn load_strict(path: &Path) -> Result<Config, ConfigError> {
         use std::os::unix::fs::MetadataExt;
-        let config = Config::load(path)?;
-        let meta = std::fs::metadata(path).map_err(|source| ConfigError::Read {
-            path: path.to_path_buf(),
-            source,
-        })?;
+        let (bytes, meta) = read_config_file(path)?;
+        let config = Config::parse(path, decode(path, &bytes)?)?;
         // SAFETY: geteuid has no preconditions and cannot fail.
         let euid = unsafe { libc::geteuid() };
         match permission_problem(meta.mode(), meta.uid(), euid) {
@@ -346,6 +427,140 @@ impl Config {
     pub fn account(&self, name: &str) -> Option<&Account> {
         self.accounts.get(name)
     }
+}
+
+/// The largest configuration file read: far more than any real one (100,000 instance IDs fit in 3 MB,
+/// so a fleet that size is selected by tags), and small enough that parsing it is quick.
+pub const MAX_CONFIG_BYTES: u64 = 1024 * 1024;
+
+/// What kind of file `file_type` is, for a message refusing anything but a regular file.
+fn file_kind(file_type: std::fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if file_type.is_dir() {
+        "a directory"
+    } else if file_type.is_fifo() {
+        "a FIFO"
+    } else if file_type.is_char_device() {
+        "a character device"
+    } else if file_type.is_block_device() {
+        "a block device"
+    } else if file_type.is_socket() {
+        "a socket"
+    } else if file_type.is_symlink() {
+        "a symbolic link"
+    } else {
+        "not a file"
+    }
+}
+
+fn not_regular(path: &Path, file_type: std::fs::FileType) -> ConfigError {
+    ConfigError::Invalid {
+        path: path.to_path_buf(),
+        issues: vec![ConfigIssue::whole_file(format!(
+            "not a regular file: {}: expected a configuration file",
+            file_kind(file_type)
+        ))],
+    }
+}
+
+/// Opens `path` for reading without blocking (a FIFO would block a plain open until a writer came) and
+/// refuses, by the opened handle's own metadata, anything that is not a regular file.
+fn open_regular(path: &Path) -> Result<(std::fs::File, std::fs::Metadata), ConfigError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let read_error = |source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(read_error)?;
+    let meta = file.metadata().map_err(read_error)?;
+    if !meta.is_file() {
+        return Err(not_regular(path, meta.file_type()));
+    }
+    Ok((file, meta))
+}
+
+/// The bytes of the configuration file at `path` (at most [`MAX_CONFIG_BYTES`]) and its metadata.
+fn read_config_file(path: &Path) -> Result<(Vec<u8>, std::fs::Metadata), ConfigError> {
+    use std::io::Read;
+    let read_error = |source| ConfigError::Read {
+        path: path.to_path_buf(),
+        source,
+    };
+    // Refuse what is plainly not a regular file before opening it: opening a device can have effects.
+    // A socket cannot be opened at all. The opened handle is checked again, as the path may change.
+    if let Ok(meta) = std::fs::metadata(path)
+        && !meta.is_file()
+    {
+        return Err(not_regular(path, meta.file_type()));
+    }
+    let (file, meta) = open_regular(path)?;
+    let mut bytes = Vec::new();
+    file.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_error)?;
+    if bytes.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(ConfigError::Invalid {
+            path: path.to_path_buf(),
+            issues: vec![ConfigIssue::whole_file(format!(
+                "larger than {} MiB: expected a configuration file of at most {MAX_CONFIG_BYTES} bytes",
+                MAX_CONFIG_BYTES / (1024 * 1024)
+            ))],
+        });
+    }
+    Ok((bytes, meta))
+}
+
+/// The text of a configuration file: UTF-8, with or without a byte order mark.
+fn decode<'a>(path: &Path, bytes: &'a [u8]) -> Result<&'a str, ConfigError> {
+    let invalid = |issue| ConfigError::Invalid {
+        path: path.to_path_buf(),
+        issues: vec![issue],
+    };
+    let encoding = match bytes {
+        [0, 0, 0xFE, 0xFF, ..] => Some("UTF-32 (big-endian byte order mark 00 00 FE FF)"),
+        [0xFF, 0xFE, 0, 0, ..] => Some("UTF-32 (little-endian byte order mark FF FE 00 00)"),
+        [0xFE, 0xFF, ..] => Some("UTF-16 (big-endian byte order mark FE FF)"),
+        [0xFF, 0xFE, ..] => Some("UTF-16 (little-endian byte order mark FF FE)"),
+        _ => None,
+    };
+    if let Some(encoding) = encoding {
+        return Err(invalid(ConfigIssue::whole_file(format!(
+            "the file is {encoding}: save it as UTF-8"
+        ))));
+    }
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        let offset = e.valid_up_to();
+        // The valid prefix locates the bad byte; the BOM, if any, is not counted as a column.
+        let valid = std::str::from_utf8(&bytes[..offset]).unwrap_or_default();
+        let bom = usize::from(valid.starts_with('\u{feff}')) * 3;
+        let loc = Locator {
+            text: &valid[bom..],
+        };
+        invalid(loc.at(
+            offset - bom,
+            format!(
+                "not UTF-8: byte 0x{:02X} at byte offset {offset}: expected UTF-8 text \
+                 (save the file as UTF-8, not Latin-1 or another legacy encoding)",
+                bytes[offset]
+            ),
+        ))
+    })?;
+    // TOML allows no NUL anywhere; they mostly come from UTF-16 without a byte order mark, which the
+    // TOML parser would report as some unexpected character.
+    if let Some(offset) = text.find('\0') {
+        let bom = if text.starts_with('\u{feff}') { 3 } else { 0 };
+        let loc = Locator { text: &text[bom..] };
+        return Err(invalid(loc.at(
+            offset - bom,
+            "NUL byte: expected UTF-8 text (a file with NUL bytes is often UTF-16 without a byte \
+             order mark: save it as UTF-8)",
+        )));
+    }
+    Ok(text)
 }
 
 /// What is wrong with a configuration file's mode and owner, if anything.
@@ -366,8 +581,9 @@ pub fn permission_problem(mode: u32, owner: u32, euid: u32) -> Option<String> {
     None
 }
 
-fn validate(path: &Path, raw: RawConfig, loc: &Locator, issues: &mut Vec<ConfigIssue>) -> Config {
-    let mut report = |offset: usize, msg: String| issues.push(loc.at(offset, msg));
+/// Checks `raw`, adding each problem found to `problems` as the byte offset it concerns and a message.
+fn validate(path: &Path, raw: RawConfig, problems: &mut Vec<(usize, String)>) -> Config {
+    let mut report = |offset: usize, msg: String| problems.push((offset, msg));
 
     // [defaults]
     let d = raw.defaults;
@@ -375,55 +591,53 @@ fn validate(path: &Path, raw: RawConfig, loc: &Locator, issues: &mut Vec<ConfigI
         Some(s) => parse_zone(s, &mut report),
         None => Tz::UTC,
     };
-    let mut duration = |field: &Option<Spanned<String>>, name: &str, default: Duration| match field
-    {
-        Some(s) => match humantime::parse_duration(s.get_ref()) {
-            Ok(v) if !v.is_zero() => v,
-            _ => {
+    // Each duration is checked against its own range; the relation between the two session durations
+    // is only checked when both are valid on their own.
+    let mut duration = |field: &Option<Spanned<String>>, name: &str, bounds: &DurationBounds| {
+        let Some(s) = field else {
+            return Some(bounds.default);
+        };
+        let range = format!(
+            "{} to {}",
+            humantime::format_duration(bounds.min),
+            humantime::format_duration(bounds.max)
+        );
+        match humantime::parse_duration(s.get_ref()) {
+            Ok(v) if (bounds.min..=bounds.max).contains(&v) => Some(v),
+            Ok(_) => {
                 report(
                     s.span().start,
                     format!(
-                        "{name}: {:?} is not a duration: expected a positive duration such as \"10m\", \"1h\" or \"90s\"",
+                        "{name}: {:?} is out of range: expected {range}{}",
+                        s.get_ref(),
+                        bounds.why
+                    ),
+                );
+                None
+            }
+            Err(_) => {
+                report(
+                    s.span().start,
+                    format!(
+                        "{name}: {:?} is not a duration: expected a duration from {range}, such as \"10m\", \"1h\" or \"90s\"",
                         s.get_ref()
                     ),
                 );
-                default
+                None
             }
-        },
-        None => default,
+        }
     };
-    let session_duration = duration(
-        &d.session_duration,
-        "session_duration",
-        Duration::from_secs(3600),
-    );
+    let session_duration = duration(&d.session_duration, "session_duration", &SESSION_DURATION);
     let refresh_before_expiry = duration(
         &d.refresh_before_expiry,
         "refresh_before_expiry",
-        Duration::from_secs(600),
+        &REFRESH_BEFORE_EXPIRY,
     );
-    let verify_timeout = duration(
-        &d.verify_timeout,
-        "verify_timeout",
-        Duration::from_secs(600),
-    );
-    let credentials_wait = duration(
-        &d.credentials_wait,
-        "credentials_wait",
-        Duration::from_secs(300),
-    );
-    if let Some(s) = &d.session_duration
-        && !(MIN_SESSION..=MAX_SESSION).contains(&session_duration)
+    let verify_timeout = duration(&d.verify_timeout, "verify_timeout", &VERIFY_TIMEOUT);
+    let credentials_wait = duration(&d.credentials_wait, "credentials_wait", &CREDENTIALS_WAIT);
+    if let (Some(refresh), Some(session)) = (refresh_before_expiry, session_duration)
+        && refresh.saturating_add(Duration::from_secs(60)) > session
     {
-        report(
-            s.span().start,
-            format!(
-                "session_duration: {:?} is outside what AssumeRole accepts: expected 15m to 12h",
-                s.get_ref()
-            ),
-        );
-    }
-    if refresh_before_expiry + Duration::from_secs(60) > session_duration {
         let offset = d
             .refresh_before_expiry
             .as_ref()
@@ -433,11 +647,16 @@ fn validate(path: &Path, raw: RawConfig, loc: &Locator, issues: &mut Vec<ConfigI
             offset,
             format!(
                 "refresh_before_expiry ({}) must be at least 1m shorter than session_duration ({})",
-                humantime::format_duration(refresh_before_expiry),
-                humantime::format_duration(session_duration)
+                humantime::format_duration(refresh),
+                humantime::format_duration(session)
             ),
         );
     }
+    // Invalid values were reported; the defaults stand in for them in the (discarded) model.
+    let session_duration = session_duration.unwrap_or(SESSION_DURATION.default);
+    let refresh_before_expiry = refresh_before_expiry.unwrap_or(REFRESH_BEFORE_EXPIRY.default);
+    let verify_timeout = verify_timeout.unwrap_or(VERIFY_TIMEOUT.default);
+    let credentials_wait = credentials_wait.unwrap_or(CREDENTIALS_WAIT.default);
 
     // [credentials]
     let credentials = match raw.credentials {
@@ -525,9 +744,10 @@ fn validate(path: &Path, raw: RawConfig, loc: &Locator, issues: &mut Vec<ConfigI
             );
         }
         let mut regions = Vec::new();
+        let mut seen = HashSet::new();
         for r in account.regions.into_inner() {
             check_region(&r, &mut report);
-            if !regions.contains(r.get_ref()) {
+            if seen.insert(r.get_ref().clone()) {
                 regions.push(r.into_inner());
             }
         }
@@ -584,8 +804,10 @@ fn validate(path: &Path, raw: RawConfig, loc: &Locator, issues: &mut Vec<ConfigI
                     );
                 }
                 let mut out = Vec::new();
+                let mut seen = HashSet::new();
+                let known: HashSet<&str> = account.regions.iter().map(String::as_str).collect();
                 for r in rs.get_ref() {
-                    if check_region(r, &mut report) && !account.regions.contains(r.get_ref()) {
+                    if check_region(r, &mut report) && !known.contains(r.get_ref().as_str()) {
                         report(
                             r.span().start,
                             format!(
@@ -596,7 +818,7 @@ fn validate(path: &Path, raw: RawConfig, loc: &Locator, issues: &mut Vec<ConfigI
                             ),
                         );
                     }
-                    if !out.contains(r.get_ref()) {
+                    if seen.insert(r.get_ref().as_str()) {
                         out.push(r.get_ref().clone());
                     }
                 }
@@ -607,6 +829,7 @@ fn validate(path: &Path, raw: RawConfig, loc: &Locator, issues: &mut Vec<ConfigI
         };
 
         let mut selection = Selection::default();
+        let mut seen_ids = HashSet::new();
         for id in &rule.instances {
             if !valid_instance_id(id.get_ref()) {
                 report(
@@ -616,7 +839,7 @@ fn validate(path: &Path, raw: RawConfig, loc: &Locator, issues: &mut Vec<ConfigI
                         id.get_ref()
                     ),
                 );
-            } else if !selection.instance_ids.contains(id.get_ref()) {
+            } else if seen_ids.insert(id.get_ref().as_str()) {
                 selection.instance_ids.push(id.get_ref().clone());
             }
         }
@@ -940,5 +1163,750 @@ timezone = "Asia/Tokyo"
         );
         assert!(parse_role_arn("arn:aws:iam::1111:role/x").is_err());
         assert!(parse_role_arn("arn:aws:iam::111111111111:user/x").is_err());
+    }
+
+    #[test]
+    fn a_file_with_a_third_of_a_million_problems_lists_the_first_hundred() {
+        // 1 MiB holds about 350,000 empty instance IDs, each a problem. Placing each one by scanning
+        // the text before it took minutes.
+        let mut text = String::from(
+            "[accounts.a]\nrole_arn = \"arn:aws:iam::111111111111:role/r\"\nregions = [\"eu-west-1\"]\n\
+             [[rules]]\nname = \"many\"\naccount = \"a\"\nstart = \"0 8 * * *\"\ninstances = [",
+        );
+        let count = (MAX_CONFIG_BYTES as usize - text.len() - 2) / 3;
+        text.push_str(&"\"\",".repeat(count));
+        text.push_str("]\n");
+        assert!(text.len() as u64 <= MAX_CONFIG_BYTES && count > 300_000);
+        let err = Config::parse(Path::new("t.toml"), &text).unwrap_err();
+        let ConfigError::Invalid { issues, .. } = &err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(issues.len(), MAX_ISSUES + 1);
+        assert_eq!((issues[0].line, issues[0].column), (8, 14));
+        assert_eq!((issues[1].line, issues[1].column), (8, 17));
+        let last = &issues[MAX_ISSUES];
+        assert_eq!((last.line, last.column), (8, 14 + 3 * MAX_ISSUES));
+        assert!(
+            last.message.starts_with(&format!(
+                "{} more problem(s) from here on are not listed, the first: rule \"many\": \"\" is not an instance ID",
+                count - MAX_ISSUES
+            )),
+            "{}",
+            last.message
+        );
+    }
+
+    #[test]
+    fn problems_are_placed_by_character_and_listed_in_file_order() {
+        // The rule's problems are found before the account's, and the columns count characters.
+        let text = "[[rules]]\nname = \"ö-rule\"\naccount = \"nope\"\nstart = \"0 8 * * *\"\n\
+                    [accounts.a]\nrole_arn = \"arn:aws:iam::1:role/r\"\nregions = [\"日本\", \"x\"]\n";
+        let err = Config::parse(Path::new("t.toml"), text).unwrap_err();
+        let ConfigError::Invalid { issues, .. } = &err else {
+            panic!("{err:?}")
+        };
+        let places: Vec<(usize, usize)> = issues.iter().map(|i| (i.line, i.column)).collect();
+        assert_eq!(
+            places,
+            [(2, 8), (2, 8), (3, 11), (6, 12), (7, 12), (7, 18)],
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_rule_with_100000_instance_ids_validates() {
+        let ids: Vec<String> = (0..100_000u64).map(|i| format!("\"i-{i:017x}\"")).collect();
+        let text = format!(
+            "[accounts.a]\nrole_arn = \"arn:aws:iam::111111111111:role/r\"\nregions = [\"eu-west-1\"]\n\
+             [[rules]]\nname = \"many\"\naccount = \"a\"\nstart = \"0 8 * * *\"\ninstances = [{}, \"i-{:017x}\"]\n",
+            ids.join(", "),
+            7
+        );
+        let c = Config::parse(Path::new("t.toml"), &text).unwrap();
+        let got = &c.rules[0].selection.instance_ids;
+        assert_eq!(got.len(), 100_000, "the repeated ID is kept once");
+        assert_eq!(got[0], "i-00000000000000000");
+        assert_eq!(got[99_999], format!("i-{:017x}", 99_999));
+    }
+
+    /// `[defaults]` with one duration set, and where its value starts (line 2, column 1 + key + 4).
+    fn with_default(key: &str, value: &str) -> String {
+        format!("[defaults]\n{key} = \"{value}\"\n{MINIMAL}")
+    }
+
+    #[test]
+    fn durations_are_checked_against_their_ranges() {
+        // (key, value, None if accepted, else a part of the message)
+        let cases: &[(&str, &str, Option<&str>)] = &[
+            ("session_duration", "15m", None),
+            ("session_duration", "12h", None),
+            (
+                "session_duration",
+                "14m 59s",
+                Some("is out of range: expected 15m to 12h (what AssumeRole accepts)"),
+            ),
+            (
+                "session_duration",
+                "12h 1s",
+                Some("is out of range: expected 15m to 12h"),
+            ),
+            (
+                "session_duration",
+                "18446744073709551615s",
+                Some("is out of range: expected 15m to 12h"),
+            ),
+            ("session_duration", "0s", Some("is out of range")),
+            (
+                "session_duration",
+                "1 hour and a bit",
+                Some("is not a duration: expected a duration from 15m to 12h"),
+            ),
+            ("refresh_before_expiry", "2m", None),
+            ("refresh_before_expiry", "59m", None),
+            (
+                "refresh_before_expiry",
+                "119s",
+                Some("is out of range: expected 2m to 11h 59m"),
+            ),
+            (
+                "refresh_before_expiry",
+                "0s",
+                Some("is out of range: expected 2m to 11h 59m"),
+            ),
+            (
+                "refresh_before_expiry",
+                "18446744073709551615s",
+                Some("is out of range: expected 2m to 11h 59m"),
+            ),
+            (
+                "refresh_before_expiry",
+                "59m 1s",
+                Some("must be at least 1m shorter than session_duration (1h)"),
+            ),
+            (
+                "refresh_before_expiry",
+                "99999999999999999999999s",
+                Some("is not a duration"),
+            ),
+            ("verify_timeout", "10s", None),
+            ("verify_timeout", "1h", None),
+            (
+                "verify_timeout",
+                "9s",
+                Some("verify_timeout: \"9s\" is out of range: expected 10s to 1h"),
+            ),
+            (
+                "verify_timeout",
+                "1h 1s",
+                Some("is out of range: expected 10s to 1h"),
+            ),
+            (
+                "verify_timeout",
+                "18446744073709551615s",
+                Some("is out of range: expected 10s to 1h"),
+            ),
+            ("verify_timeout", "-1s", Some("is not a duration")),
+            ("credentials_wait", "0s", None),
+            ("credentials_wait", "1h", None),
+            (
+                "credentials_wait",
+                "3601s",
+                Some("credentials_wait: \"3601s\" is out of range: expected 0s to 1h"),
+            ),
+            (
+                "credentials_wait",
+                "18446744073709551615s",
+                Some("is out of range: expected 0s to 1h"),
+            ),
+            ("credentials_wait", "", Some("is not a duration")),
+        ];
+        for &(key, value, want) in cases {
+            let text = with_default(key, value);
+            let got = Config::parse(Path::new("t.toml"), &text);
+            match (want, got) {
+                (None, Ok(_)) => {}
+                (None, Err(e)) => panic!("{key} = {value:?} refused: {e}"),
+                (Some(want), Ok(_)) => panic!("{key} = {value:?} accepted, expected {want:?}"),
+                (Some(want), Err(e)) => {
+                    let message = e.to_string();
+                    let at = format!("t.toml:2:{}: ", key.len() + 4);
+                    assert!(
+                        message.starts_with(&at) && message.contains(want),
+                        "{key} = {value:?}: expected {at}...{want}... got {message}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn accepted_durations_leave_no_arithmetic_to_overflow() {
+        let text = format!(
+            "[defaults]\nsession_duration = \"12h\"\nrefresh_before_expiry = \"11h 59m\"\n\
+             verify_timeout = \"1h\"\ncredentials_wait = \"1h\"\n{MINIMAL}"
+        );
+        let c = Config::parse(Path::new("t.toml"), &text).unwrap();
+        let d = &c.defaults;
+        assert_eq!(d.refresh_before_expiry, REFRESH_BEFORE_EXPIRY.max);
+        for bounds in [
+            &SESSION_DURATION,
+            &REFRESH_BEFORE_EXPIRY,
+            &VERIFY_TIMEOUT,
+            &CREDENTIALS_WAIT,
+        ] {
+            assert!(bounds.min <= bounds.default && bounds.default <= bounds.max);
+            assert!(bounds.max <= Duration::from_secs(24 * 3600));
+        }
+        assert!(REFRESH_BEFORE_EXPIRY.min > crate::credentials::SIGNING_MARGIN);
+    }
+
+    /// What loading `path` says, as `check` would print it.
+    fn load_error(path: &Path) -> ConfigError {
+        match Config::load(path) {
+            Ok(_) => panic!("{} accepted", path.display()),
+            Err(e) => e,
+        }
+    }
+
+    #[test]
+    fn file_contents_that_are_not_utf8_text_are_refused_with_their_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let utf8_bom = [b"\xEF\xBB\xBF".as_slice(), MINIMAL.as_bytes()].concat();
+        // (contents, None if accepted, else the whole first line of the message after the path)
+        let cases: Vec<(Vec<u8>, Option<&str>)> = vec![
+            (MINIMAL.as_bytes().to_vec(), None),
+            (utf8_bom, None),
+            (
+                b"# caf\xE9\n".to_vec(),
+                Some(":1:6: not UTF-8: byte 0xE9 at byte offset 5: expected UTF-8 text"),
+            ),
+            (
+                [MINIMAL.as_bytes(), b"# d\xC3\xA9j\xC3\xA0 vu, caf\xE9\n"].concat(),
+                Some(":13:15: not UTF-8: byte 0xE9 at byte offset 308"),
+            ),
+            (
+                b"\xEF\xBB\xBF# caf\xE9".to_vec(),
+                Some(":1:6: not UTF-8: byte 0xE9 at byte offset 8"),
+            ),
+            (b"x = \"\xC3\"".to_vec(), Some(":1:6: not UTF-8: byte 0xC3")),
+            (
+                b"# a\0b\n".to_vec(),
+                Some(":1:4: NUL byte: expected UTF-8 text"),
+            ),
+            (
+                b"#\0 \0x\0\n\0".to_vec(),
+                Some(":1:2: NUL byte: expected UTF-8 text (a file with NUL bytes is often UTF-16"),
+            ),
+            (b"\xEF\xBB\xBFx\0".to_vec(), Some(":1:2: NUL byte")),
+            (
+                b"\xFF\xFE#\0 \0x\0\n\0".to_vec(),
+                Some(
+                    ": the file is UTF-16 (little-endian byte order mark FF FE): save it as UTF-8",
+                ),
+            ),
+            (
+                b"\xFE\xFF\0#\0 \0x\0\n".to_vec(),
+                Some(": the file is UTF-16 (big-endian byte order mark FE FF): save it as UTF-8"),
+            ),
+            (
+                b"\xFF\xFE\0\0#\0\0\0".to_vec(),
+                Some(": the file is UTF-32 (little-endian byte order mark FF FE 00 00)"),
+            ),
+        ];
+        for (i, (bytes, want)) in cases.into_iter().enumerate() {
+            let path = dir.path().join(format!("case{i}.toml"));
+            std::fs::write(&path, &bytes).unwrap();
+            match want {
+                None => {
+                    Config::load(&path).unwrap_or_else(|e| panic!("case {i} refused: {e}"));
+                }
+                Some(want) => {
+                    let err = load_error(&path);
+                    assert!(
+                        matches!(err, ConfigError::Invalid { .. }),
+                        "case {i}: {err:?}"
+                    );
+                    let message = err.to_string();
+                    let want = format!("{}{want}", path.display());
+                    assert!(
+                        message.starts_with(&want),
+                        "case {i}: expected {want}\n got {message}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn files_that_are_not_regular_are_refused_without_blocking() {
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo.toml");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_bytes()).unwrap();
+        // SAFETY: c is a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let socket = dir.path().join("socket.toml");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let cases = [
+            (dir.path().to_path_buf(), "a directory"),
+            (fifo.clone(), "a FIFO"),
+            (PathBuf::from("/dev/zero"), "a character device"),
+            (PathBuf::from("/dev/null"), "a character device"),
+            (socket, "a socket"),
+        ];
+        for (path, kind) in cases {
+            // A blocking open of the FIFO, or reading an endless device to its end, would never return.
+            let (tx, rx) = std::sync::mpsc::channel();
+            let p = path.clone();
+            std::thread::spawn(move || tx.send(Config::load_strict(&p).map(|_| ())));
+            let got = rx
+                .recv_timeout(Duration::from_secs(10))
+                .unwrap_or_else(|_| panic!("{} still loading after 10 s", path.display()));
+            let err = got.expect_err("refused");
+            assert!(matches!(err, ConfigError::Invalid { .. }), "{err:?}");
+            assert_eq!(
+                err.to_string(),
+                format!(
+                    "{}: not a regular file: {kind}: expected a configuration file",
+                    path.display()
+                )
+            );
+        }
+        // The opened handle is checked too (the path may have been replaced after the first look):
+        // a FIFO is opened without waiting for a writer, then refused.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(open_regular(&fifo).map(|_| ())));
+        let got = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("open did not block");
+        assert!(
+            got.unwrap_err()
+                .to_string()
+                .contains("not a regular file: a FIFO")
+        );
+    }
+
+    #[test]
+    fn files_that_cannot_be_read_are_refused_naming_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.toml");
+        let b = dir.path().join("b.toml");
+        std::os::unix::fs::symlink(&b, &a).unwrap();
+        std::os::unix::fs::symlink(&a, &b).unwrap();
+        let mut cases = vec![
+            (a, "Too many levels of symbolic links"),
+            (dir.path().join("missing.toml"), "No such file or directory"),
+        ];
+        // Even root cannot read this regular file (reading address 0 of a process fails), if it exists.
+        let mem = Path::new("/proc/self/mem");
+        if mem.is_file() {
+            cases.push((mem.to_path_buf(), ""));
+        }
+        // SAFETY: geteuid has no preconditions and cannot fail.
+        if unsafe { libc::geteuid() } != 0 {
+            use std::os::unix::fs::PermissionsExt;
+            let locked = dir.path().join("locked.toml");
+            std::fs::write(&locked, MINIMAL).unwrap();
+            std::fs::set_permissions(&locked, std::fs::Permissions::from_mode(0o000)).unwrap();
+            cases.push((locked, "Permission denied"));
+        }
+        for (path, why) in cases {
+            let err = load_error(&path);
+            assert!(matches!(err, ConfigError::Read { .. }), "{err:?}");
+            let message = err.to_string();
+            assert!(
+                message.starts_with(&format!(
+                    "cannot read configuration file {}: ",
+                    path.display()
+                )) && message.contains(why),
+                "{message}"
+            );
+        }
+    }
+
+    #[test]
+    fn files_over_one_mib_are_refused_saying_the_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.toml");
+        let line = format!("#{}\n", "x".repeat(1022));
+        let mut text = line.repeat(1024);
+        assert_eq!(text.len() as u64, MAX_CONFIG_BYTES);
+        std::fs::write(&path, &text).unwrap();
+        Config::load(&path).expect("exactly the limit is accepted");
+        text.push('\n');
+        std::fs::write(&path, &text).unwrap();
+        let err = load_error(&path);
+        assert!(matches!(err, ConfigError::Invalid { .. }), "{err:?}");
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "{}: larger than 1 MiB: expected a configuration file of at most 1048576 bytes",
+                path.display()
+            )
+        );
+    }
+}
+
+/// Property tests: nothing a configuration file or a cron expression can hold makes shiftd panic.
+/// `PROPTEST_CASES` sets the number of cases per property (256 by default). Inputs found to fail
+/// belong in `tests/fixtures/fuzz-seeds/`, which `every_seed_is_refused_or_accepted_without_panicking`
+/// replays; no regression files are written next to the source.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use chrono::{DateTime, TimeZone, Utc};
+    use proptest::prelude::*;
+    use proptest::test_runner::Config as ProptestConfig;
+
+    /// A valid file using every section, which the structured generators fill in and mutate.
+    const TEMPLATE: &str = r#"[defaults]
+timezone = "Asia/Tokyo"
+session_duration = "@SESSION@"
+refresh_before_expiry = "@REFRESH@"
+verify_timeout = "@VERIFY@"
+credentials_wait = "@WAIT@"
+dry_run = false
+
+[credentials]
+source = "imds"
+
+[accounts.account1]
+role_arn = "arn:aws:iam::111111111111:role/account1-role-ec2"
+external_id = "shiftd-7f3a"
+regions = ["ap-northeast-1", "us-east-1"]
+
+[[rules]]
+name = "office-hours"
+account = "account1"
+instances = ["i-0123456789abcdef0", "i-01234567"]
+start = "@START@"
+stop = ["@STOP@", "0 23 * * 0,6"]
+timezone = "Europe/Berlin"
+
+[[rules]]
+name = "dev.nights"
+account = "account1"
+regions = ["us-east-1"]
+tags = { Environment = ["dev", "stg"], Schedule = "office*" }
+stop = "0 21 * * *"
+"#;
+
+    fn valid() -> String {
+        TEMPLATE
+            .replace("@SESSION@", "1h")
+            .replace("@REFRESH@", "10m")
+            .replace("@VERIFY@", "10m")
+            .replace("@WAIT@", "5m")
+            .replace("@START@", "0 8 * * Mon-Fri")
+            .replace("@STOP@", "0 20 * * 1-5")
+    }
+
+    fn config() -> ProptestConfig {
+        ProptestConfig {
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    /// Parses `text` and, if it is valid, uses the result the ways the commands do. Panics only on a bug.
+    fn exercise_config(text: &str) {
+        match Config::parse(Path::new("t.toml"), text) {
+            Ok(c) => exercise_valid(&c),
+            Err(ConfigError::Invalid { issues, .. }) => {
+                assert!(!issues.is_empty());
+                for i in &issues {
+                    assert!(i.line >= 1 && i.column >= 1, "{i:?}");
+                    assert!(!i.message.is_empty());
+                }
+            }
+            Err(e) => panic!("parse can only find the text invalid: {e:?}"),
+        }
+    }
+
+    fn exercise_valid(c: &Config) {
+        let from = Utc.with_ymd_and_hms(2026, 3, 28, 0, 0, 0).unwrap();
+        let until = from + chrono::Duration::days(2);
+        let _ = crate::summary::render(c, from);
+        let (items, truncated) = crate::upcoming::upcoming(c, from, until, 50);
+        let _ = crate::upcoming::render_text(c, &items, from, until, truncated);
+        let delegate = crate::policy::Delegate::Account("123456789012".into());
+        let _ = crate::policy::render(&crate::policy::documents(c, None, Some(&delegate)));
+    }
+
+    /// Bytes as `load` would see them in a file.
+    fn exercise_bytes(bytes: &[u8]) {
+        match decode(Path::new("t.toml"), bytes) {
+            Ok(text) => exercise_config(text),
+            Err(ConfigError::Invalid { issues, .. }) => assert_eq!(issues.len(), 1),
+            Err(e) => panic!("decode can only find the bytes invalid: {e:?}"),
+        }
+    }
+
+    fn exercise_cron(expression: &str) {
+        if let Ok(s) = CronSchedule::parse(expression) {
+            let from: DateTime<Utc> = Utc.with_ymd_and_hms(2026, 10, 24, 22, 30, 0).unwrap();
+            for zone in [
+                Tz::UTC,
+                chrono_tz::Europe::London,
+                chrono_tz::Australia::Lord_Howe,
+            ] {
+                let _ = s.next_after(from, zone);
+            }
+            let _ = s.firings_between(from, from + chrono::Duration::days(3), Tz::UTC, 20);
+        }
+    }
+
+    fn number() -> impl Strategy<Value = String> {
+        prop_oneof![
+            (0u64..=61).prop_map(|n| n.to_string()),
+            any::<u64>().prop_map(|n| n.to_string()),
+            Just("18446744073709551616".to_string()),
+            Just("4294967296".to_string()),
+            Just("-1".to_string()),
+            Just("00".to_string()),
+        ]
+    }
+
+    fn name() -> impl Strategy<Value = String> {
+        prop_oneof![
+            prop::sample::select(vec![
+                "Mon", "TUE", "wed", "Thu", "Fri", "Sat", "Sun", "Fry", "Monday", "Jan", "FEB",
+                "dec", "Sept", "Oct", "L", "W", "LW", "?", "*",
+            ])
+            .prop_map(str::to_string),
+            "[A-Za-z]{1,4}",
+        ]
+    }
+
+    fn cron_item() -> impl Strategy<Value = String> {
+        let atom = prop_oneof![number(), name()];
+        prop_oneof![
+            atom.clone(),
+            (atom.clone(), atom.clone()).prop_map(|(a, b)| format!("{a}-{b}")),
+            (atom.clone(), number()).prop_map(|(a, s)| format!("{a}/{s}")),
+            (atom.clone(), atom.clone(), number()).prop_map(|(a, b, s)| format!("{a}-{b}/{s}")),
+            number().prop_map(|s| format!("*/{s}")),
+            number().prop_map(|n| format!("{n}L")),
+            number().prop_map(|n| format!("{n}W")),
+            (atom, number()).prop_map(|(d, n)| format!("{d}#{n}")),
+        ]
+    }
+
+    fn cron_field() -> impl Strategy<Value = String> {
+        prop::collection::vec(cron_item(), 1..4).prop_map(|items| items.join(","))
+    }
+
+    fn cron_expression() -> impl Strategy<Value = String> {
+        prop_oneof![
+            6 => prop::collection::vec(cron_field(), 5..=6).prop_map(|f| f.join(" ")),
+            2 => prop::collection::vec(cron_field(), 0..=8).prop_map(|f| f.join(" ")),
+            1 => prop::sample::select(vec![
+                "@yearly", "@annually", "@monthly", "@weekly", "@daily", "@midnight", "@hourly",
+                "@reboot", "@every 5m", "@", "@Daily",
+            ])
+            .prop_map(str::to_string),
+        ]
+    }
+
+    fn duration() -> impl Strategy<Value = String> {
+        let unit = prop::sample::select(vec![
+            "", "s", "sec", "m", "min", "h", "hr", "d", "w", "M", "y", "ms", "us", "ns", "x",
+        ]);
+        prop_oneof![
+            (number(), unit.clone()).prop_map(|(n, u)| format!("{n}{u}")),
+            prop::collection::vec((number(), unit), 1..4).prop_map(|parts| {
+                parts
+                    .into_iter()
+                    .map(|(n, u)| format!("{n}{u}"))
+                    .collect::<Vec<_>>()
+                    .join(" ")
+            }),
+        ]
+    }
+
+    /// Short TOML-ish snippets: keys, tables, values, and the characters that end or open them.
+    fn snippet() -> impl Strategy<Value = String> {
+        prop_oneof![
+            prop::sample::select(vec![
+                "[defaults]",
+                "[[rules]]",
+                "[accounts.x]",
+                "[credentials]",
+                "[rules]",
+                "[[defaults]]",
+                "name = \"office-hours\"",
+                "account = \"account1\"",
+                "instances = []",
+                "tags = {}",
+                "tags = { \"\" = [] }",
+                "regions = []",
+                "start = []",
+                "stop = [[]]",
+                "start = 1",
+                "timezone = \"\"",
+                "source = \"profile\"",
+                "profile = \" \"",
+                "dry_run = 1",
+                "\"",
+                "'''",
+                "\"\"\"",
+                "[",
+                "]",
+                "{",
+                "}",
+                "=",
+                ",",
+                "#",
+                "\n",
+                "\r\n",
+                "\t",
+                "\0",
+                "\u{feff}",
+                "\u{301}",
+                "ø",
+                "日本",
+                "\\u0000",
+                "\\",
+                "1979-05-27T07:32:00Z",
+                "nan",
+                "inf",
+                "-0",
+                "0x10",
+                "1e400",
+                "a.b.c = 1",
+                "x = { y = { z = [1, [2, {}]] } }",
+            ])
+            .prop_map(str::to_string),
+            duration().prop_map(|d| format!("session_duration = \"{d}\"")),
+            cron_expression().prop_map(|c| format!("start = \"{c}\"")),
+            any::<String>(),
+        ]
+    }
+
+    /// A valid file changed by a few insertions, deletions and replacements at arbitrary places.
+    fn mutated() -> impl Strategy<Value = String> {
+        let edit = (any::<prop::sample::Index>(), 0usize..40, snippet());
+        prop::collection::vec(edit, 1..5).prop_map(|edits| {
+            let mut text = valid();
+            for (at, delete, insert) in edits {
+                let start = text.floor_char_boundary(at.index(text.len() + 1));
+                let end = text.floor_char_boundary((start + delete).min(text.len()));
+                text.replace_range(start..end, &insert);
+            }
+            text
+        })
+    }
+
+    /// The template with generated durations and cron expressions in its holes.
+    fn filled() -> impl Strategy<Value = String> {
+        (
+            duration(),
+            duration(),
+            duration(),
+            duration(),
+            cron_expression(),
+            cron_expression(),
+        )
+            .prop_map(|(session, refresh, verify, wait, start, stop)| {
+                TEMPLATE
+                    .replace("@SESSION@", &session)
+                    .replace("@REFRESH@", &refresh)
+                    .replace("@VERIFY@", &verify)
+                    .replace("@WAIT@", &wait)
+                    .replace("@START@", &start)
+                    .replace("@STOP@", &stop)
+            })
+    }
+
+    #[test]
+    fn the_template_is_valid() {
+        Config::parse(Path::new("t.toml"), &valid()).unwrap();
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn config_from_any_string(text in any::<String>()) {
+            exercise_config(&text);
+        }
+
+        #[test]
+        fn config_from_any_bytes(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            exercise_bytes(&bytes);
+        }
+
+        #[test]
+        fn config_with_a_bom_or_bad_byte(prefix in prop::sample::select(vec![
+            &b""[..], b"\xEF\xBB\xBF", b"\xFF\xFE", b"\xFE\xFF", b"\xEF\xBB",
+        ]), text in mutated(), at in any::<prop::sample::Index>(), byte in 0x80u8..) {
+            let mut bytes = [prefix, text.as_bytes()].concat();
+            bytes.insert(at.index(bytes.len() + 1), byte);
+            exercise_bytes(&bytes);
+        }
+
+        #[test]
+        fn config_mutated_from_a_valid_one(text in mutated()) {
+            exercise_config(&text);
+        }
+
+        #[test]
+        fn config_with_generated_durations_and_cron(text in filled()) {
+            exercise_config(&text);
+        }
+
+        #[test]
+        fn cron_from_any_string(expression in any::<String>()) {
+            exercise_cron(&expression);
+        }
+
+        #[test]
+        fn cron_from_generated_fields(expression in cron_expression()) {
+            exercise_cron(&expression);
+        }
+    }
+
+    fn seeds() -> Vec<PathBuf> {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fuzz-seeds");
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+            .map(|e| e.unwrap().path())
+            .collect();
+        paths.sort();
+        paths
+    }
+
+    #[test]
+    fn every_seed_is_refused_or_accepted_without_panicking() {
+        let (mut configs, mut crons) = (0, 0);
+        for path in seeds() {
+            let file = path.file_name().unwrap().to_string_lossy().into_owned();
+            let bytes = std::fs::read(&path).unwrap();
+            if file.starts_with("config-") {
+                // Through the file, as `check` reads it, and through the bytes alone.
+                match Config::load(&path) {
+                    Ok(c) => exercise_valid(&c),
+                    Err(ConfigError::Invalid { .. }) => {}
+                    Err(e) => panic!("{file}: {e:?}"),
+                }
+                exercise_bytes(&bytes);
+                configs += 1;
+            } else if file.starts_with("cron-") {
+                // One expression per file; the final newline is not part of it.
+                let text = String::from_utf8_lossy(&bytes);
+                let expression = text.strip_suffix('\n').unwrap_or(&text);
+                exercise_cron(expression);
+                // And in a rule, quoted as TOML quotes it.
+                let quoted = toml::Value::String(expression.to_string()).to_string();
+                exercise_config(&valid().replace("\"0 21 * * *\"", &quoted));
+                crons += 1;
+            } else if file != "README.md" {
+                panic!("{file}: seeds are config-*.toml or cron-*.txt");
+            }
+        }
+        assert!(
+            configs >= 10 && crons >= 10,
+            "{configs} config and {crons} cron seeds"
+        );
     }
 }

@@ -72,7 +72,7 @@ pub fn permission_policy(config: &Config, account: &Account) -> Document {
     })];
     // Instance-ID selections: per action, the exact instance ARNs in the rules' regions.
     let mut by_id: BTreeMap<Action, BTreeSet<String>> = BTreeMap::new();
-    let mut tag_statements: Vec<Value> = Vec::new();
+    let mut tag_statements: Vec<(&str, Value)> = Vec::new();
     for rule in config.rules.iter().filter(|r| r.account == account.name) {
         let actions: Vec<Action> = [Action::Start, Action::Stop]
             .into_iter()
@@ -114,19 +114,16 @@ pub fn permission_policy(config: &Config, account: &Account) -> Document {
                 .iter()
                 .map(|(k, v)| (format!("aws:ResourceTag/{k}"), json!(v)))
                 .collect();
-            let sid: String = rule
-                .name
-                .chars()
-                .filter(|c| c.is_ascii_alphanumeric())
-                .collect();
-            tag_statements.push(json!({
-                "Sid": format!("ShiftdRule{sid}"),
-                "Effect": "Allow",
-                "Action": iam_actions,
-                "Resource": resources,
-                // StringLike: tag values may use EC2 filter wildcards (* and ?), which IAM shares.
-                "Condition": { "StringLike": Value::Object(conditions) },
-            }));
+            tag_statements.push((
+                rule.name.as_str(),
+                json!({
+                    "Effect": "Allow",
+                    "Action": iam_actions,
+                    "Resource": resources,
+                    // StringLike: tag values may use EC2 filter wildcards (* and ?), which IAM shares.
+                    "Condition": { "StringLike": Value::Object(conditions) },
+                }),
+            ));
         }
     }
     for (action, arns) in by_id {
@@ -141,7 +138,19 @@ pub fn permission_policy(config: &Config, account: &Account) -> Document {
             "Resource": arns.into_iter().collect::<Vec<_>>(),
         }));
     }
-    statements.extend(tag_statements);
+    let names: Vec<&str> = tag_statements.iter().map(|(name, _)| *name).collect();
+    let fixed: Vec<&str> = statements
+        .iter()
+        .filter_map(|st| st["Sid"].as_str())
+        .collect();
+    let sids = rule_sids(&names, &fixed);
+    for ((_, mut statement), sid) in tag_statements.into_iter().zip(sids) {
+        // The Sid first, as in the other statements.
+        let mut with_sid = serde_json::Map::new();
+        with_sid.insert("Sid".into(), json!(sid));
+        with_sid.append(statement.as_object_mut().expect("a statement is an object"));
+        statements.push(Value::Object(with_sid));
+    }
     Document {
         title: format!(
             "{}: permission policy of {}",
@@ -155,6 +164,67 @@ pub fn permission_policy(config: &Config, account: &Account) -> Document {
                 .to_string(),
         ],
     }
+}
+
+/// The statement IDs of rules named `names` in one document that already has statements `taken`.
+///
+/// IAM wants a Sid of ASCII letters and digits, unique in its document. A rule's Sid is `ShiftdRule` and
+/// its name's letters and digits, which can be the same for different names (`dev-a`, `dev.a`, `deva`).
+/// Then every rule of the clash gets an 8-hex-digit hash of its full name appended, except one whose
+/// name is all letters and digits (`deva`). The hash does not depend on the other rules, so a rule's
+/// Sid only changes when a new clash appears. Sids are compared ignoring case; a counter settles any
+/// clash left (a hash collision, or a name that happens to spell another rule's hashed Sid).
+fn rule_sids(names: &[&str], taken: &[&str]) -> Vec<String> {
+    /// Rule names are at most 64 characters; a longer one is cut (and counts as having lost some).
+    const MAX_NAME: usize = 64;
+    let kept = |name: &str| -> String {
+        name.chars()
+            .filter(char::is_ascii_alphanumeric)
+            .take(MAX_NAME)
+            .collect()
+    };
+    let base = |name: &str| format!("ShiftdRule{}", kept(name));
+    let mut clashes: BTreeMap<String, usize> = BTreeMap::new();
+    for name in names {
+        *clashes.entry(base(name).to_ascii_lowercase()).or_default() += 1;
+    }
+    // Among the names sharing a base, one that is its own letters and digits keeps the bare base,
+    // unless another such name differs from it only in case.
+    let mut exact: BTreeMap<String, usize> = BTreeMap::new();
+    for name in names.iter().filter(|n| kept(n) == **n) {
+        *exact.entry(base(name).to_ascii_lowercase()).or_default() += 1;
+    }
+    let mut used: BTreeSet<String> = taken.iter().map(|t| t.to_ascii_lowercase()).collect();
+    names
+        .iter()
+        .map(|name| {
+            let base = base(name);
+            let key = base.to_ascii_lowercase();
+            let alone = clashes[&key] == 1 && !used.contains(&key);
+            let bare = alone || (kept(name) == *name && exact[&key] == 1 && !used.contains(&key));
+            let candidate = if bare {
+                base
+            } else {
+                format!("{base}{:08X}", fnv1a(name.as_bytes()))
+            };
+            let mut sid = candidate.clone();
+            let mut n = 2;
+            while used.contains(&sid.to_ascii_lowercase()) {
+                sid = format!("{candidate}{n}");
+                n += 1;
+            }
+            used.insert(sid.to_ascii_lowercase());
+            sid
+        })
+        .collect()
+}
+
+/// 32-bit FNV-1a: a small hash whose value is fixed by its definition, so Sids are stable across
+/// builds (the standard library's hashers may change).
+fn fnv1a(bytes: &[u8]) -> u32 {
+    bytes.iter().fold(0x811c_9dc5, |h: u32, b| {
+        (h ^ u32::from(*b)).wrapping_mul(0x0100_0193)
+    })
 }
 
 /// The delegate instance role's permission policy: AssumeRole on exactly the configured roles.
@@ -207,4 +277,139 @@ pub fn render(documents: &[Document]) -> String {
         out.push_str("\n\n");
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::Path;
+
+    fn config_with_tag_rules(names: &[&str]) -> Config {
+        let mut text = String::from(
+            "[accounts.a]\nrole_arn = \"arn:aws:iam::111111111111:role/r\"\nregions = [\"eu-west-1\"]\n",
+        );
+        for name in names {
+            text.push_str(&format!(
+                "[[rules]]\nname = \"{name}\"\naccount = \"a\"\ntags = {{ Team = \"{name}\" }}\nstop = \"0 20 * * *\"\n"
+            ));
+        }
+        Config::parse(Path::new("t.toml"), &text).unwrap()
+    }
+
+    /// The Sids of the rules' statements in account `a`'s permission policy, in rule order.
+    fn rule_sids_of(config: &Config) -> Vec<String> {
+        let doc = permission_policy(config, config.account("a").unwrap());
+        let all: Vec<String> = doc.json["Statement"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s["Sid"].as_str().unwrap().to_string())
+            .collect();
+        let lower: BTreeSet<String> = all.iter().map(|s| s.to_ascii_lowercase()).collect();
+        assert_eq!(
+            lower.len(),
+            all.len(),
+            "Sids unique in the document: {all:?}"
+        );
+        for sid in &all {
+            assert!(
+                !sid.is_empty() && sid.chars().all(|c| c.is_ascii_alphanumeric()),
+                "{sid:?} is not a valid IAM Sid"
+            );
+        }
+        all.into_iter()
+            .filter(|s| s.starts_with("ShiftdRule"))
+            .collect()
+    }
+
+    #[test]
+    fn rule_sids_are_unique_valid_and_stable() {
+        let long = format!("team-{}", "x".repeat(59));
+        assert_eq!(long.len(), 64);
+        // (rule names, expected Sids in the same order)
+        let cases: Vec<(Vec<&str>, Vec<String>)> = vec![
+            (vec!["dev-nights"], vec!["ShiftdRuledevnights".into()]),
+            (
+                vec!["dev-a", "dev.a", "deva"],
+                vec![
+                    format!("ShiftdRuledeva{:08X}", fnv1a(b"dev-a")),
+                    format!("ShiftdRuledeva{:08X}", fnv1a(b"dev.a")),
+                    "ShiftdRuledeva".into(),
+                ],
+            ),
+            // The Sids do not depend on the order of the rules.
+            (
+                vec!["deva", "dev.a", "dev-a"],
+                vec![
+                    "ShiftdRuledeva".into(),
+                    format!("ShiftdRuledeva{:08X}", fnv1a(b"dev.a")),
+                    format!("ShiftdRuledeva{:08X}", fnv1a(b"dev-a")),
+                ],
+            ),
+            // Case-only differences clash too (IAM may compare Sids ignoring case).
+            (
+                vec!["DevA", "deva"],
+                vec![
+                    format!("ShiftdRuleDevA{:08X}", fnv1a(b"DevA")),
+                    format!("ShiftdRuledeva{:08X}", fnv1a(b"deva")),
+                ],
+            ),
+            (
+                vec![long.as_str()],
+                vec![format!("ShiftdRuleteam{}", "x".repeat(59))],
+            ),
+            // Nothing but punctuation: still a valid Sid.
+            (
+                vec!["-._", "_.-"],
+                vec![
+                    format!("ShiftdRule{:08X}", fnv1a(b"-._")),
+                    format!("ShiftdRule{:08X}", fnv1a(b"_.-")),
+                ],
+            ),
+        ];
+        for (names, want) in cases {
+            let config = config_with_tag_rules(&names);
+            assert_eq!(rule_sids_of(&config), want, "{names:?}");
+        }
+    }
+
+    #[test]
+    fn a_sid_already_taken_is_never_given_again() {
+        let hashed = format!("deva{:08X}", fnv1a(b"dev-a"));
+        let names = ["dev-a", "deva", hashed.as_str()];
+        let sids = rule_sids(&names, &["ShiftdDescribe"]);
+        assert_eq!(sids[0], format!("ShiftdRule{hashed}"));
+        assert_eq!(sids[1], "ShiftdRuledeva");
+        assert_eq!(
+            sids[2],
+            format!("ShiftdRule{hashed}{:08X}", fnv1a(hashed.as_bytes()))
+        );
+        // Fixed statements' Sids are taken; when even the hashed Sid is, a counter follows.
+        let taken = [
+            "ShiftdRulexy".to_string(),
+            format!("ShiftdRulexy{:08X}", fnv1a(b"x-y")),
+        ];
+        let taken: Vec<&str> = taken.iter().map(String::as_str).collect();
+        assert_eq!(
+            rule_sids(&["x-y"], &taken),
+            [format!("ShiftdRulexy{:08X}2", fnv1a(b"x-y"))]
+        );
+    }
+
+    #[test]
+    fn the_policy_fixture_is_unchanged() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/policy");
+        let config = Config::load(&dir.join("two-accounts.toml")).unwrap();
+        let delegate = Delegate::Role("arn:aws:iam::123456789012:role/shiftd-delegate".into());
+        let got = documents(&config, None, Some(&delegate));
+        let want: Vec<Value> = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("two-accounts.expected.json")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(&want) {
+            assert_eq!(g.title, w["title"].as_str().unwrap());
+            assert_eq!(g.json, w["document"], "{}", g.title);
+        }
+    }
 }

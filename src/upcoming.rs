@@ -49,7 +49,9 @@ pub fn upcoming(
             let instants: BTreeSet<DateTime<Utc>> = rule
                 .schedules(action)
                 .iter()
-                .flat_map(|s| s.firings_between(from, until, rule.timezone, limit + 1))
+                .flat_map(|s| {
+                    s.firings_between(from, until, rule.timezone, limit.saturating_add(1))
+                })
                 .collect();
             for t in instants {
                 let local = t.with_timezone(&rule.timezone);
@@ -181,12 +183,39 @@ timezone = "America/New_York"
         );
         assert!(cut);
         assert_eq!(items.len(), 2);
+        // No limit at all: `limit + 1` wrapped to 0 (a panic in debug builds) and listed nothing.
+        let (items, cut) = upcoming(
+            &config,
+            utc("2027-03-13T12:00:00Z"),
+            utc("2027-03-15T12:00:00Z"),
+            usize::MAX,
+        );
+        assert!(!cut);
+        assert_eq!(items.len(), 4);
     }
 }
 
 /// Reads a `--from`/`--until` value: RFC 3339 (`2026-12-01T08:00:00+09:00`), or a UTC date
-/// (`2026-12-01`) or date and time (`2026-12-01T08:00`, `2026-12-01 08:00`).
+/// (`2026-12-01`) or date and time (`2026-12-01T08:00`, `2026-12-01 08:00`), from 1970 to 9999 (UTC):
+/// times near the ends of what the calendar code can represent would overflow it.
 pub fn parse_time(s: &str) -> Result<DateTime<Utc>, String> {
+    let t = parse_any_time(s)?;
+    let (first, last) = (
+        DateTime::UNIX_EPOCH,
+        chrono::NaiveDate::from_ymd_opt(9999, 12, 31)
+            .and_then(|d| d.and_hms_opt(23, 59, 59))
+            .expect("a valid date")
+            .and_utc(),
+    );
+    if !(first..=last).contains(&t) {
+        return Err(format!(
+            "{s:?} is out of range: expected a time from 1970-01-01 to 9999-12-31 (UTC)"
+        ));
+    }
+    Ok(t)
+}
+
+fn parse_any_time(s: &str) -> Result<DateTime<Utc>, String> {
     if let Ok(t) = DateTime::parse_from_rfc3339(s) {
         return Ok(t.with_timezone(&Utc));
     }
@@ -225,6 +254,34 @@ mod parse_tests {
             "2026-12-01T00:00:00+00:00"
         );
         assert!(parse_time("tomorrow").unwrap_err().contains("not a time"));
+    }
+
+    #[test]
+    fn times_far_outside_the_calendar_are_refused() {
+        let in_range = [
+            "1970-01-01",
+            "1970-01-01T09:00:00+09:00",
+            "9999-12-31T23:59:59Z",
+            "9999-12-31T23:59",
+        ];
+        for s in in_range {
+            assert!(parse_time(s).is_ok(), "{s}");
+        }
+        // -262143-01-01 is the calendar's first day: a schedule searched from it overflowed.
+        let out_of_range = [
+            "-262143-01-01",
+            "0000-01-01T00:00:00Z",
+            "1969-12-31T23:59:59Z",
+            "1970-01-01T08:59:59+09:00",
+            "9999-12-31T23:59:59-23:59",
+        ];
+        for s in out_of_range {
+            let err = parse_time(s).unwrap_err();
+            assert!(
+                err.contains("out of range: expected a time from 1970-01-01 to 9999-12-31"),
+                "{s}: {err}"
+            );
+        }
     }
 }
 
