@@ -151,17 +151,11 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
+/// Every configuration problem (invalid, unreadable, not a regular file, not UTF-8, too large) exits 78:
+/// systemd's unit does not restart on it, and the message names the place.
 fn config_error(e: &ConfigError) -> ExitCode {
     eprintln!("{e}");
-    match e {
-        ConfigError::Invalid { .. } | ConfigError::Permissions { .. } => {
-            ExitCode::from(EXIT_CONFIG)
-        }
-        ConfigError::Read { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
-            ExitCode::from(EXIT_CONFIG)
-        }
-        ConfigError::Read { .. } => ExitCode::FAILURE,
-    }
+    ExitCode::from(EXIT_CONFIG)
 }
 
 fn run(config_path: PathBuf, dry_run: bool, log: LogTarget, state_dir: PathBuf) -> ExitCode {
@@ -250,14 +244,8 @@ fn run(config_path: PathBuf, dry_run: bool, log: LogTarget, state_dir: PathBuf) 
         Err(RunFailure::Run(e)) => {
             // Under systemd stderr goes to the journal too, so this is logged once, not printed again.
             tracing::error!("{e}");
-            match e {
-                RunError::Config(ConfigError::Read { source, .. })
-                    if source.kind() != std::io::ErrorKind::NotFound =>
-                {
-                    ExitCode::FAILURE
-                }
-                _ => ExitCode::from(EXIT_CONFIG),
-            }
+            // Every way `run` fails is about the configuration.
+            ExitCode::from(EXIT_CONFIG)
         }
     }
 }
@@ -284,8 +272,13 @@ fn plan(
         Err(code) => return code,
     };
     let from = from.unwrap_or_else(|| SystemClock.now());
-    let until =
-        until.unwrap_or_else(|| from + chrono::Duration::hours(i64::from(hours.unwrap_or(24 * 7))));
+    let hours = hours.unwrap_or(24 * 7);
+    let Some(until) =
+        until.or_else(|| from.checked_add_signed(chrono::Duration::hours(i64::from(hours))))
+    else {
+        eprintln!("--hours {hours}: the window would end past what a date can hold");
+        return ExitCode::from(2);
+    };
     if until <= from {
         eprintln!("--until must be after --from");
         return ExitCode::from(2);
