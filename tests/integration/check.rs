@@ -139,3 +139,71 @@ fn run_refuses_an_invalid_configuration_with_exit_78() {
     assert_eq!(out.status.code(), Some(78));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not an IANA time zone"));
 }
+
+/// Files that are not a configuration at all: each refused with 78 and its path, by `check` and by
+/// `run`, and none blocks (a FIFO used to block forever) or reads without end (`/dev/zero`).
+#[test]
+fn files_that_are_not_a_readable_utf8_config_exit_78_naming_the_path() {
+    use std::os::unix::fs::PermissionsExt;
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+    let dir = tempfile::tempdir().unwrap();
+    let latin1 = dir.path().join("latin1.toml");
+    std::fs::write(&latin1, b"# caf\xe9\n[defaults]\n").unwrap();
+    std::fs::set_permissions(&latin1, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let utf16 = dir.path().join("utf16.toml");
+    std::fs::write(&utf16, b"\xff\xfe[\x00d\x00").unwrap();
+    std::fs::set_permissions(&utf16, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let fifo = dir.path().join("fifo.toml");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let looped = dir.path().join("loop.toml");
+    std::os::unix::fs::symlink(&looped, &looped).unwrap();
+    let cases: Vec<(PathBuf, &str)> = vec![
+        (latin1.clone(), "not UTF-8"),
+        (utf16.clone(), "UTF-16"),
+        (dir.path().to_path_buf(), "not a regular file"),
+        (fifo.clone(), "not a regular file"),
+        (PathBuf::from("/dev/zero"), "not a regular file"),
+        (looped.clone(), "loop.toml"),
+    ];
+    for (path, want) in &cases {
+        for command in ["check", "run"] {
+            let mut child = Command::new(env!("CARGO_BIN_EXE_shiftd"))
+                .args([command, "--config"])
+                .arg(path)
+                .args(if command == "run" {
+                    &["--log", "stderr", "--state-dir"][..]
+                } else {
+                    &[][..]
+                })
+                .args(if command == "run" {
+                    vec![dir.path().join("state")]
+                } else {
+                    vec![]
+                })
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap();
+            let end = Instant::now() + Duration::from_secs(20);
+            while child.try_wait().unwrap().is_none() {
+                assert!(Instant::now() < end, "{command} {path:?} blocked");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let out = child.wait_with_output().unwrap();
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(78), "{command} {path:?}: {stderr}");
+            assert!(stderr.contains(*want), "{command} {path:?}: {stderr}");
+            assert!(
+                stderr.contains(path.file_name().unwrap().to_str().unwrap()),
+                "{command} {path:?} names the file: {stderr}"
+            );
+        }
+    }
+}
