@@ -58,6 +58,58 @@ fn cron_reason(e: &cron::error::Error) -> String {
     )
 }
 
+/// Names, crate keywords and expectations of the six fields, in order.
+const FIELDS: [(&str, &[&str], &str); 6] = [
+    ("second", &["Seconds"], "0-59"),
+    ("minute", &["Minutes"], "0-59"),
+    ("hour", &["Hours"], "0-23"),
+    (
+        "day-of-month",
+        &["Days of Month", "Day of Month"],
+        "1-31, \"L\", \"LW\" or \"nW\"",
+    ),
+    ("month", &["Months", "month name"], "1-12 or Jan-Dec"),
+    (
+        "day-of-week",
+        &["Days of Week", "day of the week"],
+        "0-7 (0 and 7 are Sunday) or Sun-Sat, \"dL\" or \"d#k\"",
+    ),
+];
+
+/// Which field the cron crate refused, found by parsing each (as translated) on its own, and why, in
+/// the user's terms: the crate's own message only points a caret into shiftd's translation, or names
+/// another field than the one at fault.
+fn field_reason(fields: &[(&str, String); 6], e: &cron::error::Error) -> String {
+    for (i, (written, translated)) in fields.iter().enumerate() {
+        let mut probe = ["0", "0", "0", "*", "*", "*"];
+        probe[i] = translated;
+        let Err(probe_error) = cron::Schedule::from_str(&probe.join(" ")) else {
+            continue;
+        };
+        let (name, keywords, expected) = FIELDS[i];
+        let text = probe_error.to_string();
+        let cause = text.lines().last().unwrap_or(&text).trim();
+        let detail = if keywords.iter().any(|k| cause.contains(k)) {
+            format!(": {}", cron_cause(cause))
+        } else {
+            String::new()
+        };
+        return format!(
+            "{name} {written:?} is not valid{detail}; expected {expected}, with ranges (a-b), lists (a,b) \
+             and steps (*/n)"
+        );
+    }
+    cron_reason(e)
+}
+
+fn cron_cause(cause: &str) -> String {
+    cause
+        .trim_end_matches('.')
+        .replace(". (", " (")
+        .replace(".)", ")")
+        .replace("must be less than", "must be at most")
+}
+
 /// A parsed cron expression. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct CronSchedule {
@@ -209,7 +261,18 @@ impl CronSchedule {
             "{seconds} {minute} {hour} {} {month} {dow_names}",
             dom_plain.as_deref().unwrap_or("*")
         );
-        let parsed = cron::Schedule::from_str(&translated).map_err(|e| err(cron_reason(&e)))?;
+        let parsed = cron::Schedule::from_str(&translated).map_err(|e| {
+            let user_dow = if dow == "*" { "*" } else { dow };
+            let fields = [
+                (seconds, seconds.to_string()),
+                (minute, minute.to_string()),
+                (hour, hour.to_string()),
+                (dom, dom_plain.clone().unwrap_or_else(|| "*".into())),
+                (month, month.to_string()),
+                (user_dow, dow_names.clone()),
+            ];
+            err(field_reason(&fields, &e))
+        })?;
         Ok(Self {
             source: expression.to_string(),
             fields: parsed,
@@ -1434,8 +1497,13 @@ mod tests {
             ("0 8 * * 5-2", "runs backwards"),
             (
                 "61 8 * * *",
-                "Minutes must be at most 59 ('61' specified); expected \"minute hour",
+                "minute \"61\" is not valid: Minutes must be at most 59 ('61' specified); expected 0-59",
             ),
+            // Pure syntax errors name the field as written (the crate only points a caret).
+            ("1, * * * *", "minute \"1,\" is not valid; expected 0-59"),
+            ("0 1--2 * * *", "hour \"1--2\" is not valid; expected 0-23"),
+            ("4294967296 * * * *", "minute \"4294967296\" is not valid"),
+            ("-1 * * * *", "minute \"-1\" is not valid; expected 0-59"),
             ("0 25 * * *", "Hours must be at most 23 ('25' specified)"),
             (
                 "0 8 32 * *",
