@@ -1626,9 +1626,9 @@ stop = "0 21 * * *"
     fn exercise_valid(c: &Config) {
         let from = Utc.with_ymd_and_hms(2026, 3, 28, 0, 0, 0).unwrap();
         let until = from + chrono::Duration::days(2);
-        let _ = crate::summary::render(c, from);
-        let (items, truncated) = crate::upcoming::upcoming(c, from, until, 50);
-        let _ = crate::upcoming::render_text(c, &items, from, until, truncated);
+        let _ = crate::check::render(c, from);
+        let (items, truncated) = crate::plan::upcoming(c, from, until, 50);
+        let _ = crate::plan::render_text(c, &items, from, until, truncated);
         let delegate = crate::policy::Delegate::Account("123456789012".into());
         let _ = crate::policy::render(&crate::policy::documents(c, None, Some(&delegate)));
     }

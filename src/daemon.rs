@@ -180,7 +180,7 @@ impl Daemon {
             .filter(|(_, rt)| rt.clients.credentials.usable_now().is_none())
             .map(|(name, rt)| (name.clone(), rt.clients.credentials.why_unusable()))
             .collect();
-        crate::upcoming::status_line(&self.config, now, self.dry_run(), &waiting)
+        crate::status::line(&self.config, now, self.dry_run(), &waiting)
     }
 
     /// Writes to the durable record; a failure is logged once (and again once it works again).

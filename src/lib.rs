@@ -6,6 +6,7 @@
 //! clock, the journal and the state directory, and maps errors to exit codes.
 
 pub mod aws;
+pub mod check;
 pub mod clock;
 pub mod config;
 pub mod credentials;
@@ -15,9 +16,9 @@ pub mod executor;
 pub mod logging;
 pub mod notify;
 pub mod outcome;
+pub mod plan;
 pub mod planner;
 pub mod policy;
 pub mod schedule;
 pub mod state;
-pub mod summary;
-pub mod upcoming;
+pub mod status;

@@ -16,8 +16,6 @@ use shiftd::daemon::{self, RunError};
 use shiftd::logging::{self, LogTarget};
 use shiftd::outcome::LogSink;
 use shiftd::state::{DEFAULT_STATE_DIR, MemoryRecord, OccurrenceRecord, StateFile};
-use shiftd::summary;
-use shiftd::upcoming;
 
 /// sysexits(3) EX_CONFIG: the configuration is invalid. systemd's unit does not restart on it.
 const EXIT_CONFIG: u8 = 78;
@@ -69,10 +67,10 @@ enum Command {
         #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
         /// Start of the window: RFC 3339, or a UTC date/time like 2026-12-01 or 2026-12-01T08:00 [default: now]
-        #[arg(long, value_parser = upcoming::parse_time)]
+        #[arg(long, value_parser = shiftd::plan::parse_time)]
         from: Option<DateTime<Utc>>,
         /// End of the window (same forms as --from) [default: 7 days after --from]
-        #[arg(long, value_parser = upcoming::parse_time, conflicts_with = "hours")]
+        #[arg(long, value_parser = shiftd::plan::parse_time, conflicts_with = "hours")]
         until: Option<DateTime<Utc>>,
         /// Length of the window in hours
         #[arg(long)]
@@ -146,7 +144,7 @@ fn main() -> ExitCode {
 
 fn check(path: &std::path::Path) -> ExitCode {
     match Config::load_strict(path) {
-        Ok(config) => output(&summary::render(&config, SystemClock.now())),
+        Ok(config) => output(&shiftd::check::render(&config, SystemClock.now())),
         Err(e) => config_error(&e),
     }
 }
@@ -283,7 +281,7 @@ fn plan(
         eprintln!("--until must be after --from");
         return ExitCode::from(2);
     }
-    let (items, truncated) = upcoming::upcoming(&config, from, until, limit);
+    let (items, truncated) = shiftd::plan::upcoming(&config, from, until, limit);
     if json {
         if truncated {
             eprintln!("cut at {limit} actions: narrow the window or raise --limit");
@@ -293,7 +291,7 @@ fn plan(
             serde_json::to_string_pretty(&items).expect("serializable")
         ))
     } else {
-        output(&upcoming::render_text(
+        output(&shiftd::plan::render_text(
             &config, &items, from, until, truncated,
         ))
     }
