@@ -14,6 +14,10 @@ of the test, does what moto does not:
   POST /_fault/error      {"action": "StopInstances", "delay": 25, "times": 1}
       Without "code": hold matching requests that long, then forward them (a hung endpoint; the
       request still takes effect, as a real one may after the client gave up).
+  POST /_fault/body       {"action": "AssumeRole", "instance": "i-..." (optional), "status": 200,
+                           "body": "<AssumeRoleResponse ...>...", "times": 1 (default; -1 for always)}
+      Answer matching requests with that HTTP status and that body, verbatim, instead of forwarding
+      them: a truncated or malformed answer, or an error page that is not the service's format.
   POST /_fault/fall-back  {"instance": "i-...", "code": "Client.InternalError",
                            "message": "Client.InternalError: Client error on launch"}
       After moto accepts a StartInstances naming the instance, stop it again in moto and show that
@@ -22,7 +26,8 @@ of the test, does what moto does not:
       For that long after a StartInstances/StopInstances naming the instance, DescribeInstances shows
       it as it was before the call (EC2's eventual consistency).
   GET  /_fault/seen       JSON array of the EC2/STS calls the proxy received, in order:
-                          {"action", "instance_ids", "fault"} (fault: the injected error code, "delay", or null)
+                          {"action", "instance_ids", "fault"} (fault: the injected error code, "delay",
+                          "body", or null)
 
 Usage: fault_proxy.py --upstream http://127.0.0.1:PORT --port-file FILE
 """
@@ -47,6 +52,7 @@ class Faults:
     def __init__(self):
         self.lock = threading.Lock()
         self.errors = []  # dicts as posted, with "times" counting down
+        self.bodies = []  # /_fault/body dicts as posted, with "times" counting down
         self.fall_back = {}  # instance -> (code, message)
         self.fell_back = set()  # instances stopped by the proxy
         self.stale_for = {}  # instance -> seconds
@@ -55,8 +61,14 @@ class Faults:
         self.seen = []
 
     def error_for(self, action, ids):
+        return self._take(self.errors, action, ids)
+
+    def body_for(self, action, ids):
+        return self._take(self.bodies, action, ids)
+
+    def _take(self, specs, action, ids):
         with self.lock:
-            for e in self.errors:
+            for e in specs:
                 if e["action"] != action or e.get("times", 1) == 0:
                     continue
                 if e.get("instance") and e["instance"] not in ids:
@@ -166,6 +178,8 @@ def make_handler(faults, upstream):
             with faults.lock:
                 if path == "/_fault/error":
                     faults.errors.append(spec)
+                elif path == "/_fault/body":
+                    faults.bodies.append(spec)
                 elif path == "/_fault/fall-back":
                     faults.fall_back[spec["instance"]] = (
                         spec.get("code", "Client.InternalError"),
@@ -185,11 +199,14 @@ def make_handler(faults, upstream):
             form.update(parse_qs(urlparse(self.path).query))
             action = (form.get("Action") or [None])[0]
             ids = [v[0] for k, v in sorted(form.items()) if k.startswith("InstanceId.")]
-            error = faults.error_for(action, ids) if action else None
+            canned = faults.body_for(action, ids) if action else None
+            error = faults.error_for(action, ids) if action and not canned else None
             if action:
                 with faults.lock:
-                    fault = error and error.get("code", "delay")
+                    fault = "body" if canned else error and error.get("code", "delay")
                     faults.seen.append({"action": action, "instance_ids": ids, "fault": fault})
+            if canned:
+                return self._reply(int(canned.get("status", 200)), canned.get("body", "").encode())
             if error and error.get("delay"):
                 time.sleep(float(error["delay"]))
             if error and error.get("code"):

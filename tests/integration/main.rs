@@ -17,4 +17,6 @@ mod lifecycle;
 #[allow(clippy::disallowed_methods)]
 mod operator;
 mod scenarios;
+#[allow(clippy::disallowed_methods)]
+mod secrets;
 mod sim;
