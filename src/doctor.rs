@@ -116,7 +116,7 @@ pub async fn run(config: &Config, connect: ConnectAws, clock: Arc<dyn Clock>) ->
     report
 }
 
-/// 1. The delegate's own credentials: IMDSv2 and its instance profile, or the configured profile.
+/// Check 1: the delegate's own credentials: IMDSv2 and its instance profile, or the configured profile.
 async fn check_base_credentials(report: &mut Report, config: &Config, aws: &dyn Aws) -> bool {
     match &config.credentials {
         CredentialSource::Imds => match aws.instance_profile_role().await {
@@ -159,7 +159,7 @@ async fn check_base_credentials(report: &mut Report, config: &Config, aws: &dyn 
     true
 }
 
-/// 2. Who the delegate is (GetCallerIdentity), as a trust policy principal.
+/// Check 2: who the delegate is (GetCallerIdentity), as a trust policy principal.
 async fn check_identity(report: &mut Report, aws: &dyn Aws, region: &str) -> Option<Delegate> {
     match aws.sts(region).await.caller_identity().await {
         Ok((account, arn)) => {
@@ -181,7 +181,7 @@ async fn check_identity(report: &mut Report, aws: &dyn Aws, region: &str) -> Opt
     }
 }
 
-/// 3. AssumeRole into one target account: its credentials, or what to fix on which side.
+/// Check 3: AssumeRole into one target account: its credentials, or what to fix on which side.
 async fn check_assume_role(
     report: &mut Report,
     aws: &dyn Aws,
@@ -221,7 +221,7 @@ async fn check_assume_role(
     }
 }
 
-/// 4. The walkthrough's final check: DescribeInstanceStatus in one region.
+/// Check 4: the walkthrough's final check: DescribeInstanceStatus in one region.
 async fn check_instance_status(
     report: &mut Report,
     ec2: &dyn Ec2,
@@ -248,7 +248,7 @@ async fn check_instance_status(
     }
 }
 
-/// 5. A rule's selection in one region: listed instances found, tags matching something. Returns the
+/// Check 5: a rule's selection in one region: listed instances found, tags matching something. Returns the
 /// IDs it selects there.
 async fn check_selection(
     report: &mut Report,
@@ -330,7 +330,7 @@ async fn check_selection(
     ids
 }
 
-/// 6. Permission to act, without acting: Start/Stop with DryRun for the rule's actions.
+/// Check 6: permission to act, without acting: Start/Stop with DryRun for the rule's actions.
 async fn check_permissions(
     report: &mut Report,
     ec2: &dyn Ec2,

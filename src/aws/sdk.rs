@@ -308,8 +308,13 @@ impl Sts for SdkSts {
         let c = out
             .credentials()
             .ok_or_else(|| fail("AssumeRole answered without credentials"))?;
+        // A response cut short can parse with the expiration missing, which the SDK fills with the
+        // epoch: no session is issued before 2011 (STS's launch), so such a time is unreadable too.
+        let sts_launch = SystemTime::UNIX_EPOCH + Duration::from_secs(1_293_840_000);
         let expiry = SystemTime::try_from(*c.expiration())
-            .map_err(|_| fail("AssumeRole answered with an unreadable expiration"))?;
+            .ok()
+            .filter(|e| *e > sts_launch)
+            .ok_or_else(|| fail("AssumeRole answered without a readable expiration"))?;
         Ok(SessionCredentials {
             access_key_id: c.access_key_id().to_string(),
             secret_access_key: Secret::new(c.secret_access_key()),

@@ -203,9 +203,9 @@ fn a_truncated_assume_role_answer_leaks_no_key_material() {
 
 #[test]
 fn an_assume_role_answer_cut_right_after_the_session_token_leaks_no_key_material() {
-    // The SDK reads this document without an expiration (as the Unix epoch), and shiftd currently
-    // takes it as credentials that expire at once. Only the leak is checked here.
-    assert_no_leak(200, &truncated_response(0), None);
+    // The SDK reads this document without an expiration (as the Unix epoch): refused as unreadable,
+    // not taken as credentials that expired in 1970.
+    assert_no_leak(200, &truncated_response(0), Some("UnreadableResponse"));
 }
 
 #[test]
