@@ -235,6 +235,22 @@ fn render_issues(path: &Path, issues: &[ConfigIssue]) -> String {
 /// hundreds of thousands, and the first ones are what to fix.
 pub const MAX_ISSUES: usize = 100;
 
+/// A problem found in the file as written: the byte offset it concerns, and what is wrong.
+struct Problem {
+    offset: usize,
+    message: String,
+}
+
+/// The problems found in a file, in the order they were found.
+#[derive(Default)]
+struct Problems(Vec<Problem>);
+
+impl Problems {
+    fn report(&mut self, offset: usize, message: String) {
+        self.0.push(Problem { offset, message });
+    }
+}
+
 /// Turns byte offsets into 1-based line and column (in characters).
 struct Locator<'a> {
     text: &'a str,
@@ -242,26 +258,30 @@ struct Locator<'a> {
 
 impl Locator<'_> {
     fn at(&self, offset: usize, message: impl Into<String>) -> ConfigIssue {
-        self.all(vec![(offset, message.into())]).remove(0)
+        let message = message.into();
+        self.all(vec![Problem { offset, message }]).remove(0)
     }
 
     /// Places every problem, in file order (problems at one place keep their order), listing at most
     /// [`MAX_ISSUES`]: one pass over the text, however many problems there are.
-    fn all(&self, mut problems: Vec<(usize, String)>) -> Vec<ConfigIssue> {
-        problems.sort_by_key(|(offset, _)| *offset);
+    fn all(&self, mut problems: Vec<Problem>) -> Vec<ConfigIssue> {
+        problems.sort_by_key(|p| p.offset);
         let more = problems.len().saturating_sub(MAX_ISSUES);
         if more > 0 {
             problems.truncate(MAX_ISSUES + 1);
-            let (at, first) = problems.pop().expect("more than MAX_ISSUES");
-            problems.push((
-                at,
-                format!("{more} more problem(s) from here on are not listed, the first: {first}"),
-            ));
+            let first = problems.pop().expect("more than MAX_ISSUES");
+            problems.push(Problem {
+                offset: first.offset,
+                message: format!(
+                    "{more} more problem(s) from here on are not listed, the first: {}",
+                    first.message
+                ),
+            });
         }
         let (mut pos, mut line, mut column) = (0, 1, 1);
         problems
             .into_iter()
-            .map(|(offset, message)| {
+            .map(|Problem { offset, message }| {
                 let offset = self.text.floor_char_boundary(offset);
                 for c in self.text[pos..offset].chars() {
                     if c == '\n' {
@@ -341,11 +361,17 @@ struct RawRule {
 }
 
 /// A string or an array of strings; each element of an array keeps its own place in the file.
-struct OneOrMany(Vec<(String, Option<std::ops::Range<usize>>)>);
+struct OneOrMany(Vec<Element>);
+
+/// One string of a [`OneOrMany`], with its place in the file if it is an element of an array.
+struct Element {
+    value: String,
+    span: Option<std::ops::Range<usize>>,
+}
 
 impl OneOrMany {
-    fn values(self) -> Vec<String> {
-        self.0.into_iter().map(|(v, _)| v).collect()
+    fn values(&self) -> Vec<String> {
+        self.0.iter().map(|e| e.value.clone()).collect()
     }
 }
 
@@ -358,13 +384,19 @@ impl<'de> Deserialize<'de> for OneOrMany {
                 f.write_str("a string or an array of strings")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<OneOrMany, E> {
-                Ok(OneOrMany(vec![(v.to_string(), None)]))
+                Ok(OneOrMany(vec![Element {
+                    value: v.to_string(),
+                    span: None,
+                }]))
             }
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<OneOrMany, A::Error> {
                 let mut out = Vec::new();
                 while let Some(s) = seq.next_element::<Spanned<String>>()? {
-                    let span = s.span();
-                    out.push((s.into_inner(), Some(span)));
+                    let span = Some(s.span());
+                    out.push(Element {
+                        value: s.into_inner(),
+                        span,
+                    });
                 }
                 Ok(OneOrMany(out))
             }
@@ -397,12 +429,12 @@ impl Config {
             let offset = e.span().map_or(0, |s| s.start);
             invalid(vec![loc.at(offset, e.message().trim_end().to_string())])
         })?;
-        let mut problems = Vec::new();
+        let mut problems = Problems::default();
         let config = validate(path, raw, &mut problems);
-        if problems.is_empty() {
+        if problems.0.is_empty() {
             Ok(config)
         } else {
-            Err(invalid(loc.all(problems)))
+            Err(invalid(loc.all(problems.0)))
         }
     }
 
@@ -581,279 +613,478 @@ pub fn permission_problem(mode: u32, owner: u32, euid: u32) -> Option<String> {
     None
 }
 
-/// Checks `raw`, adding each problem found to `problems` as the byte offset it concerns and a message.
-fn validate(path: &Path, raw: RawConfig, problems: &mut Vec<(usize, String)>) -> Config {
-    let mut report = |offset: usize, msg: String| problems.push((offset, msg));
+/// Checks `raw` section by section, adding each problem found to `problems` as the byte offset it
+/// concerns and a message. The model returned only means something when no problem was found.
+fn validate(path: &Path, raw: RawConfig, problems: &mut Problems) -> Config {
+    let defaults = validate_defaults(&raw.defaults, problems);
+    let credentials = validate_credentials(raw.credentials, problems);
+    let accounts = validate_accounts(raw.accounts, problems);
+    let rules = validate_rules(raw.rules, &accounts, defaults.timezone, problems);
+    Config {
+        path: path.to_path_buf(),
+        defaults,
+        credentials,
+        accounts,
+        rules,
+    }
+}
 
-    // [defaults]
-    let d = raw.defaults;
+/// Checks `[defaults]`: the time zone, each duration against its own range, then (when both are valid
+/// on their own) that `refresh_before_expiry` fits in `session_duration`. Invalid values were
+/// reported; their defaults stand in for them in the (discarded) model.
+fn validate_defaults(d: &RawDefaults, problems: &mut Problems) -> Defaults {
     let timezone = match &d.timezone {
-        Some(s) => parse_zone(s, &mut report),
+        Some(s) => parse_zone(s, problems),
         None => Tz::UTC,
     };
-    // Each duration is checked against its own range; the relation between the two session durations
-    // is only checked when both are valid on their own.
-    let mut duration = |field: &Option<Spanned<String>>, name: &str, bounds: &DurationBounds| {
-        let Some(s) = field else {
-            return Some(bounds.default);
-        };
-        let range = format!(
-            "{} to {}",
-            humantime::format_duration(bounds.min),
-            humantime::format_duration(bounds.max)
-        );
-        match humantime::parse_duration(s.get_ref()) {
-            Ok(v) if (bounds.min..=bounds.max).contains(&v) => Some(v),
-            Ok(_) => {
-                report(
-                    s.span().start,
-                    format!(
-                        "{name}: {:?} is out of range: expected {range}{}",
-                        s.get_ref(),
-                        bounds.why
-                    ),
-                );
-                None
-            }
-            Err(_) => {
-                report(
-                    s.span().start,
-                    format!(
-                        "{name}: {:?} is not a duration: expected a duration from {range}, such as \"10m\", \"1h\" or \"90s\"",
-                        s.get_ref()
-                    ),
-                );
-                None
-            }
-        }
-    };
-    let session_duration = duration(&d.session_duration, "session_duration", &SESSION_DURATION);
-    let refresh_before_expiry = duration(
-        &d.refresh_before_expiry,
+    let session_duration = check_duration(
+        d.session_duration.as_ref(),
+        "session_duration",
+        &SESSION_DURATION,
+        problems,
+    );
+    let refresh_before_expiry = check_duration(
+        d.refresh_before_expiry.as_ref(),
         "refresh_before_expiry",
         &REFRESH_BEFORE_EXPIRY,
+        problems,
     );
-    let verify_timeout = duration(&d.verify_timeout, "verify_timeout", &VERIFY_TIMEOUT);
-    let credentials_wait = duration(&d.credentials_wait, "credentials_wait", &CREDENTIALS_WAIT);
-    if let (Some(refresh), Some(session)) = (refresh_before_expiry, session_duration)
-        && refresh.saturating_add(Duration::from_secs(60)) > session
-    {
-        let offset = d
-            .refresh_before_expiry
-            .as_ref()
-            .or(d.session_duration.as_ref())
-            .map_or(0, |s| s.span().start);
-        report(
-            offset,
+    let verify_timeout = check_duration(
+        d.verify_timeout.as_ref(),
+        "verify_timeout",
+        &VERIFY_TIMEOUT,
+        problems,
+    );
+    let credentials_wait = check_duration(
+        d.credentials_wait.as_ref(),
+        "credentials_wait",
+        &CREDENTIALS_WAIT,
+        problems,
+    );
+    if let (Some(refresh), Some(session)) = (refresh_before_expiry, session_duration) {
+        check_refresh_fits_session(d, refresh, session, problems);
+    }
+    Defaults {
+        timezone,
+        refresh_before_expiry: refresh_before_expiry.unwrap_or(REFRESH_BEFORE_EXPIRY.default),
+        session_duration: session_duration.unwrap_or(SESSION_DURATION.default),
+        dry_run: d.dry_run.unwrap_or(false),
+        verify_timeout: verify_timeout.unwrap_or(VERIFY_TIMEOUT.default),
+        credentials_wait: credentials_wait.unwrap_or(CREDENTIALS_WAIT.default),
+    }
+}
+
+/// Checks the duration `field` (named `name` in messages) is one and lies within `bounds`. Returns it,
+/// its default when it is not given, or nothing when it is invalid.
+fn check_duration(
+    field: Option<&Spanned<String>>,
+    name: &str,
+    bounds: &DurationBounds,
+    problems: &mut Problems,
+) -> Option<Duration> {
+    let Some(s) = field else {
+        return Some(bounds.default);
+    };
+    let range = format!(
+        "{} to {}",
+        humantime::format_duration(bounds.min),
+        humantime::format_duration(bounds.max)
+    );
+    match humantime::parse_duration(s.get_ref()) {
+        Ok(v) if (bounds.min..=bounds.max).contains(&v) => Some(v),
+        Ok(_) => {
+            problems.report(
+                s.span().start,
+                format!(
+                    "{name}: {:?} is out of range: expected {range}{}",
+                    s.get_ref(),
+                    bounds.why
+                ),
+            );
+            None
+        }
+        Err(_) => {
+            problems.report(
+                s.span().start,
+                format!(
+                    "{name}: {:?} is not a duration: expected a duration from {range}, such as \"10m\", \"1h\" or \"90s\"",
+                    s.get_ref()
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// Checks that renewal starts at least a minute after credentials are issued: `refresh` (the valid
+/// `refresh_before_expiry`) at least 1m shorter than `session` (the valid `session_duration`).
+fn check_refresh_fits_session(
+    d: &RawDefaults,
+    refresh: Duration,
+    session: Duration,
+    problems: &mut Problems,
+) {
+    if refresh.saturating_add(Duration::from_secs(60)) <= session {
+        return;
+    }
+    let offset = d
+        .refresh_before_expiry
+        .as_ref()
+        .or(d.session_duration.as_ref())
+        .map_or(0, |s| s.span().start);
+    problems.report(
+        offset,
+        format!(
+            "refresh_before_expiry ({}) must be at least 1m shorter than session_duration ({})",
+            humantime::format_duration(refresh),
+            humantime::format_duration(session)
+        ),
+    );
+}
+
+/// Checks `[credentials]`: a known `source`, and a non-blank `profile` exactly when the source is
+/// "profile". Without the table, or when it is invalid, the source is IMDS.
+fn validate_credentials(
+    raw: Option<Spanned<RawCredentials>>,
+    problems: &mut Problems,
+) -> CredentialSource {
+    let Some(c) = raw else {
+        return CredentialSource::Imds;
+    };
+    let span = c.span();
+    let c = c.into_inner();
+    let source = c
+        .source
+        .as_ref()
+        .map(|s| s.get_ref().as_str())
+        .unwrap_or("imds");
+    match (source, c.profile) {
+        ("imds", None) => CredentialSource::Imds,
+        ("imds", Some(p)) => {
+            problems.report(
+                p.span().start,
+                "profile is only used with source = \"profile\"".to_string(),
+            );
+            CredentialSource::Imds
+        }
+        ("profile", Some(p)) if !p.get_ref().trim().is_empty() => {
+            CredentialSource::Profile(p.into_inner())
+        }
+        ("profile", _) => {
+            problems.report(
+                span.start,
+                "source = \"profile\" needs profile = \"<name of an AWS profile>\"".to_string(),
+            );
+            CredentialSource::Imds
+        }
+        (other, _) => {
+            let offset = c.source.as_ref().map_or(span.start, |s| s.span().start);
+            problems.report(
+                offset,
+                format!(
+                    "credentials.source: {other:?} is not a credential source: expected \"imds\" or \"profile\""
+                ),
+            );
+            CredentialSource::Imds
+        }
+    }
+}
+
+/// Checks each `[accounts.NAME]` table, in the order of their names (see [`validate_account`]).
+fn validate_accounts(
+    raw: BTreeMap<Spanned<String>, Spanned<RawAccount>>,
+    problems: &mut Problems,
+) -> BTreeMap<String, Account> {
+    let mut accounts = BTreeMap::new();
+    for (name, account) in raw {
+        let account = validate_account(name, account.into_inner(), problems);
+        accounts.insert(account.name.clone(), account);
+    }
+    accounts
+}
+
+/// Checks one account: its name, its role ARN (which gives the account ID), its external ID and its
+/// regions.
+fn validate_account(name: Spanned<String>, raw: RawAccount, problems: &mut Problems) -> Account {
+    let name_span = name.span();
+    let name = name.into_inner();
+    if !valid_name(&name) {
+        problems.report(
+            name_span.start,
+            format!("account name {name:?}: expected letters, digits, '-', '_' or '.'"),
+        );
+    }
+    let account_id = match parse_role_arn(raw.role_arn.get_ref()) {
+        Ok(id) => id,
+        Err(why) => {
+            problems.report(raw.role_arn.span().start, format!("role_arn: {why}"));
+            String::new()
+        }
+    };
+    if let Some(x) = &raw.external_id {
+        check_external_id(x, problems);
+    }
+    let regions = validate_account_regions(&name, raw.regions, problems);
+    Account {
+        name,
+        role_arn: raw.role_arn.into_inner(),
+        account_id,
+        external_id: raw.external_id.map(Spanned::into_inner),
+        regions,
+    }
+}
+
+/// Checks an account's `external_id`: 2 to 1224 of the characters STS accepts in one.
+fn check_external_id(x: &Spanned<String>, problems: &mut Problems) {
+    let v = x.get_ref();
+    let ok_chars = v
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "+=,.@:/-_".contains(c));
+    if !(2..=1224).contains(&v.len()) || !ok_chars {
+        problems.report(
+            x.span().start,
+            "external_id: expected 2 to 1224 characters of letters, digits and +=,.@:/-_"
+                .to_string(),
+        );
+    }
+}
+
+/// Checks the regions of account `name`: at least one, each a region name. Returns them without
+/// repetitions, in the order written.
+fn validate_account_regions(
+    name: &str,
+    regions: Spanned<Vec<Spanned<String>>>,
+    problems: &mut Problems,
+) -> Vec<String> {
+    if regions.get_ref().is_empty() {
+        problems.report(
+            regions.span().start,
             format!(
-                "refresh_before_expiry ({}) must be at least 1m shorter than session_duration ({})",
-                humantime::format_duration(refresh),
-                humantime::format_duration(session)
+                "accounts.{name}.regions: expected at least one region, e.g. [\"ap-northeast-1\"]"
             ),
         );
     }
-    // Invalid values were reported; the defaults stand in for them in the (discarded) model.
-    let session_duration = session_duration.unwrap_or(SESSION_DURATION.default);
-    let refresh_before_expiry = refresh_before_expiry.unwrap_or(REFRESH_BEFORE_EXPIRY.default);
-    let verify_timeout = verify_timeout.unwrap_or(VERIFY_TIMEOUT.default);
-    let credentials_wait = credentials_wait.unwrap_or(CREDENTIALS_WAIT.default);
-
-    // [credentials]
-    let credentials = match raw.credentials {
-        None => CredentialSource::Imds,
-        Some(c) => {
-            let span = c.span();
-            let c = c.into_inner();
-            let source = c
-                .source
-                .as_ref()
-                .map(|s| s.get_ref().as_str())
-                .unwrap_or("imds");
-            match (source, c.profile) {
-                ("imds", None) => CredentialSource::Imds,
-                ("imds", Some(p)) => {
-                    report(
-                        p.span().start,
-                        "profile is only used with source = \"profile\"".to_string(),
-                    );
-                    CredentialSource::Imds
-                }
-                ("profile", Some(p)) if !p.get_ref().trim().is_empty() => {
-                    CredentialSource::Profile(p.into_inner())
-                }
-                ("profile", _) => {
-                    report(
-                        span.start,
-                        "source = \"profile\" needs profile = \"<name of an AWS profile>\""
-                            .to_string(),
-                    );
-                    CredentialSource::Imds
-                }
-                (other, _) => {
-                    let offset = c.source.as_ref().map_or(span.start, |s| s.span().start);
-                    report(
-                        offset,
-                        format!(
-                            "credentials.source: {other:?} is not a credential source: expected \"imds\" or \"profile\""
-                        ),
-                    );
-                    CredentialSource::Imds
-                }
-            }
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    for r in regions.into_inner() {
+        check_region(&r, problems);
+        if seen.insert(r.get_ref().clone()) {
+            out.push(r.into_inner());
         }
-    };
+    }
+    out
+}
 
-    // [accounts.NAME]
-    let mut accounts = BTreeMap::new();
-    for (name, account) in raw.accounts {
-        let name_span = name.span();
-        let name = name.into_inner();
-        let account = account.into_inner();
-        if !valid_name(&name) {
-            report(
-                name_span.start,
-                format!("account name {name:?}: expected letters, digits, '-', '_' or '.'"),
-            );
-        }
-        let account_id = match parse_role_arn(account.role_arn.get_ref()) {
-            Ok(id) => id,
-            Err(why) => {
-                report(account.role_arn.span().start, format!("role_arn: {why}"));
-                String::new()
-            }
+/// Checks each `[[rules]]` table in turn: its name against those before it, then the rest of it
+/// against the `accounts` (see [`RuleCheck::rule`]); `default_zone` is that of `[defaults]`.
+fn validate_rules(
+    raw: Vec<Spanned<RawRule>>,
+    accounts: &BTreeMap<String, Account>,
+    default_zone: Tz,
+    problems: &mut Problems,
+) -> Vec<Rule> {
+    let mut names = BTreeSet::new();
+    let mut rules = Vec::new();
+    for rule in raw {
+        let at = rule.span().start;
+        let rule = rule.into_inner();
+        check_rule_name(&rule.name, &mut names, problems);
+        let check = RuleCheck {
+            name: rule.name.get_ref().clone(),
+            at,
+            accounts,
+            default_zone,
+            problems,
         };
-        if let Some(x) = &account.external_id {
-            let v = x.get_ref();
-            let ok_chars = v
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || "+=,.@:/-_".contains(c));
-            if !(2..=1224).contains(&v.len()) || !ok_chars {
-                report(
-                    x.span().start,
-                    "external_id: expected 2 to 1224 characters of letters, digits and +=,.@:/-_"
-                        .to_string(),
-                );
-            }
-        }
-        if account.regions.get_ref().is_empty() {
-            report(
-                account.regions.span().start,
+        rules.push(check.rule(rule));
+    }
+    rules
+}
+
+/// Checks a rule's name: letters, digits and `-_.` only, and not that of a rule before it (whose valid
+/// names are in `seen`).
+fn check_rule_name(name: &Spanned<String>, seen: &mut BTreeSet<String>, problems: &mut Problems) {
+    let at = name.span().start;
+    let name = name.get_ref();
+    if !valid_name(name) {
+        problems.report(
+            at,
+            format!("rule name {name:?}: expected letters, digits, '-', '_' or '.'"),
+        );
+    } else if !seen.insert(name.clone()) {
+        problems.report(
+            at,
+            format!("rule name {name:?} is used twice: rule names must be unique"),
+        );
+    }
+}
+
+/// One `[[rules]]` table being checked, with what checking it needs from the rest of the file.
+struct RuleCheck<'a> {
+    /// The rule's name as written, which every message about the rule quotes.
+    name: String,
+    /// Where the rule's table starts: the place of a problem with the rule as a whole.
+    at: usize,
+    /// The accounts of `[accounts]`, one of which the rule names.
+    accounts: &'a BTreeMap<String, Account>,
+    /// The time zone of `[defaults]`, for a rule that gives none.
+    default_zone: Tz,
+    problems: &'a mut Problems,
+}
+
+impl<'a> RuleCheck<'a> {
+    /// Checks one rule but its name (see [`check_rule_name`]): its account, regions, selection,
+    /// schedules and time zone, in that order, and that each schedule fires in that zone.
+    fn rule(mut self, raw: RawRule) -> Rule {
+        let account = self.account(&raw.account);
+        let regions = self.regions(raw.regions.as_ref(), account);
+        let selection = self.selection(&raw);
+        let start = self.schedules(raw.start.as_ref());
+        let stop = self.schedules(raw.stop.as_ref());
+        if raw.start.is_none() && raw.stop.is_none() {
+            let name = &self.name;
+            self.problems.report(
+                self.at,
                 format!(
-                    "accounts.{name}.regions: expected at least one region, e.g. [\"ap-northeast-1\"]"
+                    "rule {name:?} has neither start nor stop: expected at least one cron expression"
                 ),
             );
         }
-        let mut regions = Vec::new();
-        let mut seen = HashSet::new();
-        for r in account.regions.into_inner() {
-            check_region(&r, &mut report);
-            if seen.insert(r.get_ref().clone()) {
-                regions.push(r.into_inner());
-            }
+        let timezone = self.zone(raw.timezone.as_ref());
+        self.check_fires(raw.start.as_ref(), &start, timezone);
+        self.check_fires(raw.stop.as_ref(), &stop, timezone);
+        Rule {
+            name: self.name,
+            account: raw.account.into_inner(),
+            regions,
+            selection,
+            start,
+            stop,
+            timezone,
         }
-        accounts.insert(
-            name.clone(),
-            Account {
-                name,
-                role_arn: account.role_arn.into_inner(),
-                account_id,
-                external_id: account.external_id.map(Spanned::into_inner),
-                regions,
-            },
-        );
     }
 
-    // [[rules]]
-    let mut rules = Vec::new();
-    let mut names = BTreeSet::new();
-    for rule in raw.rules {
-        let rule_span = rule.span();
-        let rule = rule.into_inner();
-        let name = rule.name.get_ref().clone();
-        if !valid_name(&name) {
-            report(
-                rule.name.span().start,
-                format!("rule name {name:?}: expected letters, digits, '-', '_' or '.'"),
-            );
-        } else if !names.insert(name.clone()) {
-            report(
-                rule.name.span().start,
-                format!("rule name {name:?} is used twice: rule names must be unique"),
-            );
-        }
-        let account = accounts.get(rule.account.get_ref());
-        if account.is_none() {
+    /// Checks that the rule's `account` is one of `[accounts]`, and returns that account.
+    fn account(&mut self, account: &Spanned<String>) -> Option<&'a Account> {
+        let accounts = self.accounts;
+        let found = accounts.get(account.get_ref());
+        if found.is_none() {
             let known: Vec<&str> = accounts.keys().map(String::as_str).collect();
-            report(
-                rule.account.span().start,
+            let name = &self.name;
+            self.problems.report(
+                account.span().start,
                 format!(
                     "rule {name:?}: account {:?} is not defined: expected one of [{}]",
-                    rule.account.get_ref(),
+                    account.get_ref(),
                     known.join(", ")
                 ),
             );
         }
-        let regions = match (&rule.regions, account) {
-            (Some(rs), Some(account)) => {
-                if rs.get_ref().is_empty() {
-                    report(
-                        rs.span().start,
-                        format!(
-                            "rule {name:?}: regions is empty: leave it out to use all of the account's regions"
-                        ),
-                    );
-                }
-                let mut out = Vec::new();
-                let mut seen = HashSet::new();
-                let known: HashSet<&str> = account.regions.iter().map(String::as_str).collect();
-                for r in rs.get_ref() {
-                    if check_region(r, &mut report) && !known.contains(r.get_ref().as_str()) {
-                        report(
-                            r.span().start,
-                            format!(
-                                "rule {name:?}: region {:?} is not one of account {:?}'s regions [{}]",
-                                r.get_ref(),
-                                account.name,
-                                account.regions.join(", ")
-                            ),
-                        );
-                    }
-                    if seen.insert(r.get_ref().as_str()) {
-                        out.push(r.get_ref().clone());
-                    }
-                }
-                out
-            }
-            (None, Some(account)) => account.regions.clone(),
-            (_, None) => Vec::new(),
-        };
+        found
+    }
 
-        let mut selection = Selection::default();
-        let mut seen_ids = HashSet::new();
-        for id in &rule.instances {
+    /// Checks the rule's `regions`, if given: not empty, each a region name of the rule's `account`.
+    /// Returns them without repetitions, else all of the account's; none without an account.
+    fn regions(
+        &mut self,
+        regions: Option<&Spanned<Vec<Spanned<String>>>>,
+        account: Option<&Account>,
+    ) -> Vec<String> {
+        let Some(account) = account else {
+            return Vec::new();
+        };
+        let Some(rs) = regions else {
+            return account.regions.clone();
+        };
+        let name = &self.name;
+        if rs.get_ref().is_empty() {
+            self.problems.report(
+                rs.span().start,
+                format!(
+                    "rule {name:?}: regions is empty: leave it out to use all of the account's regions"
+                ),
+            );
+        }
+        let mut out = Vec::new();
+        let mut seen = HashSet::new();
+        let known: HashSet<&str> = account.regions.iter().map(String::as_str).collect();
+        for r in rs.get_ref() {
+            if check_region(r, self.problems) && !known.contains(r.get_ref().as_str()) {
+                self.problems.report(
+                    r.span().start,
+                    format!(
+                        "rule {name:?}: region {:?} is not one of account {:?}'s regions [{}]",
+                        r.get_ref(),
+                        account.name,
+                        account.regions.join(", ")
+                    ),
+                );
+            }
+            if seen.insert(r.get_ref().as_str()) {
+                out.push(r.get_ref().clone());
+            }
+        }
+        out
+    }
+
+    /// Checks what the rule selects: its instance IDs, its tags, and that it selects something at all.
+    fn selection(&mut self, raw: &RawRule) -> Selection {
+        let instance_ids = self.instance_ids(&raw.instances);
+        let tags = self.tags(&raw.tags);
+        if raw.instances.is_empty() && tags.is_empty() {
+            let name = &self.name;
+            self.problems.report(
+                raw.name.span().start,
+                format!(
+                    "rule {name:?} selects no instances: give instances = [\"i-...\"] and/or tags = {{ Key = \"value\" }} \
+                     (a rule without a selection would act on every instance of the account)"
+                ),
+            );
+        }
+        Selection { instance_ids, tags }
+    }
+
+    /// Checks each of the rule's `instances` is an instance ID. Returns the valid ones without
+    /// repetitions.
+    fn instance_ids(&mut self, ids: &[Spanned<String>]) -> Vec<String> {
+        let name = &self.name;
+        let mut out = Vec::new();
+        let mut seen = HashSet::new();
+        for id in ids {
             if !valid_instance_id(id.get_ref()) {
-                report(
+                self.problems.report(
                     id.span().start,
                     format!(
                         "rule {name:?}: {:?} is not an instance ID: expected \"i-\" and 8 or 17 hex digits",
                         id.get_ref()
                     ),
                 );
-            } else if seen_ids.insert(id.get_ref().as_str()) {
-                selection.instance_ids.push(id.get_ref().clone());
+            } else if seen.insert(id.get_ref().as_str()) {
+                out.push(id.get_ref().clone());
             }
         }
-        for (key, values) in rule.tags {
+        out
+    }
+
+    /// Checks each of the rule's `tags`: a key of 1 to 128 characters, and one or more values of at
+    /// most 256 characters each. Returns them all.
+    fn tags(
+        &mut self,
+        tags: &BTreeMap<Spanned<String>, Spanned<OneOrMany>>,
+    ) -> BTreeMap<String, Vec<String>> {
+        let name = &self.name;
+        let mut out = BTreeMap::new();
+        for (key, values) in tags {
             let values_span = values.span();
-            let values = values.into_inner().values();
+            let values = values.get_ref().values();
             if key.get_ref().is_empty() || key.get_ref().len() > 128 {
-                report(
+                self.problems.report(
                     key.span().start,
                     format!("rule {name:?}: tag key must be 1 to 128 characters"),
                 );
             }
             if values.is_empty() || values.iter().any(|v| v.len() > 256) {
-                report(
+                self.problems.report(
                     values_span.start,
                     format!(
                         "rule {name:?}: tag {:?}: expected a value or a non-empty list of values (at most 256 characters each)",
@@ -861,104 +1092,75 @@ fn validate(path: &Path, raw: RawConfig, problems: &mut Vec<(usize, String)>) ->
                     ),
                 );
             }
-            selection.tags.insert(key.into_inner(), values);
+            out.insert(key.get_ref().clone(), values);
         }
-        if rule.instances.is_empty() && selection.tags.is_empty() {
-            report(
-                rule.name.span().start,
-                format!(
-                    "rule {name:?} selects no instances: give instances = [\"i-...\"] and/or tags = {{ Key = \"value\" }} \
-                     (a rule without a selection would act on every instance of the account)"
-                ),
+        out
+    }
+
+    /// Checks the rule's `start` or `stop`, if given: one or more cron expressions. Returns the valid
+    /// ones.
+    fn schedules(&mut self, field: Option<&Spanned<OneOrMany>>) -> Vec<CronSchedule> {
+        let Some(exprs) = field else {
+            return Vec::new();
+        };
+        let name = &self.name;
+        if exprs.get_ref().0.is_empty() {
+            self.problems.report(
+                exprs.span().start,
+                format!("rule {name:?}: expected a cron expression or a non-empty list of them"),
             );
         }
+        exprs
+            .get_ref()
+            .0
+            .iter()
+            .filter_map(|e| match CronSchedule::parse(&e.value) {
+                Ok(s) => Some(s),
+                Err(err) => {
+                    let at = e.span.as_ref().map_or(exprs.span().start, |s| s.start);
+                    self.problems.report(at, format!("rule {name:?}: {err}"));
+                    None
+                }
+            })
+            .collect()
+    }
 
-        let mut cron = |field: &Option<Spanned<OneOrMany>>| -> Vec<CronSchedule> {
-            let Some(exprs) = field else {
-                return Vec::new();
-            };
-            if exprs.get_ref().0.is_empty() {
-                report(
-                    exprs.span().start,
+    /// Checks the rule's `timezone`, if given; returns it, else the default one.
+    fn zone(&mut self, timezone: Option<&Spanned<String>>) -> Tz {
+        match timezone {
+            Some(z) => parse_zone(z, self.problems),
+            None => self.default_zone,
+        }
+    }
+
+    /// Checks that each of `schedules`, from the rule's `field` (`start` or `stop`), fires at some
+    /// time in `zone`.
+    fn check_fires(
+        &mut self,
+        field: Option<&Spanned<OneOrMany>>,
+        schedules: &[CronSchedule],
+        zone: Tz,
+    ) {
+        for s in schedules {
+            if s.next_after(chrono::DateTime::UNIX_EPOCH, zone).is_none() {
+                let offset = field.map_or(self.at, |f| f.span().start);
+                let name = &self.name;
+                self.problems.report(
+                    offset,
                     format!(
-                        "rule {name:?}: expected a cron expression or a non-empty list of them"
+                        "rule {name:?}: cron expression {:?} never fires",
+                        s.source()
                     ),
                 );
             }
-            exprs
-                .get_ref()
-                .0
-                .iter()
-                .filter_map(|(e, span)| match CronSchedule::parse(e) {
-                    Ok(s) => Some(s),
-                    Err(err) => {
-                        let at = span.as_ref().map_or(exprs.span().start, |s| s.start);
-                        report(at, format!("rule {name:?}: {err}"));
-                        None
-                    }
-                })
-                .collect()
-        };
-        let start = cron(&rule.start);
-        let stop = cron(&rule.stop);
-        if rule.start.is_none() && rule.stop.is_none() {
-            report(
-                rule_span.start,
-                format!(
-                    "rule {name:?} has neither start nor stop: expected at least one cron expression"
-                ),
-            );
         }
-        let rule_zone = match &rule.timezone {
-            Some(z) => parse_zone(z, &mut report),
-            None => timezone,
-        };
-        for (field, schedules) in [(&rule.start, &start), (&rule.stop, &stop)] {
-            for s in schedules {
-                if s.next_after(chrono::DateTime::UNIX_EPOCH, rule_zone)
-                    .is_none()
-                {
-                    let offset = field.as_ref().map_or(rule_span.start, |f| f.span().start);
-                    report(
-                        offset,
-                        format!(
-                            "rule {name:?}: cron expression {:?} never fires",
-                            s.source()
-                        ),
-                    );
-                }
-            }
-        }
-        rules.push(Rule {
-            name,
-            account: rule.account.into_inner(),
-            regions,
-            selection,
-            start,
-            stop,
-            timezone: rule_zone,
-        });
-    }
-
-    Config {
-        path: path.to_path_buf(),
-        defaults: Defaults {
-            timezone,
-            refresh_before_expiry,
-            session_duration,
-            dry_run: d.dry_run.unwrap_or(false),
-            verify_timeout,
-            credentials_wait,
-        },
-        credentials,
-        accounts,
-        rules,
     }
 }
 
-fn parse_zone(s: &Spanned<String>, report: &mut impl FnMut(usize, String)) -> Tz {
+/// Checks `s` is an IANA time zone name; returns the zone, or UTC when it is not one.
+fn parse_zone(s: &Spanned<String>, problems: &mut Problems) -> Tz {
     s.get_ref().parse::<Tz>().unwrap_or_else(|_| {
-        report(
+        problems.report(
             s.span().start,
             format!(
                 "timezone: {:?} is not an IANA time zone: expected a name such as \"Asia/Tokyo\", \"Europe/Berlin\" or \"UTC\"",
@@ -998,10 +1200,11 @@ pub fn valid_region(s: &str) -> bool {
         && parts[parts.len() - 1].chars().all(|c| c.is_ascii_digit())
 }
 
-fn check_region(r: &Spanned<String>, report: &mut impl FnMut(usize, String)) -> bool {
+/// Checks `r` is an AWS region name; returns whether it is.
+fn check_region(r: &Spanned<String>, problems: &mut Problems) -> bool {
     let ok = valid_region(r.get_ref());
     if !ok {
-        report(
+        problems.report(
             r.span().start,
             format!(
                 "{:?} is not an AWS region name: expected a name such as \"ap-northeast-1\"",
