@@ -21,7 +21,7 @@ fn a_start_that_falls_back_to_stopped_fails_and_a_stale_view_does_not() {
 
     let entries = run_until_first_batch(
         &fake,
-        &one_rule_config("morning", "start", &ids, &once_in(8)),
+        &one_rule_config("morning", "start", &ids, &once_in(2)),
         Duration::from_secs(60),
     );
 
@@ -53,7 +53,7 @@ fn a_hung_stop_call_is_abandoned_retried_and_reported_once() {
         "/_fault/error",
         json!({"action": "StopInstances", "delay": 25, "times": 1}),
     );
-    let config = one_rule_config("evening", "stop", &ids, &once_in(8));
+    let config = one_rule_config("evening", "stop", &ids, &once_in(2));
     let entries = run_until_first_batch(&fake, &config, Duration::from_secs(90));
 
     let e = entries_for(&entries, &ids[0]);
