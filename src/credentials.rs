@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 
 use tokio::sync::watch;
 
-use crate::aws::{SessionCredentials, Sts};
+use crate::aws::{AssumeRoleRequest, SessionCredentials, SigningCredentials, Sts};
 use crate::clock::Clock;
 use crate::config::Account;
 
@@ -189,7 +189,31 @@ pub struct SessionSpec {
     pub refresh_before_expiry: Duration,
 }
 
+impl SigningCredentials for AccountCredentials {
+    fn account(&self) -> &str {
+        AccountCredentials::account(self)
+    }
+
+    fn usable_now(&self) -> Option<SessionCredentials> {
+        AccountCredentials::usable_now(self)
+    }
+
+    fn usable_until(&self) -> Option<SystemTime> {
+        AccountCredentials::usable_until(self)
+    }
+}
+
 impl SessionSpec {
+    /// The AssumeRole call this session is renewed with.
+    pub fn request(&self) -> AssumeRoleRequest {
+        AssumeRoleRequest {
+            role_arn: self.role_arn.clone(),
+            external_id: self.external_id.clone(),
+            session_name: self.session_name.clone(),
+            duration: self.duration,
+        }
+    }
+
     pub fn new(
         account: &Account,
         session_name: &str,
@@ -232,7 +256,7 @@ pub async fn renew_once(
 ) -> Result<SystemTime, String> {
     let clock = store.clock().clone();
     let sent = clock.system_time();
-    match sts.assume_role(spec).await {
+    match sts.assume_role(&spec.request()).await {
         Ok(creds) => {
             let received = clock.system_time();
             let skew = clock_skew(received, creds.expiry, spec.duration);

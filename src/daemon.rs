@@ -32,6 +32,8 @@ use crate::state::{self, OccurrenceKey, OccurrenceRecord, Phase, Snapshot};
 /// The longest single sleep: the loop re-reads the clock at least this often, so a wall-clock step
 /// (NTP correction, resume from suspend) delays a firing by at most this much.
 const MAX_SLEEP: Duration = Duration::from_secs(60);
+/// With nothing due, `checked_until` is still written this often.
+const QUIET_WRITE_EVERY: Duration = Duration::from_secs(3600);
 /// A difference between wall and monotonic time elapsed since the last tick beyond this is a step.
 const STEP_TOLERANCE: Duration = Duration::from_secs(10);
 /// After a shutdown request, how long in-flight batches may go on: acting, and following their
@@ -97,6 +99,8 @@ struct Daemon {
     cancel: watch::Receiver<bool>,
     /// Every occurrence up to here is handled.
     checked_until: DateTime<Utc>,
+    /// `checked_until` as last written to the record.
+    written_until: DateTime<Utc>,
     /// Occurrences done recently (by this process or an earlier one): never done again.
     done: BTreeSet<OccurrenceKey>,
     /// Occurrences in flight.
@@ -151,7 +155,7 @@ impl Daemon {
             regions.insert(
                 region.clone(),
                 RegionClient {
-                    ec2: self.aws.ec2(region, credentials.clone()).await,
+                    ec2: self.aws.ec2(region, Arc::new(credentials.clone())).await,
                     exclusive: Default::default(),
                 },
             );
@@ -232,6 +236,7 @@ impl Daemon {
                 self.checked_until.to_rfc3339()
             );
             self.checked_until = now;
+            self.written_until = now;
             let r = self.record.rewind(now);
             self.recorded("clock stepped back", r);
         }
@@ -264,9 +269,19 @@ impl Daemon {
             .collect();
         self.checked_until = self.checked_until.max(now);
         let keys: Vec<OccurrenceKey> = due.iter().filter_map(|f| self.key(f)).collect();
-        // Durable before anything is done: a crash from here on resumes these after the restart.
-        let r = self.record.begin(self.checked_until, &keys);
-        self.recorded("recording due occurrences", r);
+        // Durable before anything is done: a crash from here on resumes these after the restart. A
+        // quiet pass needs no write: no occurrence lies between the last write and now, so resuming
+        // from the last write finds the same nothing (written at least hourly all the same, so that
+        // a restart does not take a long quiet spell for an outage).
+        let quiet_since_write = self.checked_until - self.written_until;
+        if !keys.is_empty()
+            || !work.missed.is_empty()
+            || quiet_since_write >= chrono_duration(QUIET_WRITE_EVERY)
+        {
+            let r = self.record.begin(self.checked_until, &keys);
+            self.recorded("recording due occurrences", r);
+            self.written_until = self.checked_until;
+        }
         self.dispatch(&due, None);
     }
 
@@ -500,6 +515,8 @@ pub async fn run(
         inflight: JoinSet::new(),
         cancel: cancel_rx,
         checked_until,
+        // Nothing written yet by this process: the first pass writes.
+        written_until: DateTime::<Utc>::MIN_UTC,
         done: snapshot.done.clone(),
         open: BTreeSet::new(),
         record_ok: true,

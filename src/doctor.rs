@@ -96,7 +96,7 @@ pub async fn run(config: &Config, connect: ConnectAws, clock: Arc<dyn Clock>) ->
             continue;
         };
         for region in &account.regions {
-            let ec2 = aws.ec2(region, store.clone()).await;
+            let ec2 = aws.ec2(region, Arc::new(store.clone())).await;
             let place = format!("{}/{region}", account.name);
             if !check_instance_status(&mut report, ec2.as_ref(), account, &place).await {
                 continue;
@@ -191,7 +191,7 @@ async fn check_assume_role(
     clock: &Arc<dyn Clock>,
 ) -> Option<AccountCredentials> {
     let sts = aws.sts(&account.regions[0]).await;
-    match sts.assume_role(spec).await {
+    match sts.assume_role(&spec.request()).await {
         Ok(creds) => {
             report.line(
                 Verdict::Ok,

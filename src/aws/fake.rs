@@ -18,10 +18,11 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
-use super::{Aws, AwsError, Ec2, Secret, SessionCredentials, Sts};
+use super::{
+    AssumeRoleRequest, Aws, AwsError, Ec2, Secret, SessionCredentials, SigningCredentials, Sts,
+};
 use crate::clock::{Clock, chrono_duration};
 use crate::config::{Action, CredentialSource, Selection};
-use crate::credentials::{AccountCredentials, SessionSpec};
 use crate::planner::InstanceView;
 
 pub const ASSUME_ROLE: &str = "sts:AssumeRole";
@@ -407,7 +408,7 @@ impl Aws for FakeAws {
         })
     }
 
-    async fn ec2(&self, region: &str, credentials: AccountCredentials) -> Arc<dyn Ec2> {
+    async fn ec2(&self, region: &str, credentials: Arc<dyn SigningCredentials>) -> Arc<dyn Ec2> {
         Arc::new(FakeEc2 {
             aws: self.clone(),
             region: region.to_string(),
@@ -440,7 +441,7 @@ struct FakeSts {
 
 #[async_trait]
 impl Sts for FakeSts {
-    async fn assume_role(&self, spec: &SessionSpec) -> Result<SessionCredentials, AwsError> {
+    async fn assume_role(&self, spec: &AssumeRoleRequest) -> Result<SessionCredentials, AwsError> {
         let delegate = self.aws.world().delegate_account.clone();
         self.aws
             .enter(ASSUME_ROLE, &delegate, &self.region, &[], false)
@@ -499,7 +500,7 @@ impl Sts for FakeSts {
 struct FakeEc2 {
     aws: FakeAws,
     region: String,
-    credentials: AccountCredentials,
+    credentials: Arc<dyn SigningCredentials>,
 }
 
 impl FakeEc2 {
@@ -703,6 +704,7 @@ impl Ec2 for FakeEc2 {
 mod tests {
     use super::*;
     use crate::clock::SimulatedClock;
+    use crate::credentials::AccountCredentials;
 
     fn world() -> (FakeAws, AccountCredentials) {
         let clock: Arc<dyn Clock> = Arc::new(SimulatedClock::starting_at(
@@ -716,12 +718,11 @@ mod tests {
     }
 
     async fn session(aws: &FakeAws, creds: &AccountCredentials) {
-        let spec = SessionSpec {
+        let spec = AssumeRoleRequest {
             role_arn: "arn:aws:iam::111111111111:role/r".into(),
             external_id: None,
             session_name: "shiftd-test".into(),
             duration: Duration::from_secs(3600),
-            refresh_before_expiry: Duration::from_secs(600),
         };
         let c = aws.sts("r").await.assume_role(&spec).await.unwrap();
         let expiry = c.expiry;
@@ -735,7 +736,7 @@ mod tests {
         let ids = aws.add_instances("111111111111", "r", 3, "stopped", &[]);
         // A resource bucket: 2 instances, refilled at 1 per second.
         aws.set_bucket(START, 2.0, 1.0, true);
-        let ec2 = aws.ec2("r", creds.clone()).await;
+        let ec2 = aws.ec2("r", Arc::new(creds.clone())).await;
         ec2.change_state(Action::Start, &ids[..2], false)
             .await
             .unwrap();
@@ -755,7 +756,7 @@ mod tests {
         let (aws, creds) = world();
         session(&aws, &creds).await;
         let ids = aws.add_instances("111111111111", "r", 1, "stopped", &[]);
-        let ec2 = aws.ec2("r", creds.clone()).await;
+        let ec2 = aws.ec2("r", Arc::new(creds.clone())).await;
         ec2.change_state(Action::Start, &ids, false).await.unwrap();
         assert_eq!(aws.states(&ids), ["pending"]);
         let e = ec2

@@ -7,12 +7,11 @@
 
 use std::fmt;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 
 use crate::config::{Action, CredentialSource, Selection};
-use crate::credentials::{AccountCredentials, SessionSpec};
 use crate::planner::InstanceView;
 
 pub mod fake;
@@ -128,11 +127,33 @@ pub struct SessionCredentials {
     pub expiry: SystemTime,
 }
 
+/// What AssumeRole is asked for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AssumeRoleRequest {
+    pub role_arn: String,
+    pub external_id: Option<String>,
+    pub session_name: String,
+    pub duration: Duration,
+}
+
+/// The credentials one account's EC2 client signs with: always the newest, none when unusable.
+pub trait SigningCredentials: Send + Sync {
+    /// The account's name in the configuration.
+    fn account(&self) -> &str;
+    /// The current credentials, if they may sign a request now.
+    fn usable_now(&self) -> Option<SessionCredentials>;
+    /// When the current credentials stop being usable.
+    fn usable_until(&self) -> Option<SystemTime>;
+}
+
 /// STS, signing with the delegate's own credentials.
 #[async_trait]
 pub trait Sts: Send + Sync {
     /// AssumeRole: the session's credentials and their expiry.
-    async fn assume_role(&self, spec: &SessionSpec) -> Result<SessionCredentials, AwsError>;
+    async fn assume_role(
+        &self,
+        request: &AssumeRoleRequest,
+    ) -> Result<SessionCredentials, AwsError>;
 
     /// GetCallerIdentity with the delegate's own credentials: (account ID, ARN).
     async fn caller_identity(&self) -> Result<(String, String), AwsError>;
@@ -172,7 +193,7 @@ pub trait Aws: Send + Sync {
     async fn sts(&self, region: &str) -> Arc<dyn Sts>;
 
     /// EC2 for one target account and region, signing with `credentials` (always the newest).
-    async fn ec2(&self, region: &str, credentials: AccountCredentials) -> Arc<dyn Ec2>;
+    async fn ec2(&self, region: &str, credentials: Arc<dyn SigningCredentials>) -> Arc<dyn Ec2>;
 
     /// The delegate's name for AssumeRole sessions: its instance ID, else its host name.
     async fn delegate_name(&self) -> String;

@@ -20,9 +20,10 @@ use aws_sdk_ec2::operation::RequestId;
 use aws_sdk_ec2::types::{Filter, InstanceStateName};
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 
-use super::{Aws, AwsError, Ec2, Secret, SessionCredentials, Sts};
+use super::{
+    AssumeRoleRequest, Aws, AwsError, Ec2, Secret, SessionCredentials, SigningCredentials, Sts,
+};
 use crate::config::{Action, CredentialSource, Selection};
-use crate::credentials::{AccountCredentials, SessionSpec};
 use crate::planner::InstanceView;
 
 /// Every AWS call is bounded, so a hung endpoint cannot stall an action or a shutdown.
@@ -191,7 +192,7 @@ impl Aws for SdkAws {
         })
     }
 
-    async fn ec2(&self, region: &str, credentials: AccountCredentials) -> Arc<dyn Ec2> {
+    async fn ec2(&self, region: &str, credentials: Arc<dyn SigningCredentials>) -> Arc<dyn Ec2> {
         let config = aws_sdk_ec2::config::Builder::from(&self.sdk_config(region).await)
             .credentials_provider(AssumedRoleProvider(credentials))
             .identity_cache(IdentityCache::no_cache())
@@ -246,8 +247,15 @@ impl Aws for SdkAws {
 }
 
 /// The SDK's view of an account's credentials: always the newest, never ones about to expire.
-#[derive(Debug)]
-struct AssumedRoleProvider(AccountCredentials);
+struct AssumedRoleProvider(Arc<dyn SigningCredentials>);
+
+impl std::fmt::Debug for AssumedRoleProvider {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("AssumedRoleProvider")
+            .field(&self.0.account())
+            .finish()
+    }
+}
 
 impl ProvideCredentials for AssumedRoleProvider {
     fn provide_credentials<'a>(&'a self) -> provider::future::ProvideCredentials<'a>
@@ -285,7 +293,7 @@ struct SdkSts {
 
 #[async_trait]
 impl Sts for SdkSts {
-    async fn assume_role(&self, spec: &SessionSpec) -> Result<SessionCredentials, AwsError> {
+    async fn assume_role(&self, spec: &AssumeRoleRequest) -> Result<SessionCredentials, AwsError> {
         const OP: &str = "sts:AssumeRole";
         let out = self
             .client
