@@ -41,9 +41,9 @@ pub const DEFAULT_STATE_DIR: &str = "/var/lib/shiftd";
 pub const MAX_LOOKBACK: Duration = Duration::from_secs(7 * 24 * 3600);
 
 /// How long done occurrences are remembered (against a wall clock stepped back).
-pub const REMEMBER_DONE: Duration = Duration::from_secs(24 * 3600);
+pub const REMEMBER_DONE: Duration = Duration::from_secs(6 * 3600);
 /// At most this many done occurrences are remembered.
-const REMEMBER_DONE_MAX: usize = 10_000;
+const REMEMBER_DONE_MAX: usize = 2_000;
 
 const FORMAT_VERSION: u32 = 2;
 
