@@ -61,6 +61,15 @@ enum Command {
         #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
+    /// Validate the configuration, then signal the daemon to reload it (exit 78, no signal, if invalid)
+    Reload {
+        /// Configuration file
+        #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// The running daemon's PID (systemd: $MAINPID)
+        #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
+        pid: i32,
+    },
     /// List upcoming actions in time order (reads only the configuration)
     Plan {
         /// Configuration file
@@ -111,6 +120,7 @@ enum Command {
 fn main() -> ExitCode {
     match Cli::parse().command {
         Command::Check { config } => check(&config),
+        Command::Reload { config, pid } => reload(&config, pid),
         Command::Run {
             config,
             dry_run,
@@ -147,6 +157,30 @@ fn check(path: &std::path::Path) -> ExitCode {
         Ok(config) => output(&shiftd::check::render(&config, SystemClock.now())),
         Err(e) => config_error(&e),
     }
+}
+
+/// `systemctl reload`: the file is validated as `run` will load it, and only a valid one is signalled,
+/// so an invalid file fails the reload and the running schedule stays. kill(2) directly: minimal
+/// systems have no kill(1) (procps).
+fn reload(path: &std::path::Path, pid: i32) -> ExitCode {
+    match Config::load_strict(path) {
+        Ok(config) if config.rules.is_empty() => {
+            eprintln!("{}: no [[rules]]: not reloaded", path.display());
+            return ExitCode::from(EXIT_CONFIG);
+        }
+        Ok(_) => {}
+        Err(e) => return config_error(&e),
+    }
+    // SAFETY: kill(2) takes no pointers; clap keeps `pid` positive, so it names one process.
+    if unsafe { libc::kill(pid, libc::SIGHUP) } != 0 {
+        eprintln!(
+            "cannot signal shiftd (PID {pid}): {}",
+            std::io::Error::last_os_error()
+        );
+        return ExitCode::FAILURE;
+    }
+    println!("{}: valid; reload requested (PID {pid})", path.display());
+    ExitCode::SUCCESS
 }
 
 /// Every configuration problem (invalid, unreadable, not a regular file, not UTF-8, too large) exits 78:
