@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Package tests: the unit's hardening and validity, the .deb and .rpm contents and scripts, lintian,
 # and (as root, with CI=true or SHIFTD_TEST_INSTALL=1) the installed life cycle on this machine:
-# install, check, upgrade keeping an edited config, remove, purge.
+# install, check, upgrade keeping an edited config, remove, purge; then the boot test
+# (packaging/boot-test.sh: the package under systemd as PID 1 in a minimal Debian container;
+# SHIFTD_BOOT_TEST=0 skips it).
 set -euo pipefail
 top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
@@ -87,8 +89,16 @@ if [ "${CI:-}" = "true" ] || [ "${SHIFTD_TEST_INSTALL:-}" = "1" ]; then
   expect "removed: config kept" test -f /etc/shiftd/shiftd.toml
   expect "dpkg -P purges" dpkg -P shiftd
   expect "purged: /etc/shiftd gone" test ! -e /etc/shiftd
+  # The same package under a real systemd: a minimal Debian booted in a container (packaging/boot-test.sh).
+  if [ "${SHIFTD_BOOT_TEST:-1}" = 0 ]; then
+    echo "skip  boot test (SHIFTD_BOOT_TEST=0)"
+  elif packaging/boot-test.sh "$deb"; then
+    pass "boot test: the package under systemd in a minimal Debian"
+  else
+    fail "boot test: the package under systemd in a minimal Debian (lines above)"
+  fi
 else
-  echo "skip  installed life cycle (set CI=true or SHIFTD_TEST_INSTALL=1; it installs and purges the package)"
+  echo "skip  installed life cycle and boot test (set CI=true or SHIFTD_TEST_INSTALL=1; they install and purge the package)"
 fi
 
 echo "packages: $((failures)) failed"
