@@ -17,15 +17,18 @@ need cargo-generate-rpm 0.21.1
 # features): packaging it costs no second build of the dependencies, and ships what was tested.
 cargo test --release --locked --all-targets --no-run --quiet
 mkdir -p "$out/man" "$out/bin"
-# The packaged binary: the release build, without debug information.
-install -m 755 target/release/shiftd "$out/bin/shiftd"
+metadata=$(cargo metadata --no-deps --format-version 1)
+# The packaged binary: the release build (in cargo's target directory, which CARGO_TARGET_DIR may move),
+# without debug information.
+target_dir=$(sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p' <<<"$metadata")
+install -m 755 "$target_dir/release/shiftd" "$out/bin/shiftd"
 strip --strip-unneeded --remove-section=.comment --remove-section=.note "$out/bin/shiftd"
 for page in shiftd.8 shiftd.toml.5; do
   gzip -9n <"packaging/man/$page" >"$out/man/$page.gz"
 done
 gzip -9n <CHANGELOG.md >"$out/changelog.gz"
 # Debian wants its own changelog beside the upstream one; it points at CHANGELOG.md.
-version=$(cargo metadata --no-deps --format-version 1 | sed -n 's/.*"name":"shiftd","version":"\([^"]*\)".*/\1/p')
+version=$(sed -n 's/.*"name":"shiftd","version":"\([^"]*\)".*/\1/p' <<<"$metadata")
 date=$(date -u -R -d "@${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}")
 cat <<CHANGELOG | gzip -9n >"$out/changelog.Debian.gz"
 shiftd ($version-1) unstable; urgency=medium
