@@ -32,6 +32,8 @@ use crate::state::{self, OccurrenceKey, OccurrenceRecord, Phase, Snapshot};
 /// The longest single sleep: the loop re-reads the clock at least this often, so a wall-clock step
 /// (NTP correction, resume from suspend) delays a firing by at most this much.
 const MAX_SLEEP: Duration = Duration::from_secs(60);
+/// While an account has no usable credentials, STATUS= is refreshed this often.
+const CREDENTIALS_STATUS_EVERY: Duration = Duration::from_secs(2);
 /// With nothing due, `checked_until` is still written this often.
 const QUIET_WRITE_EVERY: Duration = Duration::from_secs(3600);
 /// A difference between wall and monotonic time elapsed since the last tick beyond this is a step.
@@ -537,10 +539,20 @@ pub async fn run(
         service.status(&daemon.status_line(now));
         // From the scheduling loop itself: a hung loop stops the pings and systemd restarts shiftd.
         service.watchdog();
+        // While an account waits for credentials, wake often enough that STATUS= shows when they came.
+        let waiting = daemon
+            .accounts
+            .values()
+            .any(|rt| rt.clients.credentials.usable_now().is_none());
+        let cap = if waiting {
+            max_sleep.min(CREDENTIALS_STATUS_EVERY)
+        } else {
+            max_sleep
+        };
         let sleep_for = planner::next_due(&daemon.config, now)
             .map(|n| (n - now).to_std().unwrap_or_default())
-            .unwrap_or(max_sleep)
-            .min(max_sleep);
+            .unwrap_or(cap)
+            .min(cap);
         tokio::select! {
             _ = tokio::time::sleep(sleep_for) => {}
             Some(()) = reload.recv() => {

@@ -40,7 +40,7 @@ pub fn line(
             let ids = rule.selection.instance_ids.len();
             let what = match (ids, rule.selection.tags.is_empty()) {
                 (n, true) => format!("{n} instance{}", if n == 1 { "" } else { "s" }),
-                (0, false) => format!("tags {}", rule.selection),
+                (0, false) => rule.selection.to_string(),
                 (_, false) => rule.selection.to_string(),
             };
             let more = if items.len() > 1 {
