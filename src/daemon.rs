@@ -284,7 +284,7 @@ impl Daemon {
             self.recorded("recording due occurrences", r);
             self.written_until = self.checked_until;
         }
-        self.dispatch(&due, None);
+        self.dispatch(&due, None, &BTreeMap::new());
     }
 
     fn key(&self, f: &Firing) -> Option<OccurrenceKey> {
@@ -303,8 +303,13 @@ impl Daemon {
     }
 
     /// Spawns one batch per account for `due`. `resumed` names the phase of occurrences picked up after
-    /// a restart.
-    fn dispatch(&mut self, due: &[Firing], resumed: Option<Phase>) {
+    /// a restart, and `reported` what an earlier run of them already reported.
+    fn dispatch(
+        &mut self,
+        due: &[Firing],
+        resumed: Option<Phase>,
+        reported: &BTreeMap<OccurrenceKey, BTreeSet<String>>,
+    ) {
         if due.is_empty() {
             return;
         }
@@ -331,7 +336,15 @@ impl Daemon {
                     .join(", ")
             );
             self.open.extend(keys.iter().cloned());
+            let already: BTreeSet<String> = keys
+                .iter()
+                .filter_map(|k| reported.get(k))
+                .flatten()
+                .cloned()
+                .collect();
             let record = self.record.clone();
+            let reported_record = self.record.clone();
+            let reported_keys = keys.clone();
             let dispatched_keys = keys.clone();
             let ctx = BatchContext {
                 clients: rt.clients.clone(),
@@ -344,6 +357,12 @@ impl Daemon {
                         tracing::error!("cannot save state (dispatching): {e}");
                     }
                 }),
+                on_reported: Arc::new(move |targets| {
+                    if let Err(e) = reported_record.reported(&reported_keys, targets) {
+                        tracing::error!("cannot save state (results reported): {e}");
+                    }
+                }),
+                already_reported: Arc::new(already),
             };
             self.inflight.spawn(run_batch(ctx, batch, keys));
         }
@@ -411,7 +430,7 @@ impl Daemon {
                 by_at.entry(f.at).or_default().push(f);
             }
             for (_, group) in by_at {
-                self.dispatch(&group, Some(phase));
+                self.dispatch(&group, Some(phase), &snapshot.reported);
             }
         }
     }

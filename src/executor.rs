@@ -59,25 +59,57 @@ pub struct BatchContext {
     pub sink: Arc<dyn OutcomeSink>,
     /// Called once, just before the batch's first Start/Stop call (the durable record's "dispatched").
     pub on_dispatch: Arc<dyn Fn() + Send + Sync>,
+    /// Called with what has its result logged (instance IDs, or `selection:` names), before the batch
+    /// waits on anything, so that a batch resumed after a crash does not report it again.
+    pub on_reported: Arc<dyn Fn(&[String]) + Send + Sync>,
+    /// What an earlier run of this batch (before a crash) already reported: neither acted on nor
+    /// reported again.
+    pub already_reported: Arc<BTreeSet<String>>,
 }
 
-/// Collects outcomes and hands each to the sink as it is recorded.
+/// What an outcome is about, as recorded in the durable record: the instance, or the selection.
+fn reported_name(o: &Outcome) -> String {
+    match &o.instance_id {
+        Some(id) => id.clone(),
+        None => format!("selection:{}:{}:{}", o.rules.join(","), o.action, o.region),
+    }
+}
+
+/// Collects outcomes and hands each to the sink as it is recorded; `flush` makes what was reported
+/// durable, and is called before every wait, so a crash cannot make a resumed batch report it twice.
 struct Report {
     sink: Arc<dyn OutcomeSink>,
     outcomes: Vec<Outcome>,
+    already: Arc<BTreeSet<String>>,
+    unflushed: Vec<String>,
+    on_reported: Arc<dyn Fn(&[String]) + Send + Sync>,
 }
 
 impl Report {
-    fn new(sink: Arc<dyn OutcomeSink>) -> Self {
+    fn new(ctx: &BatchContext) -> Self {
         Self {
-            sink,
+            sink: ctx.sink.clone(),
             outcomes: Vec::new(),
+            already: ctx.already_reported.clone(),
+            unflushed: Vec::new(),
+            on_reported: ctx.on_reported.clone(),
         }
     }
 
     fn push(&mut self, o: Outcome) {
+        let name = reported_name(&o);
+        if self.already.contains(&name) {
+            return;
+        }
         self.sink.record(&o);
         self.outcomes.push(o);
+        self.unflushed.push(name);
+    }
+
+    fn flush(&mut self) {
+        if !self.unflushed.is_empty() {
+            (self.on_reported)(&std::mem::take(&mut self.unflushed));
+        }
     }
 }
 
@@ -149,7 +181,7 @@ fn fail_request(report: &mut Report, place: &Place, req: &Request, reason: &str)
 
 /// Carries out `batch` and returns every outcome (each already handed to the sink).
 pub async fn run_batch(ctx: BatchContext, batch: AccountBatch) -> Vec<Outcome> {
-    let mut report = Report::new(ctx.sink.clone());
+    let mut report = Report::new(&ctx);
     let clients = ctx.clients.clone();
     let account = clients.account.name.clone();
 
@@ -169,6 +201,7 @@ pub async fn run_batch(ctx: BatchContext, batch: AccountBatch) -> Vec<Outcome> {
             };
             fail_request(&mut report, &place, req, &reason);
         }
+        report.flush();
         return report.outcomes;
     }
 
@@ -190,6 +223,7 @@ pub async fn run_batch(ctx: BatchContext, batch: AccountBatch) -> Vec<Outcome> {
         unresolved.extend(region_result.unresolved);
     }
     report_not_found(&mut report, &clients, &batch, &found, &unresolved);
+    report.flush();
     report.outcomes
 }
 
@@ -268,7 +302,7 @@ struct RegionPlan {
 async fn run_region(ctx: &BatchContext, batch: &AccountBatch, region: &str) -> RegionResult {
     let account = ctx.clients.account.name.as_str();
     let place = Place { account, region };
-    let mut report = Report::new(ctx.sink.clone());
+    let mut report = Report::new(ctx);
     let requests: Vec<&Request> = batch
         .requests
         .iter()
@@ -278,6 +312,7 @@ async fn run_region(ctx: &BatchContext, batch: &AccountBatch, region: &str) -> R
         for req in &requests {
             fail_request(&mut report, &place, req, "no EC2 client for this region");
         }
+        report.flush();
         return RegionResult {
             outcomes: report.outcomes,
             found: BTreeMap::new(),
@@ -289,6 +324,7 @@ async fn run_region(ctx: &BatchContext, batch: &AccountBatch, region: &str) -> R
     let guard = client.exclusive.lock().await;
     let resolved = resolve(ec2, &place, &requests, &mut report).await;
     let mut plan = plan(&place, &resolved.selected, ctx.opts.dry_run, &mut report);
+    report.flush();
     let mut accepted = BTreeMap::new();
     for (action, targets) in std::mem::take(&mut plan.act) {
         let ok = act(ctx, ec2, &place, action, targets, &mut report).await;
@@ -310,6 +346,7 @@ async fn run_region(ctx: &BatchContext, batch: &AccountBatch, region: &str) -> R
             verify(ctx, ec2, &place, action, targets, &mut report).await;
         }
     }
+    report.flush();
     RegionResult {
         outcomes: report.outcomes,
         found: resolved.found,
@@ -363,6 +400,7 @@ async fn resolve(
             let outcome = |id: String, result, reason: String| {
                 place.outcome(req.action, vec![req.rule.clone()], Some(id), result, reason)
             };
+            report.flush();
             match bounded("ec2:DescribeInstances", ec2.describe_ids(&unmatched)).await {
                 Ok(existing) => {
                     for v in existing {
@@ -412,6 +450,10 @@ fn plan(place: &Place, selected: &[Selected], dry_run: bool, report: &mut Report
         .collect();
     let mut out = RegionPlan::default();
     for p in planner::decide(selected) {
+        // Reported by a run of this batch before a crash: its result stands.
+        if report.already.contains(&p.instance_id) {
+            continue;
+        }
         let view = views[p.instance_id.as_str()];
         let target = Target {
             id: p.instance_id.clone(),
@@ -467,6 +509,7 @@ async fn act(
     };
     let mut accepted = Vec::new();
     for chunk in targets.chunks(IDS_PER_CALL) {
+        report.flush();
         let ids: Vec<String> = chunk.iter().map(|t| t.id.clone()).collect();
         match bounded(operation, ec2.change_state(action, &ids, false)).await {
             Ok(()) => accepted.extend(chunk.iter().cloned()),
@@ -479,6 +522,7 @@ async fn act(
                     "{action} call for {} instances rejected ({e}); retrying one by one", chunk.len()
                 );
                 for one in chunk {
+                    report.flush();
                     let id = std::slice::from_ref(&one.id);
                     match bounded(operation, ec2.change_state(action, id, false)).await {
                         Ok(()) => accepted.push(one.clone()),
@@ -488,6 +532,7 @@ async fn act(
             }
         }
     }
+    report.flush();
     accepted
 }
 
@@ -525,6 +570,7 @@ async fn await_transitions(
     let mut cancel = ctx.cancel.clone();
     let mut attempt = 0;
     while !waiting.is_empty() {
+        report.flush();
         let now = ctx.clock.monotonic();
         let pause = planner::poll_interval(attempt).min(deadline.saturating_duration_since(now));
         attempt += 1;
@@ -634,6 +680,7 @@ async fn verify(
     let mut cancel = ctx.cancel.clone();
     let mut attempt = 0;
     while !pending.is_empty() {
+        report.flush();
         let now = ctx.clock.monotonic();
         let pause = planner::poll_interval(attempt).min(deadline.saturating_duration_since(now));
         attempt += 1;

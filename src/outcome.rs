@@ -100,24 +100,50 @@ impl OutcomeSink for LogSink {
     }
 }
 
-/// Logs each outcome and keeps a copy, for tests to assert on.
+/// Logs each outcome and keeps a copy (with the wall time it was recorded, when given a clock), for
+/// tests to assert on.
 #[derive(Default)]
 pub struct RecordingSink {
-    outcomes: std::sync::Mutex<Vec<Outcome>>,
+    clock: Option<std::sync::Arc<dyn crate::clock::Clock>>,
+    outcomes: std::sync::Mutex<Vec<(Option<chrono::DateTime<chrono::Utc>>, Outcome)>>,
 }
 
 impl RecordingSink {
+    /// A sink that also notes when each outcome was recorded, on `clock`.
+    pub fn with_clock(clock: std::sync::Arc<dyn crate::clock::Clock>) -> Self {
+        Self {
+            clock: Some(clock),
+            outcomes: Default::default(),
+        }
+    }
+
     pub fn outcomes(&self) -> Vec<Outcome> {
-        self.outcomes.lock().expect("sink lock").clone()
+        self.outcomes
+            .lock()
+            .expect("sink lock")
+            .iter()
+            .map(|(_, o)| o.clone())
+            .collect()
+    }
+
+    /// Each outcome with the time it was recorded (the epoch without a clock).
+    pub fn outcomes_at(&self) -> Vec<(chrono::DateTime<chrono::Utc>, Outcome)> {
+        self.outcomes
+            .lock()
+            .expect("sink lock")
+            .iter()
+            .map(|(t, o)| (t.unwrap_or_default(), o.clone()))
+            .collect()
     }
 }
 
 impl OutcomeSink for RecordingSink {
     fn record(&self, outcome: &Outcome) {
         outcome.log();
+        let at = self.clock.as_ref().map(|c| c.now());
         self.outcomes
             .lock()
             .expect("sink lock")
-            .push(outcome.clone());
+            .push((at, outcome.clone()));
     }
 }

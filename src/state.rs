@@ -146,6 +146,8 @@ impl Phase {
 pub struct Snapshot {
     pub checked_until: Option<DateTime<Utc>>,
     pub open: BTreeMap<OccurrenceKey, Phase>,
+    /// Per open occurrence, what already has its result logged (instance IDs, or a selection's name).
+    pub reported: BTreeMap<OccurrenceKey, BTreeSet<String>>,
     pub done: BTreeSet<OccurrenceKey>,
 }
 
@@ -156,6 +158,8 @@ pub trait OccurrenceRecord: Send + Sync {
     /// Advances `checked_until` and records `due` occurrences, in one durable write, before acting.
     fn begin(&self, checked_until: DateTime<Utc>, due: &[OccurrenceKey]) -> Result<(), StateError>;
     fn dispatched(&self, keys: &[OccurrenceKey]) -> Result<(), StateError>;
+    /// These results of the occurrences are logged: a resumed occurrence does not report them again.
+    fn reported(&self, keys: &[OccurrenceKey], targets: &[String]) -> Result<(), StateError>;
     /// Every instance's result is logged: the occurrences leave the record (and are remembered as done).
     fn done(&self, keys: &[OccurrenceKey]) -> Result<(), StateError>;
     /// Moves `checked_until` back (the wall clock was stepped back).
@@ -180,6 +184,8 @@ struct OpenDoc {
     #[serde(flatten)]
     key: OccurrenceKey,
     phase: Phase,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    reported: Vec<String>,
 }
 
 fn apply_begin(s: &mut Snapshot, checked_until: DateTime<Utc>, due: &[OccurrenceKey]) -> bool {
@@ -194,9 +200,21 @@ fn apply_begin(s: &mut Snapshot, checked_until: DateTime<Utc>, due: &[Occurrence
     before != (s.checked_until, s.open.len())
 }
 
+fn apply_reported(s: &mut Snapshot, keys: &[OccurrenceKey], targets: &[String]) -> bool {
+    let mut changed = false;
+    for k in keys.iter().filter(|k| s.open.contains_key(*k)) {
+        let set = s.reported.entry(k.clone()).or_default();
+        for t in targets {
+            changed |= set.insert(t.clone());
+        }
+    }
+    changed
+}
+
 fn apply_done(s: &mut Snapshot, keys: &[OccurrenceKey]) {
     for k in keys {
         s.open.remove(k);
+        s.reported.remove(k);
         s.done.insert(k.clone());
     }
     // Forget what is old, and keep the set bounded.
@@ -242,6 +260,15 @@ impl OccurrenceRecord for MemoryRecord {
                 *p = Phase::Dispatched;
             }
         }
+        Ok(())
+    }
+
+    fn reported(&self, keys: &[OccurrenceKey], targets: &[String]) -> Result<(), StateError> {
+        apply_reported(
+            &mut self.snapshot.lock().expect("record lock"),
+            keys,
+            targets,
+        );
         Ok(())
     }
 
@@ -299,8 +326,14 @@ impl StateFile {
             checked_until: Some(at.with_timezone(&Utc)),
             open: doc
                 .occurrences
+                .iter()
+                .map(|o| (o.key.clone(), o.phase))
+                .collect(),
+            reported: doc
+                .occurrences
                 .into_iter()
-                .map(|o| (o.key, o.phase))
+                .filter(|o| !o.reported.is_empty())
+                .map(|o| (o.key, o.reported.into_iter().collect()))
                 .collect(),
             done: doc.done.into_iter().collect(),
         })
@@ -324,6 +357,11 @@ impl StateFile {
                 .map(|(k, p)| OpenDoc {
                     key: k.clone(),
                     phase: *p,
+                    reported: s
+                        .reported
+                        .get(k)
+                        .map(|r| r.iter().cloned().collect())
+                        .unwrap_or_default(),
                 })
                 .collect(),
             done: s.done.iter().cloned().collect(),
@@ -384,6 +422,10 @@ impl OccurrenceRecord for StateFile {
             }
             changed
         })
+    }
+
+    fn reported(&self, keys: &[OccurrenceKey], targets: &[String]) -> Result<(), StateError> {
+        self.update(|s| apply_reported(s, keys, targets))
     }
 
     fn done(&self, keys: &[OccurrenceKey]) -> Result<(), StateError> {
@@ -536,8 +578,14 @@ mod tests {
         );
         file.begin(at, &[k1.clone(), k2.clone()]).unwrap();
         file.dispatched(std::slice::from_ref(&k1)).unwrap();
+        file.reported(std::slice::from_ref(&k1), &["i-1".to_string()])
+            .unwrap();
         // A new process reads what the first one wrote.
         let again = StateFile::in_dir(dir.path()).load().unwrap();
+        assert!(
+            again.reported[&k1].contains("i-1"),
+            "what was reported is kept"
+        );
         assert_eq!(again.checked_until, Some(at));
         assert_eq!(again.open[&k1], Phase::Dispatched);
         assert_eq!(again.open[&k2], Phase::Due);

@@ -103,8 +103,8 @@ impl Sim {
         let guard = tracing::subscriber::set_default(subscriber);
         Self {
             aws: FakeAws::new(clock.clone()),
+            sink: Arc::new(RecordingSink::with_clock(clock.clone())),
             clock,
-            sink: Default::default(),
             logs,
             dir: tempfile::tempdir().unwrap(),
             _log_guard: guard,
