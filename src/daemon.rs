@@ -239,6 +239,8 @@ impl Daemon {
             );
             self.checked_until = now;
             self.written_until = now;
+            // What a clock that was ahead did early comes round again at its real instant.
+            self.done.retain(|k| k.at <= now);
             let r = self.record.rewind(now);
             self.recorded("clock stepped back", r);
         }
@@ -522,6 +524,15 @@ pub async fn run(
     };
     let now = clock.now();
     let checked_until = resume_point(snapshot.checked_until, now);
+    // Saved by a clock that was ahead of this one: what it did after now comes round again.
+    let snapshot = if snapshot.checked_until.is_some_and(|saved| saved > now) {
+        if let Err(e) = record.rewind(now) {
+            tracing::warn!("{e}");
+        }
+        record.load().unwrap_or_default()
+    } else {
+        snapshot
+    };
     let mut daemon = Daemon {
         config,
         dry_run_flag: settings.dry_run,

@@ -162,7 +162,9 @@ pub trait OccurrenceRecord: Send + Sync {
     fn reported(&self, keys: &[OccurrenceKey], targets: &[String]) -> Result<(), StateError>;
     /// Every instance's result is logged: the occurrences leave the record (and are remembered as done).
     fn done(&self, keys: &[OccurrenceKey]) -> Result<(), StateError>;
-    /// Moves `checked_until` back (the wall clock was stepped back).
+    /// Moves `checked_until` back (the wall clock was stepped back), and forgets occurrences after it,
+    /// done or open: they were acted on early, by a clock that was ahead, and come round again at their
+    /// real instant (acting again is idempotent).
     fn rewind(&self, checked_until: DateTime<Utc>) -> Result<(), StateError>;
 }
 
@@ -198,6 +200,13 @@ fn apply_begin(s: &mut Snapshot, checked_until: DateTime<Utc>, due: &[Occurrence
         s.open.entry(k.clone()).or_insert(Phase::Due);
     }
     before != (s.checked_until, s.open.len())
+}
+
+fn apply_rewind(s: &mut Snapshot, checked_until: DateTime<Utc>) {
+    s.checked_until = Some(checked_until);
+    s.done.retain(|k| k.at <= checked_until);
+    s.open.retain(|k, _| k.at <= checked_until);
+    s.reported.retain(|k, _| k.at <= checked_until);
 }
 
 fn apply_reported(s: &mut Snapshot, keys: &[OccurrenceKey], targets: &[String]) -> bool {
@@ -278,7 +287,10 @@ impl OccurrenceRecord for MemoryRecord {
     }
 
     fn rewind(&self, checked_until: DateTime<Utc>) -> Result<(), StateError> {
-        self.snapshot.lock().expect("record lock").checked_until = Some(checked_until);
+        apply_rewind(
+            &mut self.snapshot.lock().expect("record lock"),
+            checked_until,
+        );
         Ok(())
     }
 }
@@ -437,7 +449,7 @@ impl OccurrenceRecord for StateFile {
 
     fn rewind(&self, checked_until: DateTime<Utc>) -> Result<(), StateError> {
         self.update(|s| {
-            s.checked_until = Some(checked_until);
+            apply_rewind(s, checked_until);
             true
         })
     }

@@ -343,11 +343,12 @@ async fn a_clock_stepped_forward_then_back_loses_nothing_and_repeats_nothing() {
         ),
     ));
     let daemon = sim.start();
-    sim.advance_to("2026-12-01T10:25:00Z").await;
+    sim.advance_to("2026-12-01T10:22:00Z").await;
     assert_eq!(sim.outcomes().len(), 1, "10:20 start");
-    // The clock steps an hour ahead at 10:25, and is corrected at 10:30 (real time).
+    // The clock steps an hour ahead at 10:22 (so 11:20 looks 2 minutes late, and runs early), and is
+    // corrected at 10:30 (real time).
     sim.clock.step(chrono::Duration::hours(1));
-    sim.advance(5 * MINUTE).await;
+    sim.advance(8 * MINUTE).await;
     sim.clock.step(chrono::Duration::hours(-1));
     sim.advance_to("2026-12-01T11:00:00Z").await;
     let stops: Vec<_> = sim
@@ -372,6 +373,10 @@ async fn a_clock_stepped_forward_then_back_loses_nothing_and_repeats_nothing() {
         logs.contains("the wall clock was stepped back by 1h"),
         "{logs}"
     );
+    // The 11:20 start ran early while the clock was ahead (at real 10:22, a skip): it still runs at
+    // the real 11:20.
+    sim.advance_to("2026-12-01T11:25:00Z").await;
+    assert_eq!(sim.aws.states(&ids), ["running"], "{}", sim.logs.text());
     daemon.stop().await;
 }
 
