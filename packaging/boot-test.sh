@@ -16,7 +16,9 @@ top=$(cd "$(dirname "$0")/.." && pwd)
 cd "$top"
 deb=$(realpath "${1:?usage: packaging/boot-test.sh DEB}")
 suite=bookworm
-include=systemd,systemd-sysv,dbus
+# systemd as PID 1, plus the package's own dependencies (as `apt install ./shiftd.deb` would pull them
+# in; the test installs with dpkg -i): ca-certificates.
+include=systemd,systemd-sysv,dbus,ca-certificates
 cache=${SHIFTD_BOOT_CACHE:-$top/target/boot-test}
 t0=$SECONDS
 failures=0
