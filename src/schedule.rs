@@ -24,11 +24,15 @@
 //!   (crontab's weekday numbers) plus a set of years, and evaluated as bare expressions are. A bare
 //!   expression that reads as EventBridge's (six fields with `?` third or fifth, where a bare one has the
 //!   hour and the month, or a year last) is refused with the `cron(...)` form to write instead.
+//! - A rule's calendars (`skip`, `only`) come in as a [`DayFilter`] on the dates a schedule fires on, so
+//!   every search leaves those dates out (the date of the wall-clock time scheduled, which is the
+//!   firing's local date but for a DST gap across midnight).
 //! - A local time that does not exist (DST spring forward) fires once, at the first instant after the gap.
 //! - A local time that occurs twice (DST fall back) fires once, at its first occurrence.
 
 use std::collections::BTreeSet;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use chrono::{
     DateTime, Datelike, Duration, LocalResult, NaiveDate, NaiveDateTime, NaiveTime, Offset,
@@ -126,6 +130,25 @@ pub struct CronSchedule {
     day_of_week: DayField,
     /// EventBridge's year field: the years it fires in (`None`: every year).
     years: Option<BTreeSet<i32>>,
+    /// The rule's calendars (`skip`, `only`), if it has any.
+    days: Option<Arc<DayFilter>>,
+}
+
+/// The dates a rule's calendars leave out (`skip`) or keep (`only`). Checked on the date of each firing's
+/// wall-clock time in the rule's zone, where the schedule decides its days, so that every search (the
+/// next firing, the latest one, those in a window) skips those dates and agrees with the others.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DayFilter {
+    /// Dates that never fire.
+    pub skip: BTreeSet<NaiveDate>,
+    /// With `Some`, only these dates fire.
+    pub only: Option<BTreeSet<NaiveDate>>,
+}
+
+impl DayFilter {
+    pub fn allows(&self, date: NaiveDate) -> bool {
+        !self.skip.contains(&date) && self.only.as_ref().is_none_or(|only| only.contains(&date))
+    }
 }
 
 /// How one day field decides, beyond what the `cron` crate parsed of it.
@@ -306,11 +329,18 @@ impl CronSchedule {
                 special: dow_special,
             },
             years: None,
+            days: None,
         })
     }
 
     pub fn source(&self) -> &str {
         &self.source
+    }
+
+    /// The same schedule, firing only on the dates `days` allows.
+    pub fn with_days(mut self, days: Arc<DayFilter>) -> Self {
+        self.days = Some(days);
+        self
     }
 
     fn date_matches(&self, date: NaiveDate) -> bool {
@@ -327,11 +357,12 @@ impl CronSchedule {
                 .days_of_week()
                 .includes(date.weekday().num_days_from_sunday() + 1),
         );
-        if self.day_of_month.restricted && self.day_of_week.restricted {
+        let fields = if self.day_of_month.restricted && self.day_of_week.restricted {
             dom || dow
         } else {
             dom && dow
-        }
+        };
+        fields && self.days.as_ref().is_none_or(|days| days.allows(date))
     }
 
     fn year_matches(&self, year: i32) -> bool {
