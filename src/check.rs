@@ -42,6 +42,16 @@ pub fn render(config: &Config, now: DateTime<Utc>) -> String {
             a.regions.join(", ")
         );
     }
+    if !config.calendars.is_empty() {
+        let _ = writeln!(out, "calendars ({}):", config.calendars.len());
+    }
+    for c in config.calendars.values() {
+        let span = match (c.dates.first(), c.dates.last()) {
+            (Some(first), Some(last)) => format!(", first {first}, last {last}"),
+            _ => String::new(),
+        };
+        let _ = writeln!(out, "  {}  {} date(s){span}", c.name, c.dates.len());
+    }
     let _ = writeln!(out, "rules ({}):", config.rules.len());
     for r in &config.rules {
         let _ = writeln!(
@@ -52,6 +62,12 @@ pub fn render(config: &Config, now: DateTime<Utc>) -> String {
             r.regions.join(", "),
             r.selection
         );
+        if !r.skip.is_empty() {
+            let _ = writeln!(out, "    skips the dates of {}", r.skip.join(", "));
+        }
+        if !r.only.is_empty() {
+            let _ = writeln!(out, "    fires only on the dates of {}", r.only.join(", "));
+        }
         for action in [Action::Start, Action::Stop] {
             for s in r.schedules(action) {
                 let next = s

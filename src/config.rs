@@ -100,6 +100,15 @@ pub struct Config {
     pub credentials: CredentialSource,
     pub accounts: BTreeMap<String, Account>,
     pub rules: Vec<Rule>,
+    /// `[calendars.NAME]`: named sets of dates that rules `skip` or fire `only` on.
+    pub calendars: BTreeMap<String, Calendar>,
+}
+
+/// A `[calendars.NAME]` table: its `dates` and the dates of its `files`' events.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Calendar {
+    pub name: String,
+    pub dates: BTreeSet<chrono::NaiveDate>,
 }
 
 #[derive(Clone, Debug)]
@@ -165,6 +174,10 @@ pub struct Rule {
     pub start: Vec<CronSchedule>,
     pub stop: Vec<CronSchedule>,
     pub timezone: Tz,
+    /// Calendars on whose dates the rule does not fire (its schedules leave them out).
+    pub skip: Vec<String>,
+    /// Calendars outside whose dates the rule does not fire (empty: no such restriction).
+    pub only: Vec<String>,
 }
 
 impl Rule {
@@ -317,6 +330,15 @@ struct RawConfig {
     accounts: BTreeMap<Spanned<String>, Spanned<RawAccount>>,
     #[serde(default)]
     rules: Vec<Spanned<RawRule>>,
+    #[serde(default)]
+    calendars: BTreeMap<Spanned<String>, Spanned<RawCalendar>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCalendar {
+    dates: Option<Vec<Spanned<String>>>,
+    files: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -358,6 +380,8 @@ struct RawRule {
     start: Option<Spanned<OneOrMany>>,
     stop: Option<Spanned<OneOrMany>>,
     timezone: Option<Spanned<String>>,
+    skip: Option<Spanned<OneOrMany>>,
+    only: Option<Spanned<OneOrMany>>,
 }
 
 /// A string or an array of strings; each element of an array keeps its own place in the file.
@@ -619,14 +643,110 @@ fn validate(path: &Path, raw: RawConfig, problems: &mut Problems) -> Config {
     let defaults = validate_defaults(&raw.defaults, problems);
     let credentials = validate_credentials(raw.credentials, problems);
     let accounts = validate_accounts(raw.accounts, problems);
-    let rules = validate_rules(raw.rules, &accounts, defaults.timezone, problems);
+    let calendars = validate_calendars(path, raw.calendars, problems);
+    let rules = validate_rules(
+        raw.rules,
+        &accounts,
+        &calendars,
+        defaults.timezone,
+        problems,
+    );
     Config {
         path: path.to_path_buf(),
         defaults,
         credentials,
         accounts,
         rules,
+        calendars,
     }
+}
+
+/// Checks `[calendars]`: each name, each of `dates` (a real date, YYYY-MM-DD), and each of `files` (an
+/// iCalendar file, relative to the configuration file's directory, read as the configuration file is:
+/// a regular file, at most [`MAX_CONFIG_BYTES`], UTF-8). A problem inside a file is reported at the file's
+/// place in `files`, naming the file's own line and column.
+fn validate_calendars(
+    path: &Path,
+    raw: BTreeMap<Spanned<String>, Spanned<RawCalendar>>,
+    problems: &mut Problems,
+) -> BTreeMap<String, Calendar> {
+    let base = path.parent().unwrap_or(Path::new(""));
+    let mut calendars = BTreeMap::new();
+    for (name, calendar) in raw {
+        let at = calendar.span().start;
+        let calendar = calendar.into_inner();
+        let name_at = name.span().start;
+        let name = name.into_inner();
+        if !valid_name(&name) {
+            problems.report(
+                name_at,
+                format!("calendar name {name:?}: expected letters, digits, '-', '_' or '.'"),
+            );
+        }
+        if calendar.dates.is_none() && calendar.files.is_none() {
+            problems.report(
+                at,
+                format!(
+                    "calendar {name:?} has neither dates nor files: expected dates = [\"YYYY-MM-DD\", \
+                     ...] and/or files = [\"holidays.ics\", ...]"
+                ),
+            );
+        }
+        let mut dates = BTreeSet::new();
+        for date in calendar.dates.iter().flatten() {
+            match parse_calendar_date(date.get_ref()) {
+                Some(d) => {
+                    dates.insert(d);
+                }
+                None => problems.report(
+                    date.span().start,
+                    format!(
+                        "calendar {name:?}: date {:?} is not a date: expected YYYY-MM-DD, a real date",
+                        date.get_ref()
+                    ),
+                ),
+            }
+        }
+        for file in calendar.files.iter().flatten() {
+            match read_ics(&base.join(file.get_ref())) {
+                Ok(file_dates) => dates.extend(file_dates),
+                Err(message) => {
+                    problems.report(file.span().start, format!("calendar {name:?}: {message}"))
+                }
+            }
+        }
+        calendars.insert(name.clone(), Calendar { name, dates });
+    }
+    calendars
+}
+
+/// A calendar's date as written in `dates`: exactly YYYY-MM-DD, and a day that exists.
+fn parse_calendar_date(s: &str) -> Option<chrono::NaiveDate> {
+    let b = s.as_bytes();
+    let shape = b.len() == 10
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b.iter()
+            .enumerate()
+            .all(|(i, c)| i == 4 || i == 7 || c.is_ascii_digit());
+    shape
+        .then(|| chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d").ok())
+        .flatten()
+}
+
+/// The dates of the iCalendar file at `path`, read with the configuration file's reader; or what is
+/// wrong, naming the file (and the line and column of a problem in it).
+fn read_ics(path: &Path) -> Result<BTreeSet<chrono::NaiveDate>, String> {
+    let as_calendar = |e: ConfigError| match e {
+        ConfigError::Read { source, .. } => format!("cannot read {}: {source}", path.display()),
+        e => e
+            .to_string()
+            .replace("a configuration file", "an iCalendar file"),
+    };
+    let (bytes, _) = read_config_file(path).map_err(as_calendar)?;
+    let text = decode(path, &bytes).map_err(as_calendar)?;
+    crate::calendar::parse_ics(text)
+        .map_err(|e| format!("{}:{}:{}: {}", path.display(), e.line, e.column, e.message))
 }
 
 /// Checks `[defaults]`: the time zone, each duration against its own range, then (when both are valid
@@ -880,6 +1000,7 @@ fn validate_account_regions(
 fn validate_rules(
     raw: Vec<Spanned<RawRule>>,
     accounts: &BTreeMap<String, Account>,
+    calendars: &BTreeMap<String, Calendar>,
     default_zone: Tz,
     problems: &mut Problems,
 ) -> Vec<Rule> {
@@ -893,6 +1014,7 @@ fn validate_rules(
             name: rule.name.get_ref().clone(),
             at,
             accounts,
+            calendars,
             default_zone,
             problems,
         };
@@ -927,6 +1049,8 @@ struct RuleCheck<'a> {
     at: usize,
     /// The accounts of `[accounts]`, one of which the rule names.
     accounts: &'a BTreeMap<String, Account>,
+    /// The calendars of `[calendars]`, which the rule's `skip` and `only` name.
+    calendars: &'a BTreeMap<String, Calendar>,
     /// The time zone of `[defaults]`, for a rule that gives none.
     default_zone: Tz,
     problems: &'a mut Problems,
@@ -953,6 +1077,20 @@ impl<'a> RuleCheck<'a> {
         let timezone = self.zone(raw.timezone.as_ref());
         self.check_fires(raw.start.as_ref(), &start, timezone);
         self.check_fires(raw.stop.as_ref(), &stop, timezone);
+        let skip = self.calendar_names("skip", raw.skip.as_ref());
+        let only = self.calendar_names("only", raw.only.as_ref());
+        let (start, stop) = match self.day_filter(&skip, &only) {
+            Some(days) => (
+                start
+                    .into_iter()
+                    .map(|s| s.with_days(days.clone()))
+                    .collect(),
+                stop.into_iter()
+                    .map(|s| s.with_days(days.clone()))
+                    .collect(),
+            ),
+            None => (start, stop),
+        };
         Rule {
             name: self.name,
             account: raw.account.into_inner(),
@@ -961,7 +1099,62 @@ impl<'a> RuleCheck<'a> {
             start,
             stop,
             timezone,
+            skip,
+            only,
         }
+    }
+
+    /// Checks the rule's `skip` or `only` (`field`), if given: names of `[calendars]`. Returns them.
+    fn calendar_names(&mut self, field: &str, names: Option<&Spanned<OneOrMany>>) -> Vec<String> {
+        let Some(names) = names else {
+            return Vec::new();
+        };
+        let rule = &self.name;
+        if names.get_ref().0.is_empty() {
+            self.problems.report(
+                names.span().start,
+                format!(
+                    "rule {rule:?}: {field}: expected a calendar name or a non-empty list of them"
+                ),
+            );
+        }
+        for e in &names.get_ref().0 {
+            if !self.calendars.contains_key(&e.value) {
+                let known: Vec<&str> = self.calendars.keys().map(String::as_str).collect();
+                let at = e.span.as_ref().map_or(names.span().start, |s| s.start);
+                self.problems.report(
+                    at,
+                    format!(
+                        "rule {rule:?}: {field}: calendar {:?} is not defined: expected one of [{}]",
+                        e.value,
+                        known.join(", ")
+                    ),
+                );
+            }
+        }
+        names.get_ref().values()
+    }
+
+    /// The dates the rule's `skip` and `only` calendars leave out or keep; `None` without either.
+    fn day_filter(
+        &self,
+        skip: &[String],
+        only: &[String],
+    ) -> Option<std::sync::Arc<crate::schedule::DayFilter>> {
+        if skip.is_empty() && only.is_empty() {
+            return None;
+        }
+        let dates = |names: &[String]| -> BTreeSet<chrono::NaiveDate> {
+            names
+                .iter()
+                .filter_map(|n| self.calendars.get(n))
+                .flat_map(|c| c.dates.iter().copied())
+                .collect()
+        };
+        Some(std::sync::Arc::new(crate::schedule::DayFilter {
+            skip: dates(skip),
+            only: (!only.is_empty()).then(|| dates(only)),
+        }))
     }
 
     /// Checks that the rule's `account` is one of `[accounts]`, and returns that account.
@@ -1275,6 +1468,222 @@ timezone = "Asia/Tokyo"
         assert_eq!(r.start.len(), 1);
         assert_eq!(r.stop.len(), 2);
         assert_eq!(r.timezone, chrono_tz::Asia::Tokyo);
+    }
+
+    /// MINIMAL with `[calendars]` tables and the rule's `skip`/`only` lines, in a directory holding the
+    /// given files; the loaded configuration, or its problems as "line:column: message".
+    fn with_calendars(
+        calendars: &str,
+        rule_lines: &str,
+        files: &[(&str, &[u8])],
+    ) -> Result<Config, Vec<String>> {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, bytes) in files {
+            std::fs::write(dir.path().join(name), bytes).unwrap();
+        }
+        let text = MINIMAL.replace(
+            "timezone = \"Asia/Tokyo\"\n",
+            &format!("timezone = \"Asia/Tokyo\"\n{rule_lines}\n{calendars}\n"),
+        );
+        let path = dir.path().join("shiftd.toml");
+        std::fs::write(&path, text).unwrap();
+        Config::load(&path).map_err(|e| match e {
+            ConfigError::Invalid { issues, .. } => issues
+                .into_iter()
+                .map(|i| format!("{}:{}: {}", i.line, i.column, i.message))
+                .collect(),
+            e => vec![e.to_string()],
+        })
+    }
+
+    const HOLIDAYS_ICS: &[u8] = b"BEGIN:VCALENDAR\r\nVERSION:2.0\r\nBEGIN:VEVENT\r\n\
+DTSTART;VALUE=DATE:20270111\r\nDTEND;VALUE=DATE:20270112\r\nSUMMARY:Coming of Age Day\r\nEND:VEVENT\r\n\
+BEGIN:VEVENT\r\nDTSTART;VALUE=DATE:20270429\r\nDTEND;VALUE=DATE:20270501\r\nEND:VEVENT\r\nEND:VCALENDAR\r\n";
+
+    #[test]
+    fn calendars_collect_dates_and_files_and_rules_skip_them() {
+        let c = with_calendars(
+            "[calendars.jp-holidays]\ndates = [\"2027-01-01\"]\nfiles = [\"jp.ics\"]\n\
+             [calendars.patch-days]\ndates = [\"2027-01-12\", \"2027-01-13\"]",
+            "skip = [\"jp-holidays\"]",
+            &[("jp.ics", HOLIDAYS_ICS)],
+        )
+        .unwrap();
+        let dates: Vec<String> = c.calendars["jp-holidays"]
+            .dates
+            .iter()
+            .map(|d| d.to_string())
+            .collect();
+        assert_eq!(
+            dates,
+            ["2027-01-01", "2027-01-11", "2027-04-29", "2027-04-30"]
+        );
+        let r = &c.rules[0];
+        assert_eq!(r.skip, ["jp-holidays"]);
+        // Monday 2027-01-11 is a holiday: the start skips from Friday the 8th to Tuesday the 12th.
+        let after = chrono::DateTime::parse_from_rfc3339("2027-01-07T12:00:00Z")
+            .unwrap()
+            .to_utc();
+        let next: Vec<String> = r.start[0]
+            .firings_between(after, after + chrono::Duration::days(5), r.timezone, 10)
+            .into_iter()
+            .map(|t| {
+                t.with_timezone(&r.timezone)
+                    .format("%m-%d %H:%M")
+                    .to_string()
+            })
+            .collect();
+        assert_eq!(next, ["01-08 08:00", "01-12 08:00"]);
+        // The planner agrees: nothing due on the 11th.
+        let holiday = chrono::DateTime::parse_from_rfc3339("2027-01-10T23:00:00Z")
+            .unwrap()
+            .to_utc();
+        assert_eq!(
+            crate::planner::due_between(
+                &c,
+                holiday - chrono::Duration::hours(1),
+                holiday + chrono::Duration::hours(1)
+            ),
+            crate::planner::DueWork::default()
+        );
+        // Skip applies to every action: the 11th's stop does not fire either.
+        assert_eq!(
+            crate::planner::next_due(&c, holiday - chrono::Duration::hours(1)),
+            Some(
+                chrono::DateTime::parse_from_rfc3339("2027-01-11T23:00:00Z")
+                    .unwrap()
+                    .to_utc()
+            ),
+        );
+    }
+
+    #[test]
+    fn only_keeps_the_calendars_dates() {
+        let c = with_calendars(
+            "[calendars.patch-days]\ndates = [\"2027-01-12\", \"2027-01-16\"]\n\
+             [calendars.more]\ndates = [\"2027-01-14\"]",
+            "only = [\"patch-days\", \"more\"]",
+            &[],
+        )
+        .unwrap();
+        let r = &c.rules[0];
+        let after = chrono::DateTime::parse_from_rfc3339("2027-01-07T12:00:00Z")
+            .unwrap()
+            .to_utc();
+        let local = |s: &crate::schedule::CronSchedule| -> Vec<String> {
+            s.firings_between(after, after + chrono::Duration::days(14), r.timezone, 10)
+                .into_iter()
+                .map(|t| {
+                    t.with_timezone(&r.timezone)
+                        .format("%m-%d %H:%M")
+                        .to_string()
+                })
+                .collect()
+        };
+        // Weekday starts on the dates of either calendar; Saturday the 16th only for the weekend stop.
+        assert_eq!(local(&r.start[0]), ["01-12 08:00", "01-14 08:00"]);
+        assert_eq!(local(&r.stop[1]), ["01-16 23:00"]);
+    }
+
+    #[test]
+    fn bad_calendars_are_refused_with_their_place() {
+        let ics = |body: &str| {
+            format!("BEGIN:VCALENDAR\r\nBEGIN:VEVENT\r\n{body}END:VEVENT\r\nEND:VCALENDAR\r\n")
+        };
+        let rrule = ics("DTSTART;VALUE=DATE:20270101\r\nRRULE:FREQ=YEARLY\r\n");
+        let bad_date = ics("DTSTART;VALUE=DATE:20270230\r\n");
+        // (calendars, rule lines, files, expected problem)
+        type Case<'a> = (&'a str, &'a str, &'a [(&'a str, &'a [u8])], &'a str);
+        let cases: &[Case] = &[
+            (
+                "[calendars.h]\ndates = [\"2027-02-30\"]",
+                "",
+                &[],
+                "15:10: calendar \"h\": date \"2027-02-30\" is not a date: expected YYYY-MM-DD, a real date",
+            ),
+            (
+                "[calendars.h]\ndates = [\"2027-1-5\"]",
+                "",
+                &[],
+                "15:10: calendar \"h\": date \"2027-1-5\"",
+            ),
+            (
+                "[calendars.h]\nfiles = [\"missing.ics\"]",
+                "",
+                &[],
+                "15:10: calendar \"h\": cannot read ",
+            ),
+            (
+                "[calendars.h]\nfiles = [\"h.ics\"]",
+                "",
+                &[("h.ics", rrule.as_bytes())],
+                "h.ics:4:1: RRULE (recurrence) is not supported",
+            ),
+            (
+                "[calendars.h]\nfiles = [\"h.ics\"]",
+                "",
+                &[("h.ics", bad_date.as_bytes())],
+                "h.ics:3:20: DTSTART \"20270230\" is not a date",
+            ),
+            (
+                "[calendars.h]\nfiles = [\"h.ics\"]",
+                "",
+                &[(
+                    "h.ics",
+                    b"BEGIN:VCALENDAR\r\nSUMMARY:caf\xe9\r\nEND:VCALENDAR\r\n",
+                )],
+                "h.ics:2:12: not UTF-8",
+            ),
+            (
+                "[calendars.h]\nfiles = [\".\"]",
+                "",
+                &[],
+                "not a regular file: a directory: expected an iCalendar file",
+            ),
+            (
+                "[calendars.h]",
+                "",
+                &[],
+                "14:1: calendar \"h\" has neither dates nor files",
+            ),
+            (
+                "[calendars.\"a b\"]\ndates = []",
+                "",
+                &[],
+                "14:12: calendar name \"a b\"",
+            ),
+            (
+                "[calendars.h]\ndates = [\"2027-01-01\"]",
+                "skip = [\"holidays\"]",
+                &[],
+                "13:9: rule \"office-hours\": skip: calendar \"holidays\" is not defined: expected one of [h]",
+            ),
+            (
+                "",
+                "only = \"patch\"",
+                &[],
+                "13:8: rule \"office-hours\": only: calendar \"patch\" is not defined: expected one of []",
+            ),
+            (
+                "",
+                "only = []",
+                &[],
+                "13:8: rule \"office-hours\": only: expected a calendar name",
+            ),
+            (
+                "[calendars.h]\ndate = []",
+                "",
+                &[],
+                "unknown field `date`, expected `dates` or `files`",
+            ),
+        ];
+        for (calendars, rule_lines, files, want) in cases {
+            let problems = with_calendars(calendars, rule_lines, files).unwrap_err();
+            assert!(
+                problems.iter().any(|p| p.contains(want)),
+                "{calendars} / {rule_lines}: want {want}, got {problems:#?}"
+            );
+        }
     }
 
     #[test]

@@ -61,11 +61,14 @@ pub struct BatchContext {
     pub on_dispatch: Arc<dyn Fn() + Send + Sync>,
     /// Called with what has its result logged (instance IDs, or `selection:` names), before the batch
     /// waits on anything, so that a batch resumed after a crash does not report it again.
-    pub on_reported: Arc<dyn Fn(&[String]) + Send + Sync>,
+    pub on_reported: OnReported,
     /// What an earlier run of this batch (before a crash) already reported: neither acted on nor
     /// reported again.
     pub already_reported: Arc<BTreeSet<String>>,
 }
+
+/// Called with the names (instance IDs, `selection:` names) whose results were logged.
+pub type OnReported = Arc<dyn Fn(&[String]) + Send + Sync>;
 
 /// What an outcome is about, as recorded in the durable record: the instance, or the selection.
 fn reported_name(o: &Outcome) -> String {
@@ -82,7 +85,7 @@ struct Report {
     outcomes: Vec<Outcome>,
     already: Arc<BTreeSet<String>>,
     unflushed: Vec<String>,
-    on_reported: Arc<dyn Fn(&[String]) + Send + Sync>,
+    on_reported: OnReported,
 }
 
 impl Report {

@@ -6,6 +6,7 @@
 //! clock, the journal and the state directory, and maps errors to exit codes.
 
 pub mod aws;
+pub mod calendar;
 pub mod check;
 pub mod clock;
 pub mod config;

@@ -18,10 +18,21 @@
 //!   last weekday, Monday to Friday) and `nW` (the weekday nearest day n, within the month); in
 //!   day-of-week `dL` (the last day d of the month: `5L`, `FriL`) and `d#k` (the k-th day d: `Mon#2`).
 //!   The `cron` crate does not parse them: they are taken out of the fields handed to it and matched here.
+//! - EventBridge expressions keep their wrapper and their rules: `cron(min hour dom month dow year)`,
+//!   day of week 1 (Sunday) to 7 (Saturday), `L` alone in day-of-week is Saturday, exactly one day field
+//!   is `?`, and the year field (1970-2199) restricts the years. They are translated into the bare form
+//!   (crontab's weekday numbers) plus a set of years, and evaluated as bare expressions are. A bare
+//!   expression that reads as EventBridge's (six fields with `?` third or fifth, where a bare one has the
+//!   hour and the month, or a year last) is refused with the `cron(...)` form to write instead.
+//! - A rule's calendars (`skip`, `only`) come in as a [`DayFilter`] on the dates a schedule fires on, so
+//!   every search leaves those dates out (the date of the wall-clock time scheduled, which is the
+//!   firing's local date but for a DST gap across midnight).
 //! - A local time that does not exist (DST spring forward) fires once, at the first instant after the gap.
 //! - A local time that occurs twice (DST fall back) fires once, at its first occurrence.
 
+use std::collections::BTreeSet;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use chrono::{
     DateTime, Datelike, Duration, LocalResult, NaiveDate, NaiveDateTime, NaiveTime, Offset,
@@ -117,6 +128,27 @@ pub struct CronSchedule {
     fields: cron::Schedule,
     day_of_month: DayField,
     day_of_week: DayField,
+    /// EventBridge's year field: the years it fires in (`None`: every year).
+    years: Option<BTreeSet<i32>>,
+    /// The rule's calendars (`skip`, `only`), if it has any.
+    days: Option<Arc<DayFilter>>,
+}
+
+/// The dates a rule's calendars leave out (`skip`) or keep (`only`). Checked on the date of each firing's
+/// wall-clock time in the rule's zone, where the schedule decides its days, so that every search (the
+/// next firing, the latest one, those in a window) skips those dates and agrees with the others.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DayFilter {
+    /// Dates that never fire.
+    pub skip: BTreeSet<NaiveDate>,
+    /// With `Some`, only these dates fire.
+    pub only: Option<BTreeSet<NaiveDate>>,
+}
+
+impl DayFilter {
+    pub fn allows(&self, date: NaiveDate) -> bool {
+        !self.skip.contains(&date) && self.only.as_ref().is_none_or(|only| only.contains(&date))
+    }
 }
 
 /// How one day field decides, beyond what the `cron` crate parsed of it.
@@ -202,8 +234,18 @@ impl CronSchedule {
             expression: expression.to_string(),
             reason,
         };
+        if let Some(inner) = eventbridge_inner(expression.trim()) {
+            let (bare, years) = translate_eventbridge(inner).map_err(err)?;
+            let mut parsed = Self::parse(&bare).map_err(|e| err(e.reason))?;
+            parsed.source = expression.to_string();
+            parsed.years = years;
+            return Ok(parsed);
+        }
         let expanded = expand_macro(expression.trim()).map_err(err)?;
         let fields: Vec<&str> = expanded.unwrap_or(expression).split_whitespace().collect();
+        if let Some(hint) = looks_like_eventbridge(&fields) {
+            return Err(err(hint));
+        }
         let (seconds, rest) = match fields.len() {
             5 => ("0", &fields[..]),
             6 => (fields[0], &fields[1..]),
@@ -286,6 +328,8 @@ impl CronSchedule {
                 plain: dow_plain.is_some(),
                 special: dow_special,
             },
+            years: None,
+            days: None,
         })
     }
 
@@ -293,8 +337,14 @@ impl CronSchedule {
         &self.source
     }
 
+    /// The same schedule, firing only on the dates `days` allows.
+    pub fn with_days(mut self, days: Arc<DayFilter>) -> Self {
+        self.days = Some(days);
+        self
+    }
+
     fn date_matches(&self, date: NaiveDate) -> bool {
-        if !self.fields.months().includes(date.month()) {
+        if !self.year_matches(date.year()) || !self.fields.months().includes(date.month()) {
             return false;
         }
         let dom = self
@@ -307,11 +357,43 @@ impl CronSchedule {
                 .days_of_week()
                 .includes(date.weekday().num_days_from_sunday() + 1),
         );
-        if self.day_of_month.restricted && self.day_of_week.restricted {
+        let fields = if self.day_of_month.restricted && self.day_of_week.restricted {
             dom || dow
         } else {
             dom && dow
+        };
+        fields && self.days.as_ref().is_none_or(|days| days.allows(date))
+    }
+
+    fn year_matches(&self, year: i32) -> bool {
+        self.years
+            .as_ref()
+            .is_none_or(|years| years.contains(&year))
+    }
+
+    /// The first day on or after `date` in a year the schedule fires in (`date` itself without a year
+    /// field); `None` after its last year.
+    fn first_date_from(&self, date: NaiveDate) -> Option<NaiveDate> {
+        let Some(years) = &self.years else {
+            return Some(date);
+        };
+        if years.contains(&date.year()) {
+            return Some(date);
         }
+        let year = *years.range(date.year()..).next()?;
+        NaiveDate::from_ymd_opt(year, 1, 1)
+    }
+
+    /// The last day on or before `date` in a year the schedule fires in; `None` before its first year.
+    fn last_date_upto(&self, date: NaiveDate) -> Option<NaiveDate> {
+        let Some(years) = &self.years else {
+            return Some(date);
+        };
+        if years.contains(&date.year()) {
+            return Some(date);
+        }
+        let year = *years.range(..date.year()).next_back()?;
+        NaiveDate::from_ymd_opt(year, 12, 31)
     }
 
     /// The first time of day (in seconds from midnight) at or after `from` that the time fields
@@ -390,6 +472,11 @@ impl CronSchedule {
             if stop.is_some_and(|stop| date < stop) {
                 return None;
             }
+            if !self.year_matches(date.year()) {
+                date = self.last_date_upto(date)?;
+                upto = SECONDS_PER_DAY - 1;
+                continue;
+            }
             let mut cursor = Some(upto);
             while let Some(secs) = cursor
                 .filter(|_| self.date_matches(date))
@@ -425,20 +512,25 @@ impl CronSchedule {
         // Firing instants grow with wall-clock time (see `resolve_local`), and `after`'s own wall-clock
         // time fires at or before `after`: earlier times cannot fire after it.
         let start = after.with_timezone(&zone).naive_local();
-        let mut last_date = start.date() + Duration::days(SEARCH_DAYS);
-        if let Some(until) = until {
-            // A day past `until`'s date covers a repeated hour running past midnight.
-            let end = until.with_timezone(&zone).date_naive() + Duration::days(1);
-            last_date = last_date.min(end);
-        }
+        // A year field moves the start to its next year; the search spans as many days from there.
+        let (date, next_second) = match self.first_date_from(start.date()) {
+            Some(date) if date == start.date() => (date, start.time().num_seconds_from_midnight()),
+            Some(date) => (date, 0),
+            None => (NaiveDate::MAX, 0),
+        };
+        let last_date = if date == NaiveDate::MAX {
+            NaiveDate::MIN
+        } else {
+            search_end(date, until, zone)
+        };
         Firings {
             schedule: self,
             zone,
             after,
             until,
-            date: start.date(),
+            date,
             last_date,
-            next_second: start.time().num_seconds_from_midnight(),
+            next_second,
         }
     }
 
@@ -457,6 +549,18 @@ impl CronSchedule {
 }
 
 const SECONDS_PER_DAY: u32 = 86_400;
+
+/// The last date a search for firings from `from` looks at: [`SEARCH_DAYS`] on, and, with `until`, no
+/// further than the day after `until`'s date (which covers a repeated hour running past midnight).
+fn search_end(from: NaiveDate, until: Option<DateTime<Utc>>, zone: Tz) -> NaiveDate {
+    let end = from
+        .checked_add_signed(Duration::days(SEARCH_DAYS))
+        .unwrap_or(NaiveDate::MAX);
+    match until {
+        Some(until) => end.min(until.with_timezone(&zone).date_naive() + Duration::days(1)),
+        None => end,
+    }
+}
 
 fn time_of_day(secs: u32) -> NaiveTime {
     NaiveTime::from_num_seconds_from_midnight_opt(secs, 0).expect("less than a day")
@@ -502,7 +606,14 @@ impl Iterator for Firings<'_> {
             let Some(next) = self.date.succ_opt() else {
                 break;
             };
-            self.date = next;
+            let Some(first) = self.schedule.first_date_from(next) else {
+                break;
+            };
+            if first != next {
+                // Years without firings skipped: the search spans as many days from the next year.
+                self.last_date = search_end(first, self.until, self.zone);
+            }
+            self.date = first;
             self.next_second = 0;
         }
         self.date = self.last_date.succ_opt().unwrap_or(NaiveDate::MAX);
@@ -536,6 +647,180 @@ fn expand_macro(expression: &str) -> Result<Option<&'static str>, String> {
         }
     };
     Ok(Some(fields))
+}
+
+/// The fields inside EventBridge's `cron(...)` wrapper; `None` for an expression without it.
+fn eventbridge_inner(expression: &str) -> Option<&str> {
+    let head = expression.get(..5)?;
+    if !head.eq_ignore_ascii_case("cron(") {
+        return None;
+    }
+    Some(&expression[5..])
+}
+
+const EVENTBRIDGE_FIELDS: &str = "cron(minute hour day-of-month month day-of-week year)";
+
+const EVENTBRIDGE_DAY_OF_WEEK: &str =
+    "expected 1-7 (EventBridge counts 1 as Sunday, 7 as Saturday) or SUN-SAT, \"dL\" or \"d#k\"";
+
+/// An EventBridge expression (the fields inside `cron(...)`) as a bare one with the same meaning, and
+/// the years its year field allows (`None` for `*`).
+fn translate_eventbridge(inner: &str) -> Result<(String, Option<BTreeSet<i32>>), String> {
+    let inner = inner
+        .strip_suffix(')')
+        .filter(|inner| !inner.contains(['(', ')']))
+        .ok_or_else(|| {
+            format!("expected {EVENTBRIDGE_FIELDS}, with one closing parenthesis at the end")
+        })?;
+    let fields: Vec<&str> = inner.split_whitespace().collect();
+    let [minute, hour, dom, month, dow, year] = fields[..] else {
+        return Err(format!(
+            "expected 6 fields in EventBridge's form {EVENTBRIDGE_FIELDS}, found {}",
+            fields.len()
+        ));
+    };
+    match (dom == "?", dow == "?") {
+        (true, true) | (false, false) => {
+            return Err(format!(
+                "EventBridge needs \"?\" in exactly one of day-of-month ({dom:?}) and day-of-week \
+                 ({dow:?}): the other one says which days, e.g. cron(0 8 ? * MON-FRI *)"
+            ));
+        }
+        _ => {}
+    }
+    let dow = if dow == "?" {
+        dow.to_string()
+    } else {
+        eventbridge_day_of_week(dow)?
+    };
+    let years = eventbridge_years(year)?;
+    Ok((format!("{minute} {hour} {dom} {month} {dow}"), years))
+}
+
+/// EventBridge's day-of-week field (1 = Sunday .. 7 = Saturday; `L` alone: Saturday) in crontab's
+/// numbers (0 = Sunday). Names pass through.
+fn eventbridge_day_of_week(field: &str) -> Result<String, String> {
+    let day = |item: &str, d: &str| -> Result<String, String> {
+        match d.parse::<u32>() {
+            Ok(n @ 1..=7) => Ok((n - 1).to_string()),
+            Ok(_) => Err(format!(
+                "day-of-week {item:?} is out of range; {EVENTBRIDGE_DAY_OF_WEEK}"
+            )),
+            Err(_) if weekday(d).is_some() => Ok(d.to_string()),
+            Err(_) => Err(format!(
+                "day-of-week {item:?} is not valid; {EVENTBRIDGE_DAY_OF_WEEK}"
+            )),
+        }
+    };
+    let mut items = Vec::new();
+    for item in field.split(',') {
+        let translated = if item.eq_ignore_ascii_case("L") {
+            "6".to_string()
+        } else if let Some((d, k)) = item.split_once('#') {
+            format!("{}#{k}", day(item, d)?)
+        } else if let Some(d) = item.strip_suffix(['L', 'l']).filter(|d| !d.is_empty()) {
+            format!("{}L", day(item, d)?)
+        } else {
+            let (range, step) = match item.split_once('/') {
+                Some((range, step)) => (range, Some(step)),
+                None => (item, None),
+            };
+            let range = match (range, range.split_once('-')) {
+                ("*", _) if step.is_some() => "0-6".to_string(),
+                ("*", _) => "*".to_string(),
+                (_, Some((a, b))) => {
+                    if let (Ok(a), Ok(b)) = (a.parse::<u32>(), b.parse::<u32>())
+                        && a > b
+                    {
+                        return Err(format!("day-of-week range {item:?} runs backwards"));
+                    }
+                    format!("{}-{}", day(item, a)?, day(item, b)?)
+                }
+                // Quartz: "a/n" runs from a to the end of the week.
+                (a, None) if step.is_some() => format!("{}-6", day(item, a)?),
+                (a, None) => day(item, a)?,
+            };
+            match step {
+                Some(step) => format!("{range}/{step}"),
+                None => range,
+            }
+        };
+        items.push(translated);
+    }
+    Ok(items.join(","))
+}
+
+/// The first and last years EventBridge accepts.
+const YEARS: (i32, i32) = (1970, 2199);
+
+/// EventBridge's year field: `None` for `*`, otherwise the years it lists.
+fn eventbridge_years(field: &str) -> Result<Option<BTreeSet<i32>>, String> {
+    if field == "*" {
+        return Ok(None);
+    }
+    let bad = |item: &str| {
+        format!(
+            "year {item:?} is not valid; expected {}-{}, with ranges (a-b), lists (a,b) and steps (*/n)",
+            YEARS.0, YEARS.1
+        )
+    };
+    let year = |item: &str, y: &str| {
+        y.parse::<i32>()
+            .ok()
+            .filter(|y| (YEARS.0..=YEARS.1).contains(y))
+            .ok_or_else(|| bad(item))
+    };
+    let mut years = BTreeSet::new();
+    for item in field.split(',') {
+        let (range, step) = match item.split_once('/') {
+            Some((range, step)) => {
+                let step = step
+                    .parse::<usize>()
+                    .ok()
+                    .filter(|s| *s > 0)
+                    .ok_or_else(|| bad(item))?;
+                (range, Some(step))
+            }
+            None => (item, None),
+        };
+        let (first, last) = match range.split_once('-') {
+            _ if range == "*" => YEARS,
+            Some((a, b)) => (year(item, a)?, year(item, b)?),
+            None if step.is_some() => (year(item, range)?, YEARS.1),
+            None => {
+                let y = year(item, range)?;
+                (y, y)
+            }
+        };
+        if first > last {
+            return Err(format!("year range {item:?} runs backwards"));
+        }
+        years.extend((first..=last).step_by(step.unwrap_or(1)));
+    }
+    Ok(Some(years))
+}
+
+/// For a bare expression that reads as EventBridge's (six fields with `?` in EventBridge's day fields,
+/// the third or fifth, or a year last), a message suggesting the `cron(...)` form. Neither can be a
+/// valid bare expression: there the third field is the hour and the fifth the month.
+fn looks_like_eventbridge(fields: &[&str]) -> Option<String> {
+    let [_, _, third, _, fifth, last] = fields[..] else {
+        return None;
+    };
+    let year = |y: &str| y.len() == 4 && y.parse::<i32>().is_ok_and(|y| y >= YEARS.0);
+    let year_like = year(last)
+        || last
+            .split_once('-')
+            .is_some_and(|(a, b)| year(a) && year(b));
+    if third != "?" && fifth != "?" && !year_like {
+        return None;
+    }
+    Some(format!(
+        "this looks like an EventBridge expression (minute hour day-of-month month day-of-week year): \
+         write it with its wrapper, \"cron({})\", where day-of-week 1 is Sunday; bare expressions \
+         are crontab's (minute hour day-of-month month day-of-week, optionally with seconds first)",
+        fields.join(" ")
+    ))
 }
 
 /// Maps a local wall-clock time to the instant it fires at: the earlier of two occurrences, or the end of
@@ -759,7 +1044,6 @@ fn crontab_day_of_week_to_names(field: &str) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::collections::BTreeSet;
 
     fn utc(s: &str) -> DateTime<Utc> {
         DateTime::parse_from_rfc3339(s).unwrap().with_timezone(&Utc)
@@ -1641,5 +1925,239 @@ mod tests {
                 "nothing of shiftd's translation: {err}"
             );
         }
+    }
+
+    #[test]
+    fn eventbridge_expressions_follow_eventbridge_rules() {
+        const WEEKDAYS: &[&str] = &["11-30", "12-01", "12-02", "12-03", "12-04"];
+        const TUE_SAT: &[&str] = &["12-01", "12-02", "12-03", "12-04", "12-05"];
+        // A week from Monday 2026-11-30.
+        let week = ("2026-11-29T12:00:00Z", "2026-12-06T12:00:00Z");
+        let december = ("2026-11-30T15:00:00Z", "2026-12-31T15:00:00Z");
+        // (expression, zone, (after, until), the 2026 dates it fires on at 08:00 local)
+        type Case<'a> = (&'a str, &'a str, (&'a str, &'a str), &'a [&'a str]);
+        let cases: &[Case] = &[
+            ("cron(0 8 ? * MON-FRI *)", "Europe/Berlin", week, WEEKDAYS),
+            (
+                "cron(0 8 ? * mon-fri *)",
+                "America/New_York",
+                week,
+                WEEKDAYS,
+            ),
+            ("CRON(0 8 ? * MON-FRI *)", "Asia/Tokyo", week, WEEKDAYS),
+            (
+                "cron(0 8 ? * MON-FRI 2026)",
+                "Australia/Lord_Howe",
+                week,
+                WEEKDAYS,
+            ),
+            // EventBridge 2-6 is Monday to Friday; bare 2-6 is Tuesday to Saturday.
+            ("cron(0 8 ? * 2-6 *)", "Europe/Berlin", week, WEEKDAYS),
+            ("0 8 * * 2-6", "Europe/Berlin", week, TUE_SAT),
+            ("cron(0 8 ? * 2,3,4,5,6 *)", "Europe/Berlin", week, WEEKDAYS),
+            // 1 is Sunday, 7 Saturday; "L" alone is Saturday, the last day of the week.
+            (
+                "cron(0 8 ? * 1 *)",
+                "Asia/Tokyo",
+                december,
+                &["12-06", "12-13", "12-20", "12-27"],
+            ),
+            ("cron(0 8 ? * 7 *)", "Asia/Tokyo", week, &["12-05"]),
+            ("cron(0 8 ? * L *)", "Asia/Tokyo", week, &["12-05"]),
+            // Steps start at Sunday (1): Sunday, Tuesday, Thursday, Saturday; "4/2" is Wed, Fri.
+            (
+                "cron(0 8 ? * */2 *)",
+                "Asia/Tokyo",
+                week,
+                &["12-01", "12-03", "12-05", "12-06"],
+            ),
+            (
+                "cron(0 8 ? * 4/2 *)",
+                "Asia/Tokyo",
+                week,
+                &["12-02", "12-04"],
+            ),
+            // dL and d#k in EventBridge's numbers: 6L is the last Friday, 2#1 the first Monday.
+            ("cron(0 8 ? * 6L *)", "Europe/Berlin", december, &["12-25"]),
+            ("cron(0 8 ? * 2#1 *)", "Europe/Berlin", december, &["12-07"]),
+            (
+                "cron(0 8 ? * MON#2 *)",
+                "Europe/Berlin",
+                december,
+                &["12-14"],
+            ),
+            // Day-of-month decides when day-of-week is "?".
+            ("cron(0 8 15 * ? *)", "Asia/Tokyo", december, &["12-15"]),
+            ("cron(0 8 L * ? *)", "Asia/Tokyo", december, &["12-31"]),
+            ("cron(0 8 LW * ? *)", "Asia/Tokyo", december, &["12-31"]),
+            // The year field restricts years.
+            ("cron(0 8 15 * ? 2027)", "Asia/Tokyo", december, &[]),
+            (
+                "cron(0 8 15 * ? 2025,2026)",
+                "Asia/Tokyo",
+                december,
+                &["12-15"],
+            ),
+            (
+                "cron(0 8 15 * ? 2020-2030/2)",
+                "Asia/Tokyo",
+                december,
+                &["12-15"],
+            ),
+        ];
+        for (expr, zone, (after, until), dates) in cases {
+            let want: Vec<String> = dates.iter().map(|d| format!("2026-{d} 08:00")).collect();
+            assert_eq!(
+                local_firings(expr, zone, after, until),
+                want,
+                "{expr} in {zone} over ({after}, {until}]"
+            );
+        }
+    }
+
+    #[test]
+    fn eventbridge_year_field_is_searched_in_both_directions() {
+        // (expression, after, next firing (UTC), latest firing at or before `after`)
+        let cases: &[(&str, &str, Option<&str>, Option<&str>)] = &[
+            // Far ahead: beyond the eight years searched from `after`, the search starts at the year.
+            (
+                "cron(0 8 1 1 ? 2150)",
+                "2026-06-01T00:00:00Z",
+                Some("2150-01-01T08:00:00+00:00"),
+                None,
+            ),
+            (
+                "cron(0 8 1 1 ? 2027,2150)",
+                "2027-06-01T00:00:00Z",
+                Some("2150-01-01T08:00:00+00:00"),
+                Some("2027-01-01T08:00:00+00:00"),
+            ),
+            (
+                "cron(0 8 1 1 ? 1990)",
+                "2026-06-01T00:00:00Z",
+                None,
+                Some("1990-01-01T08:00:00+00:00"),
+            ),
+            (
+                "cron(0 8 ? * MON 2026-2027)",
+                "2027-12-31T00:00:00Z",
+                None,
+                Some("2027-12-27T08:00:00+00:00"),
+            ),
+            (
+                "cron(0 8 ? * MON 2026-2027)",
+                "2025-12-31T00:00:00Z",
+                Some("2026-01-05T08:00:00+00:00"),
+                None,
+            ),
+        ];
+        for (expr, after, next, prev) in cases {
+            let s = CronSchedule::parse(expr).unwrap();
+            let t = utc(after);
+            let show = |x: Option<DateTime<Utc>>| x.map(|x| x.to_rfc3339());
+            assert_eq!(
+                show(s.next_after(t, Tz::UTC)).as_deref(),
+                *next,
+                "{expr} next after {after}"
+            );
+            assert_eq!(
+                show(s.prev_at_or_before(t, Tz::UTC)).as_deref(),
+                *prev,
+                "{expr} latest at or before {after}"
+            );
+        }
+    }
+
+    #[test]
+    fn eventbridge_errors_say_what_is_wrong() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "cron(0 8 * * MON-FRI *)",
+                "EventBridge needs \"?\" in exactly one of day-of-month (\"*\") and day-of-week (\"MON-FRI\")",
+            ),
+            (
+                "cron(0 8 ? * ? *)",
+                "EventBridge needs \"?\" in exactly one of",
+            ),
+            (
+                "cron(0 8 ? * MON-FRI)",
+                "expected 6 fields in EventBridge's form cron(minute hour day-of-month month \
+                 day-of-week year), found 5",
+            ),
+            ("cron(0 8 ? * MON-FRI * *)", "found 7"),
+            (
+                "cron(0 8 ? * MON-FRI *",
+                "with one closing parenthesis at the end",
+            ),
+            (
+                "cron(0 8 ? * (MON) *)",
+                "with one closing parenthesis at the end",
+            ),
+            (
+                "cron(0 8 ? * 0 *)",
+                "day-of-week \"0\" is out of range; expected 1-7 (EventBridge counts 1 as Sunday, 7 as \
+                 Saturday) or SUN-SAT",
+            ),
+            ("cron(0 8 ? * 1-8 *)", "day-of-week \"1-8\" is out of range"),
+            ("cron(0 8 ? * 8L *)", "day-of-week \"8L\" is out of range"),
+            ("cron(0 8 ? * 0#2 *)", "day-of-week \"0#2\" is out of range"),
+            (
+                "cron(0 8 ? * Funday *)",
+                "day-of-week \"Funday\" is not valid",
+            ),
+            (
+                "cron(0 8 ? * 6-2 *)",
+                "day-of-week range \"6-2\" runs backwards",
+            ),
+            ("cron(0 8 ? * 2#6 *)", "a month has at most 5 of each day"),
+            (
+                "cron(0 8 15 * ? 1969)",
+                "year \"1969\" is not valid; expected 1970-2199, with ranges (a-b), lists (a,b) and \
+                 steps (*/n)",
+            ),
+            ("cron(0 8 15 * ? 2200)", "year \"2200\" is not valid"),
+            (
+                "cron(0 8 15 * ? 2030-2027)",
+                "year range \"2030-2027\" runs backwards",
+            ),
+            ("cron(0 8 15 * ? */0)", "year \"*/0\" is not valid"),
+            ("cron(0 8 15 * ? MMXXVI)", "year \"MMXXVI\" is not valid"),
+            (
+                "cron(61 8 15 * ? *)",
+                "minute \"61\" is not valid: Minutes must be at most 59",
+            ),
+            ("cron(0 8 32 * ? *)", "Days of Month must be at most 31"),
+            // Bare expressions that read as EventBridge's.
+            (
+                "0 8 ? * MON-FRI *",
+                "this looks like an EventBridge expression (minute hour day-of-month month \
+                 day-of-week year): write it with its wrapper, \"cron(0 8 ? * MON-FRI *)\", where \
+                 day-of-week 1 is Sunday",
+            ),
+            (
+                "0 8 15 * ? *",
+                "write it with its wrapper, \"cron(0 8 15 * ? *)\"",
+            ),
+            (
+                "0 8 * * 1 2027",
+                "write it with its wrapper, \"cron(0 8 * * 1 2027)\"",
+            ),
+            (
+                "0 8 * * 1 2026-2030",
+                "this looks like an EventBridge expression",
+            ),
+        ];
+        for (expr, want) in cases {
+            let err = CronSchedule::parse(expr).unwrap_err().to_string();
+            assert!(err.contains(want), "{expr}: {err}");
+            assert!(!err.contains('\n'), "one line: {err}");
+            assert!(
+                err.starts_with(&format!("invalid cron expression {expr:?}: ")),
+                "names the expression as written: {err}"
+            );
+        }
+        // Quartz's six fields with seconds first stay valid.
+        CronSchedule::parse("0 0 8 ? * MON-FRI").unwrap();
+        CronSchedule::parse("0 0 8 15 * ?").unwrap();
     }
 }

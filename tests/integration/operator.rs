@@ -85,6 +85,47 @@ fn plan_lists_actions_in_time_order_across_a_dst_change() {
 }
 
 #[test]
+fn plan_and_check_leave_out_calendar_dates_of_an_eventbridge_rule() {
+    let config = fixture("plan-holidays.toml");
+    let out = shiftd(&[
+        "plan",
+        "--config",
+        &config,
+        "--from",
+        "2027-01-08T00:00",
+        "--until",
+        "2027-01-16T00:00",
+        "--json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let items: Vec<Value> = serde_json::from_str(&stdout(&out)).unwrap();
+    let got: Vec<&str> = items.iter().map(|i| i["at"].as_str().unwrap()).collect();
+    // Weekdays only (EventBridge's MON-FRI), without Monday the 11th (from the .ics file) and
+    // Wednesday the 13th (from `dates`).
+    assert_eq!(
+        got,
+        vec![
+            "2027-01-12T08:00:00+09:00",
+            "2027-01-14T08:00:00+09:00",
+            "2027-01-15T08:00:00+09:00",
+        ]
+    );
+    let out = shiftd(&["check", "--config", &config]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("jp-holidays  3 date(s), first 2027-01-11, last 2027-02-11"),
+        "{text}"
+    );
+    assert!(text.contains("skips the dates of jp-holidays"), "{text}");
+    assert!(text.contains("start cron(0 8 ? * MON-FRI *)"), "{text}");
+}
+
+#[test]
 fn plan_refuses_an_invalid_config_and_a_bad_time() {
     let out = shiftd(&[
         "plan",
