@@ -286,7 +286,15 @@ impl Daemon {
             self.recorded("recording due occurrences", r);
             self.written_until = self.checked_until;
         }
-        self.dispatch(&due, None, &BTreeMap::new());
+        // One batch per instant, oldest first: a start and a stop of one rule both caught up in one
+        // pass (after a suspend) are two occurrences, not a conflict.
+        let mut by_at: BTreeMap<DateTime<Utc>, Vec<Firing>> = BTreeMap::new();
+        for f in due {
+            by_at.entry(f.at).or_default().push(f);
+        }
+        for group in by_at.into_values() {
+            self.dispatch(&group, None, &BTreeMap::new());
+        }
     }
 
     fn key(&self, f: &Firing) -> Option<OccurrenceKey> {
@@ -446,6 +454,11 @@ impl Daemon {
                 for k in keys {
                     self.open.remove(&k);
                     self.done.insert(k);
+                }
+                // Remembered as long as the record remembers them.
+                if let Some(latest) = self.done.iter().map(|k| k.at).max() {
+                    let horizon = latest - chrono_duration(state::REMEMBER_DONE);
+                    self.done.retain(|k| k.at >= horizon);
                 }
             }
             Err(e) if e.is_cancelled() => {}

@@ -73,9 +73,15 @@ pub type OnReported = Arc<dyn Fn(&[String]) + Send + Sync>;
 /// What an outcome is about, as recorded in the durable record: the instance, or the selection.
 fn reported_name(o: &Outcome) -> String {
     match &o.instance_id {
-        Some(id) => id.clone(),
+        Some(id) => instance_name(id, &o.rules, o.action),
         None => format!("selection:{}:{}:{}", o.rules.join(","), o.action, o.region),
     }
+}
+
+/// An instance's result for these rules and this action: another rule's result for the same instance
+/// is another name.
+fn instance_name(id: &str, rules: &[String], action: Action) -> String {
+    format!("{id}:{}:{action}", rules.join(","))
 }
 
 /// Collects outcomes and hands each to the sink as it is recorded; `flush` makes what was reported
@@ -337,6 +343,7 @@ async fn run_region(ctx: &BatchContext, batch: &AccountBatch, region: &str) -> R
 
     for (action, targets) in std::mem::take(&mut plan.wait) {
         let ready = await_transitions(ctx, ec2, &place, action, targets, &mut report).await;
+        report.flush();
         let _guard = client.exclusive.lock().await;
         let ok = act(ctx, ec2, &place, action, ready, &mut report).await;
         accepted.entry(action).or_default().extend(ok);
@@ -454,7 +461,10 @@ fn plan(place: &Place, selected: &[Selected], dry_run: bool, report: &mut Report
     let mut out = RegionPlan::default();
     for p in planner::decide(selected) {
         // Reported by a run of this batch before a crash: its result stands.
-        if report.already.contains(&p.instance_id) {
+        if report
+            .already
+            .contains(&instance_name(&p.instance_id, &p.rules, p.action))
+        {
             continue;
         }
         let view = views[p.instance_id.as_str()];

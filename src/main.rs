@@ -194,6 +194,12 @@ fn run(config_path: PathBuf, dry_run: bool, log: LogTarget, state_dir: PathBuf) 
     if let Some(note) = logging::init(log) {
         tracing::warn!("{note}");
     }
+    // A configuration error is the one to report, even when another daemon holds the state directory
+    // (`run` loads the file again, off the async threads).
+    if let Err(e) = Config::load_strict(&config_path) {
+        tracing::error!("{e}");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     // The lock is held until the process exits: two daemons on one state directory would act twice.
     let (record, _lock): (Arc<dyn OccurrenceRecord>, _) = match std::fs::create_dir_all(&state_dir)
         .map_err(|source| shiftd::state::StateError::Io {
