@@ -224,30 +224,46 @@ pub async fn run_batch(ctx: BatchContext, batch: AccountBatch) -> Vec<Outcome> {
 
     let mut found: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut unresolved: BTreeSet<String> = BTreeSet::new();
+    let mut describe_errors: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for region_result in per_region {
         report.outcomes.extend(region_result.outcomes);
         for (rule, ids) in region_result.found {
             found.entry(rule).or_default().extend(ids);
         }
         unresolved.extend(region_result.unresolved);
+        for (rule, why) in region_result.describe_errors {
+            describe_errors.entry(rule).or_default().push(why);
+        }
     }
-    report_not_found(&mut report, &clients, &batch, &found, &unresolved);
+    let lookup = Lookup {
+        found: &found,
+        unresolved: &unresolved,
+        describe_errors: &describe_errors,
+    };
+    report_not_found(&mut report, &clients, &batch, &lookup);
     report.flush();
     report.outcomes
 }
 
-/// Listed instances found in none of the rule's regions: reported (the rest were acted on; EC2 would
-/// reject a whole call for one unknown ID, which is why selections are resolved first).
+/// What the regions of a batch found, per rule.
+struct Lookup<'a> {
+    found: &'a BTreeMap<String, BTreeSet<String>>,
+    unresolved: &'a BTreeSet<String>,
+    describe_errors: &'a BTreeMap<String, Vec<String>>,
+}
+
+/// Listed instances found in none of the rule's regions: reported once each (the rest were acted on;
+/// EC2 would reject a whole call for one unknown ID, which is why selections are resolved first). When a
+/// region could not be described, that is the reason given: the instance may live there.
 fn report_not_found(
     report: &mut Report,
     clients: &AccountClients,
     batch: &AccountBatch,
-    found: &BTreeMap<String, BTreeSet<String>>,
-    unresolved: &BTreeSet<String>,
+    lookup: &Lookup,
 ) {
     let account = clients.account.name.as_str();
     for req in &batch.requests {
-        if unresolved.contains(&req.rule) {
+        if lookup.unresolved.contains(&req.rule) {
             continue;
         }
         let regions = req.regions.join(",");
@@ -255,7 +271,16 @@ fn report_not_found(
             account,
             region: &regions,
         };
-        let seen = found.get(&req.rule);
+        let seen = lookup.found.get(&req.rule);
+        let why = match lookup.describe_errors.get(&req.rule) {
+            Some(errors) => errors.join("; "),
+            None => format!(
+                "instance not found in account {} ({}), region(s) {}",
+                account,
+                clients.account.account_id,
+                req.regions.join(", ")
+            ),
+        };
         for id in &req.selection.instance_ids {
             if seen.is_none_or(|s| !s.contains(id)) {
                 report.push(place.outcome(
@@ -263,12 +288,7 @@ fn report_not_found(
                     vec![req.rule.clone()],
                     Some(id.clone()),
                     ResultKind::Failed,
-                    format!(
-                        "instance not found in account {} ({}), region(s) {}",
-                        account,
-                        clients.account.account_id,
-                        req.regions.join(", ")
-                    ),
+                    why.clone(),
                 ));
             }
         }
@@ -281,6 +301,8 @@ struct RegionResult {
     found: BTreeMap<String, BTreeSet<String>>,
     /// Rules whose selection could not be resolved here (already reported).
     unresolved: Vec<String>,
+    /// Rules with listed instances whose describe failed here: rule -> why (not yet reported).
+    describe_errors: BTreeMap<String, String>,
 }
 
 /// One region's selections resolved and merged by instance.
@@ -288,6 +310,8 @@ struct Resolved {
     selected: Vec<Selected>,
     found: BTreeMap<String, BTreeSet<String>>,
     unresolved: Vec<String>,
+    /// Rules with listed instances whose describe failed here: rule -> why.
+    describe_errors: BTreeMap<String, String>,
 }
 
 /// An instance to act on (or follow), with the rules that asked.
@@ -326,6 +350,7 @@ async fn run_region(ctx: &BatchContext, batch: &AccountBatch, region: &str) -> R
             outcomes: report.outcomes,
             found: BTreeMap::new(),
             unresolved: requests.iter().map(|r| r.rule.clone()).collect(),
+            describe_errors: BTreeMap::new(),
         };
     };
     let ec2 = client.ec2.as_ref();
@@ -361,6 +386,7 @@ async fn run_region(ctx: &BatchContext, batch: &AccountBatch, region: &str) -> R
         outcomes: report.outcomes,
         found: resolved.found,
         unresolved: resolved.unresolved,
+        describe_errors: resolved.describe_errors,
     }
 }
 
@@ -375,8 +401,10 @@ async fn resolve(
 ) -> Resolved {
     let mut found: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut unresolved = Vec::new();
+    let mut unlisted = BTreeMap::new();
     let mut selected: BTreeMap<String, Selected> = BTreeMap::new();
     for req in requests {
+        report.flush();
         let views = match bounded(
             "ec2:DescribeInstances",
             ec2.describe_selection(&req.selection),
@@ -384,6 +412,19 @@ async fn resolve(
         .await
         {
             Ok(v) => v,
+            // Listed instances may live in another of the rule's regions: they are reported once, for
+            // the whole batch, if no region finds them (with this error). A tag selection is reported
+            // here, for this region.
+            Err(e) if !req.selection.instance_ids.is_empty() => {
+                unlisted.insert(
+                    req.rule.clone(),
+                    format!(
+                        "could not list the selected instances in {}: {e}",
+                        place.region
+                    ),
+                );
+                continue;
+            }
             Err(e) => {
                 fail_request(
                     report,
@@ -449,6 +490,7 @@ async fn resolve(
         selected: selected.into_values().collect(),
         found,
         unresolved,
+        describe_errors: unlisted,
     }
 }
 

@@ -817,3 +817,45 @@ async fn a_start_and_a_stop_caught_up_together_are_two_occurrences_not_a_conflic
         "the later occurrence wins"
     );
 }
+
+/// Review finding: a rule over two regions whose describe failed in one reported every listed instance
+/// failed there, including those the other region found and started (two contradictory entries).
+#[tokio::test(start_paused = true)]
+async fn a_region_that_cannot_be_described_does_not_contradict_another_regions_result() {
+    let sim = Sim::new("2026-12-01T07:59:30Z");
+    let tokyo = sim.aws.add_instances(TARGET, REGION, 1, "stopped", &[]);
+    let virginia = sim
+        .aws
+        .add_instances(TARGET, "us-east-1", 1, "stopped", &[]);
+    let ids = [tokyo.clone(), virginia.clone()].concat();
+    sim.write_config(&format!(
+        r#"[accounts.account1]
+role_arn = "arn:aws:iam::{TARGET}:role/account1-role-ec2"
+regions = ["{REGION}", "us-east-1"]
+{}"#,
+        rule("morning", &ids, r#"start = "0 8 * * *""#)
+    ));
+    let daemon = sim.start();
+    // The first DescribeInstances (Tokyo's, regions go in order) is throttled.
+    sim.aws.fault(
+        fake::DESCRIBE,
+        1,
+        FakeAws::error(
+            fake::DESCRIBE,
+            "RequestLimitExceeded",
+            "Request limit exceeded.",
+        ),
+    );
+    sim.advance(3 * MINUTE).await;
+    sim.assert_one_each(&virginia, Action::Start, ResultKind::Ok);
+    let got = sim.assert_one_each(&tokyo, Action::Start, ResultKind::Failed);
+    assert!(
+        got[0]
+            .reason
+            .contains("could not list the selected instances in ap-northeast-1")
+            && got[0].reason.contains("RequestLimitExceeded"),
+        "{}",
+        got[0].reason
+    );
+    daemon.stop().await;
+}
