@@ -485,7 +485,8 @@ async fn run_batch(ctx: BatchContext, batch: AccountBatch, keys: Vec<OccurrenceK
     (keys, outcomes)
 }
 
-fn first_region(config: &Config) -> &str {
+/// Where the delegate's own STS calls go: the first configured account's first region.
+pub(crate) fn first_region(config: &Config) -> &str {
     config
         .accounts
         .values()

@@ -65,11 +65,7 @@ impl Report {
 /// Runs every check and prints each as it completes.
 pub async fn run(config: &Config, connect: ConnectAws, clock: Arc<dyn Clock>) -> Report {
     let mut report = Report::default();
-    let first_region = config
-        .accounts
-        .values()
-        .next()
-        .map_or("us-east-1", |a| a.regions[0].as_str());
+    let first_region = crate::daemon::first_region(config);
     let aws = connect(&config.credentials, first_region);
     if !check_base_credentials(&mut report, config, aws.as_ref()).await {
         return report;

@@ -607,6 +607,66 @@ fn failed_call(place: &Place, action: Action, target: &Target, e: &AwsError) -> 
     )
 }
 
+/// One round of following instances: their states, or why following ends.
+#[derive(Debug, PartialEq, Eq)]
+enum Poll {
+    States(Vec<InstanceView>),
+    /// The describe failed (logged); try again at the next round.
+    Unavailable,
+    /// shiftd is shutting down.
+    Cancelled,
+    /// `verify_timeout` has passed.
+    OutOfTime,
+}
+
+/// Describes instances on the back-off schedule of `planner::poll_interval`, until `verify_timeout`
+/// passes or shiftd shuts down.
+struct Poller {
+    deadline: tokio::time::Instant,
+    attempt: u32,
+    cancel: watch::Receiver<bool>,
+}
+
+impl Poller {
+    fn new(ctx: &BatchContext) -> Self {
+        Self {
+            deadline: ctx.clock.monotonic() + ctx.opts.verify_timeout,
+            attempt: 0,
+            cancel: ctx.cancel.clone(),
+        }
+    }
+
+    async fn next(
+        &mut self,
+        ctx: &BatchContext,
+        ec2: &dyn Ec2,
+        place: &Place<'_>,
+        ids: &[String],
+    ) -> Poll {
+        let now = ctx.clock.monotonic();
+        let pause =
+            planner::poll_interval(self.attempt).min(self.deadline.saturating_duration_since(now));
+        self.attempt += 1;
+        let cancelled = tokio::select! {
+            _ = tokio::time::sleep(pause) => false,
+            Ok(_) = self.cancel.wait_for(|c| *c) => true,
+        };
+        if cancelled {
+            return Poll::Cancelled;
+        }
+        if pause.is_zero() && ctx.clock.monotonic() >= self.deadline {
+            return Poll::OutOfTime;
+        }
+        match bounded("ec2:DescribeInstances", ec2.describe_ids(ids)).await {
+            Ok(views) => Poll::States(views),
+            Err(e) => {
+                tracing::warn!(account = place.account, region = place.region, error = %e, "could not check instance states: {e}");
+                Poll::Unavailable
+            }
+        }
+    }
+}
+
 /// Waits (within `verify_timeout`) for instances in the opposite transition to settle, then decides
 /// again: those now ready for `action` are returned; the rest are reported.
 async fn await_transitions(
@@ -617,48 +677,35 @@ async fn await_transitions(
     targets: Vec<Target>,
     report: &mut Report,
 ) -> Vec<Target> {
-    let started = ctx.clock.monotonic();
-    let deadline = started + ctx.opts.verify_timeout;
     let mut waiting: BTreeMap<String, Target> =
         targets.into_iter().map(|t| (t.id.clone(), t)).collect();
     let mut ready = Vec::new();
-    let mut cancel = ctx.cancel.clone();
-    let mut attempt = 0;
+    let mut poller = Poller::new(ctx);
     while !waiting.is_empty() {
         report.flush();
-        let now = ctx.clock.monotonic();
-        let pause = planner::poll_interval(attempt).min(deadline.saturating_duration_since(now));
-        attempt += 1;
-        let cancelled = tokio::select! {
-            _ = tokio::time::sleep(pause) => false,
-            Ok(_) = cancel.wait_for(|c| *c) => true,
-        };
-        if cancelled || (pause.is_zero() && ctx.clock.monotonic() >= deadline) {
-            let why = if cancelled {
-                format!("shiftd is shutting down: {action} not done")
-            } else {
-                format!(
-                    "still in transition after {}: {action} not done",
-                    humantime::format_duration(ctx.opts.verify_timeout)
-                )
-            };
-            for (_, t) in std::mem::take(&mut waiting) {
-                report.push(place.outcome(
-                    action,
-                    t.rules,
-                    Some(t.id),
-                    ResultKind::Failed,
-                    format!("{why} (last seen: {})", t.state),
-                ));
-            }
-            break;
-        }
         let ids: Vec<String> = waiting.keys().cloned().collect();
-        let views = match bounded("ec2:DescribeInstances", ec2.describe_ids(&ids)).await {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::warn!(account = place.account, region = place.region, error = %e, "could not check instance states: {e}");
-                continue;
+        let views = match poller.next(ctx, ec2, place, &ids).await {
+            Poll::States(views) => views,
+            Poll::Unavailable => continue,
+            end => {
+                let why = if end == Poll::Cancelled {
+                    format!("shiftd is shutting down: {action} not done")
+                } else {
+                    format!(
+                        "still in transition after {}: {action} not done",
+                        humantime::format_duration(ctx.opts.verify_timeout)
+                    )
+                };
+                for (_, t) in std::mem::take(&mut waiting) {
+                    report.push(place.outcome(
+                        action,
+                        t.rules,
+                        Some(t.id),
+                        ResultKind::Failed,
+                        format!("{why} (last seen: {})", t.state),
+                    ));
+                }
+                break;
             }
         };
         for v in views {
@@ -722,7 +769,6 @@ async fn verify(
     report: &mut Report,
 ) {
     let started = ctx.clock.monotonic();
-    let deadline = started + ctx.opts.verify_timeout;
     // Per instance: the target (with its initial state), whether it was seen to leave that state, and
     // the state last seen.
     let mut pending: BTreeMap<String, (Target, bool, String)> = accepted
@@ -732,45 +778,33 @@ async fn verify(
             (t.id.clone(), (t, false, last))
         })
         .collect();
-    let mut cancel = ctx.cancel.clone();
-    let mut attempt = 0;
+    let mut poller = Poller::new(ctx);
     while !pending.is_empty() {
         report.flush();
-        let now = ctx.clock.monotonic();
-        let pause = planner::poll_interval(attempt).min(deadline.saturating_duration_since(now));
-        attempt += 1;
-        let cancelled = tokio::select! {
-            _ = tokio::time::sleep(pause) => false,
-            Ok(_) = cancel.wait_for(|c| *c) => true,
-        };
-        let out_of_time = ctx.clock.monotonic() >= deadline;
-        if cancelled || (out_of_time && pause.is_zero()) {
-            let why = if cancelled {
-                format!("shiftd is shutting down: {action} was requested but not confirmed")
-            } else {
-                format!(
-                    "did not reach {} within {}",
-                    action.target_state(),
-                    humantime::format_duration(ctx.opts.verify_timeout)
-                )
-            };
-            for (id, (t, _, last)) in std::mem::take(&mut pending) {
-                report.push(place.outcome(
-                    action,
-                    t.rules,
-                    Some(id),
-                    ResultKind::Failed,
-                    format!("{why} (last seen: {last})"),
-                ));
-            }
-            return;
-        }
         let ids: Vec<String> = pending.keys().cloned().collect();
-        let views = match bounded("ec2:DescribeInstances", ec2.describe_ids(&ids)).await {
-            Ok(v) => v,
-            Err(e) => {
-                tracing::warn!(account = place.account, region = place.region, error = %e, "could not check instance states: {e}");
-                continue;
+        let views = match poller.next(ctx, ec2, place, &ids).await {
+            Poll::States(views) => views,
+            Poll::Unavailable => continue,
+            end => {
+                let why = if end == Poll::Cancelled {
+                    format!("shiftd is shutting down: {action} was requested but not confirmed")
+                } else {
+                    format!(
+                        "did not reach {} within {}",
+                        action.target_state(),
+                        humantime::format_duration(ctx.opts.verify_timeout)
+                    )
+                };
+                for (id, (t, _, last)) in std::mem::take(&mut pending) {
+                    report.push(place.outcome(
+                        action,
+                        t.rules,
+                        Some(id),
+                        ResultKind::Failed,
+                        format!("{why} (last seen: {last})"),
+                    ));
+                }
+                return;
             }
         };
         for v in views {

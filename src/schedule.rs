@@ -61,11 +61,7 @@ fn cron_reason(e: &cron::error::Error) -> String {
     let cause = text.lines().last().unwrap_or(&text).trim();
     format!(
         "{}; expected \"minute hour day-of-month month day-of-week\", optionally with seconds first",
-        cause
-            .trim_end_matches('.')
-            .replace(". (", " (")
-            .replace(".)", ")")
-            .replace("must be less than", "must be at most")
+        cron_cause(cause)
     )
 }
 

@@ -202,6 +202,19 @@ fn apply_begin(s: &mut Snapshot, checked_until: DateTime<Utc>, due: &[Occurrence
     before != (s.checked_until, s.open.len())
 }
 
+fn apply_dispatched(s: &mut Snapshot, keys: &[OccurrenceKey]) -> bool {
+    let mut changed = false;
+    for k in keys {
+        if let Some(p) = s.open.get_mut(k)
+            && *p != Phase::Dispatched
+        {
+            *p = Phase::Dispatched;
+            changed = true;
+        }
+    }
+    changed
+}
+
 fn apply_rewind(s: &mut Snapshot, checked_until: DateTime<Utc>) {
     s.checked_until = Some(checked_until);
     s.done.retain(|k| k.at <= checked_until);
@@ -263,12 +276,7 @@ impl OccurrenceRecord for MemoryRecord {
     }
 
     fn dispatched(&self, keys: &[OccurrenceKey]) -> Result<(), StateError> {
-        let mut s = self.snapshot.lock().expect("record lock");
-        for k in keys {
-            if let Some(p) = s.open.get_mut(k) {
-                *p = Phase::Dispatched;
-            }
-        }
+        apply_dispatched(&mut self.snapshot.lock().expect("record lock"), keys);
         Ok(())
     }
 
@@ -422,18 +430,7 @@ impl OccurrenceRecord for StateFile {
     }
 
     fn dispatched(&self, keys: &[OccurrenceKey]) -> Result<(), StateError> {
-        self.update(|s| {
-            let mut changed = false;
-            for k in keys {
-                if let Some(p) = s.open.get_mut(k)
-                    && *p != Phase::Dispatched
-                {
-                    *p = Phase::Dispatched;
-                    changed = true;
-                }
-            }
-            changed
-        })
+        self.update(|s| apply_dispatched(s, keys))
     }
 
     fn reported(&self, keys: &[OccurrenceKey], targets: &[String]) -> Result<(), StateError> {
