@@ -25,7 +25,7 @@ use crate::config::{Account, Config, ConfigError};
 use crate::credentials::{self, AccountCredentials, SessionSpec};
 use crate::executor::{self, AccountClients, BatchContext, ExecOptions, RegionClient};
 use crate::notify::ServiceManager;
-use crate::outcome::{Outcome, OutcomeSink, ResultKind};
+use crate::outcome::{Outcome, OutcomeSink, ResultKind, Trigger};
 use crate::planner::{self, AccountBatch, Firing, Missed};
 use crate::state::{self, OccurrenceKey, OccurrenceRecord, Phase, Snapshot};
 
@@ -116,6 +116,7 @@ impl Daemon {
     fn exec_options(&self) -> ExecOptions {
         ExecOptions {
             dry_run: self.dry_run(),
+            trigger: Trigger::Schedule,
             verify_timeout: self.config.defaults.verify_timeout,
             credentials_wait: self.config.defaults.credentials_wait,
         }
@@ -385,6 +386,7 @@ impl Daemon {
         let tolerance = chrono_duration(planner::LATE_TOLERANCE);
         let mut resumable: BTreeMap<Phase, Vec<Firing>> = BTreeMap::new();
         let mut closed = Vec::new();
+        let mut interrupted = Vec::new();
         for (key, phase) in &snapshot.open {
             let rule = self
                 .config
@@ -409,7 +411,7 @@ impl Daemon {
                 Some(why) => {
                     let selection =
                         rule.map_or(String::new(), |r| format!(" (selection: {})", r.selection));
-                    self.sink.record(&Outcome {
+                    interrupted.push(Outcome {
                         action: key.action,
                         rules: vec![key.rule.clone()],
                         account: key.account.clone(),
@@ -423,10 +425,17 @@ impl Daemon {
                             phase.as_str(),
                             if *phase == Phase::Dispatched { " (Start/Stop calls may have been made)" } else { "" }
                         ),
+                        trigger: Trigger::Schedule,
                     });
                     closed.push(key.clone());
                 }
             }
+        }
+        for o in &interrupted {
+            self.sink.record(o);
+        }
+        if !interrupted.is_empty() {
+            self.sink.batch_done(&interrupted);
         }
         if !closed.is_empty() {
             let r = self.record.done(&closed);
@@ -449,6 +458,7 @@ impl Daemon {
         match done {
             Ok((keys, outcomes)) => {
                 log_batch_done(&outcomes);
+                self.sink.batch_done(&outcomes);
                 let r = self.record.done(&keys);
                 self.recorded("recording done occurrences", r);
                 for k in keys {
@@ -693,6 +703,7 @@ fn resume_point(saved: Option<DateTime<Utc>>, now: DateTime<Utc>) -> DateTime<Ut
 /// One entry per rule and action that missed occurrences: the occurrence itself when it is one, the
 /// count and the span otherwise.
 fn report_missed(sink: &dyn OutcomeSink, config: &Config, missed: &[Missed], now: DateTime<Utc>) {
+    let mut outcomes = Vec::new();
     for m in missed {
         let Some(rule) = config.rules.iter().find(|r| r.name == m.rule) else {
             continue;
@@ -722,15 +733,21 @@ fn report_missed(sink: &dyn OutcomeSink, config: &Config, missed: &[Missed], now
                 rule.selection
             )
         };
-        sink.record(&Outcome {
+        let outcome = Outcome {
             action: m.action,
             rules: vec![rule.name.clone()],
             account: rule.account.clone(),
             region: rule.regions.join(","),
             instance_id: None,
-            result: ResultKind::Failed,
+            result: ResultKind::Missed,
             reason,
-        });
+            trigger: Trigger::Schedule,
+        };
+        sink.record(&outcome);
+        outcomes.push(outcome);
+    }
+    if !outcomes.is_empty() {
+        sink.batch_done(&outcomes);
     }
 }
 

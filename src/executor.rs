@@ -16,7 +16,7 @@ use crate::aws::{AwsError, Ec2};
 use crate::clock::Clock;
 use crate::config::{Account, Action};
 use crate::credentials::AccountCredentials;
-use crate::outcome::{Outcome, OutcomeSink, ResultKind};
+use crate::outcome::{Outcome, OutcomeSink, ResultKind, Trigger};
 use crate::planner::{self, AccountBatch, Decision, InstanceView, Progress, Request, Selected};
 
 /// StartInstances/StopInstances calls carry at most this many IDs.
@@ -44,6 +44,8 @@ pub struct AccountClients {
 #[derive(Clone, Debug)]
 pub struct ExecOptions {
     pub dry_run: bool,
+    /// What made shiftd act: logged with every outcome.
+    pub trigger: Trigger,
     pub verify_timeout: Duration,
     pub credentials_wait: Duration,
 }
@@ -126,6 +128,7 @@ impl Report {
 struct Place<'a> {
     account: &'a str,
     region: &'a str,
+    trigger: Trigger,
 }
 
 impl Place<'_> {
@@ -145,6 +148,7 @@ impl Place<'_> {
             instance_id,
             result,
             reason: reason.into(),
+            trigger: self.trigger,
         }
     }
 }
@@ -207,6 +211,7 @@ pub async fn run_batch(ctx: BatchContext, batch: AccountBatch) -> Vec<Outcome> {
             let place = Place {
                 account: &account,
                 region: &regions,
+                trigger: ctx.opts.trigger,
             };
             fail_request(&mut report, &place, req, &reason);
         }
@@ -240,7 +245,7 @@ pub async fn run_batch(ctx: BatchContext, batch: AccountBatch) -> Vec<Outcome> {
         unresolved: &unresolved,
         describe_errors: &describe_errors,
     };
-    report_not_found(&mut report, &clients, &batch, &lookup);
+    report_not_found(&mut report, &clients, &batch, &lookup, ctx.opts.trigger);
     report.flush();
     report.outcomes
 }
@@ -260,6 +265,7 @@ fn report_not_found(
     clients: &AccountClients,
     batch: &AccountBatch,
     lookup: &Lookup,
+    trigger: Trigger,
 ) {
     let account = clients.account.name.as_str();
     for req in &batch.requests {
@@ -270,6 +276,7 @@ fn report_not_found(
         let place = Place {
             account,
             region: &regions,
+            trigger,
         };
         let seen = lookup.found.get(&req.rule);
         let why = match lookup.describe_errors.get(&req.rule) {
@@ -334,7 +341,11 @@ struct RegionPlan {
 
 async fn run_region(ctx: &BatchContext, batch: &AccountBatch, region: &str) -> RegionResult {
     let account = ctx.clients.account.name.as_str();
-    let place = Place { account, region };
+    let place = Place {
+        account,
+        region,
+        trigger: ctx.opts.trigger,
+    };
     let mut report = Report::new(ctx);
     let requests: Vec<&Request> = batch
         .requests

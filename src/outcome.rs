@@ -1,6 +1,12 @@
 //! What happened to each instance action, and how it is logged: one entry per instance action, with
 //! structured fields that journald stores as `SHIFTD_ACTION`, `SHIFTD_RULE`, `SHIFTD_ACCOUNT`,
-//! `SHIFTD_REGION`, `SHIFTD_INSTANCE_ID`, `SHIFTD_RESULT` and `SHIFTD_REASON`.
+//! `SHIFTD_REGION`, `SHIFTD_INSTANCE_ID`, `SHIFTD_RESULT`, `SHIFTD_REASON`, `SHIFTD_TRIGGER` and
+//! `SHIFTD_DETAIL`.
+//!
+//! `SHIFTD_REASON` says why: for a scheduled action, what happened (`running after 41s`); for an
+//! action taken to enforce a rule's state or by hand, exactly `enforce` or `manual` (so that
+//! `journalctl -u shiftd SHIFTD_REASON=enforce` finds them), with what happened in `SHIFTD_DETAIL`.
+//! `SHIFTD_DETAIL` always holds what happened; `SHIFTD_TRIGGER` is `schedule`, `enforce` or `manual`.
 
 use std::fmt;
 
@@ -11,6 +17,9 @@ pub enum ResultKind {
     Ok,
     Skipped,
     Failed,
+    /// An occurrence that was not acted on because shiftd was not running (or the machine was
+    /// suspended) at its instant, and it was past its catch-up window when noticed.
+    Missed,
     DryRun,
 }
 
@@ -20,7 +29,30 @@ impl ResultKind {
             ResultKind::Ok => "ok",
             ResultKind::Skipped => "skipped",
             ResultKind::Failed => "failed",
+            ResultKind::Missed => "missed",
             ResultKind::DryRun => "dry-run",
+        }
+    }
+}
+
+/// What made shiftd act.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum Trigger {
+    /// An occurrence of a rule's schedule (or its catch-up after downtime).
+    #[default]
+    Schedule,
+    /// A rule with `enforce = true` found an instance out of its desired state.
+    Enforce,
+    /// `shiftd apply`.
+    Manual,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Schedule => "schedule",
+            Trigger::Enforce => "enforce",
+            Trigger::Manual => "manual",
         }
     }
 }
@@ -42,16 +74,31 @@ pub struct Outcome {
     /// the account had no credentials) or the occurrence was missed.
     pub instance_id: Option<String>,
     pub result: ResultKind,
+    /// What happened: `running after 41s`, `already stopped`, the error.
     pub reason: String,
+    /// What made shiftd act.
+    pub trigger: Trigger,
 }
 
 impl Outcome {
-    /// Writes the outcome to the log: info for ok/skipped/dry-run, error for failed.
+    /// `SHIFTD_REASON`: what happened for a scheduled action, else the trigger (`enforce`, `manual`).
+    pub fn why(&self) -> &str {
+        match self.trigger {
+            Trigger::Schedule => &self.reason,
+            other => other.as_str(),
+        }
+    }
+
+    /// Writes the outcome to the log: info for ok/skipped/dry-run, error for failed and missed.
     pub fn log(&self) {
         let rule = self.rules.join(",");
         let target = self.instance_id.as_deref().unwrap_or("(selection)");
+        let by = match self.trigger {
+            Trigger::Schedule => String::new(),
+            other => format!(" [{other}]", other = other.as_str()),
+        };
         let message = format!(
-            "{} {} in {}/{} ({}): {}: {}",
+            "{} {} in {}/{} ({}){by}: {}: {}",
             self.action, target, self.account, self.region, rule, self.result, self.reason
         );
         macro_rules! emit {
@@ -64,7 +111,9 @@ impl Outcome {
                         region = %self.region,
                         instance_id = %id,
                         result = self.result.as_str(),
-                        reason = %self.reason,
+                        reason = %self.why(),
+                        trigger = self.trigger.as_str(),
+                        detail = %self.reason,
                         "{message}"
                     ),
                     None => tracing::$level!(
@@ -73,14 +122,16 @@ impl Outcome {
                         account = %self.account,
                         region = %self.region,
                         result = self.result.as_str(),
-                        reason = %self.reason,
+                        reason = %self.why(),
+                        trigger = self.trigger.as_str(),
+                        detail = %self.reason,
                         "{message}"
                     ),
                 }
             };
         }
         match self.result {
-            ResultKind::Failed => emit!(error),
+            ResultKind::Failed | ResultKind::Missed => emit!(error),
             _ => emit!(info),
         }
     }
@@ -88,7 +139,11 @@ impl Outcome {
 
 /// Where outcomes go: the journal in the daemon, a recording in the scenario tests.
 pub trait OutcomeSink: Send + Sync {
+    /// One instance action's outcome (or a selection's, or a missed occurrence's), as it happens.
     fn record(&self, outcome: &Outcome);
+    /// Called once a batch is over, with every outcome it recorded (missed occurrences noticed in one
+    /// pass count as one batch): where alerts are sent from.
+    fn batch_done(&self, _outcomes: &[Outcome]) {}
 }
 
 /// Logs each outcome (journald or stderr, whichever logging was set up).

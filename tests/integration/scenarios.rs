@@ -512,7 +512,7 @@ async fn occurrences_missed_while_down_are_reported_and_the_due_one_caught_up() 
     assert!(
         missed
             .iter()
-            .all(|o| o.result == ResultKind::Failed && o.reason.contains("missed"))
+            .all(|o| o.result == ResultKind::Missed && o.reason.contains("missed"))
     );
     let text: String = missed.iter().map(|o| o.reason.clone()).collect();
     assert!(
