@@ -82,6 +82,7 @@ fn selected(n: usize) -> Vec<Selected> {
                 id: format!("i-{i:017x}"),
                 state: ["running", "stopped", "pending", "stopping"][i % 4].to_string(),
                 state_reason: None,
+                ..Default::default()
             },
             by: vec![(format!("rule{}", i % 20), Action::Stop)],
         })

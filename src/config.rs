@@ -61,6 +61,24 @@ pub const CREDENTIALS_WAIT: DurationBounds = DurationBounds {
     why: "",
 };
 
+/// How late an occurrence may still be acted on after downtime (per rule `catch_up`, default in
+/// `[defaults]`); older ones are reported as missed. At most a day: a stop caught up a day late is more
+/// likely to surprise than to help, and `enforce` is the tool for "keep them in this state".
+pub const CATCH_UP: DurationBounds = DurationBounds {
+    min: Duration::ZERO,
+    max: Duration::from_secs(24 * 3600),
+    default: Duration::from_secs(300),
+    why: "",
+};
+
+/// How often rules with `enforce = true` check their instances.
+pub const ENFORCE_EVERY: DurationBounds = DurationBounds {
+    min: Duration::from_secs(10),
+    max: Duration::from_secs(24 * 3600),
+    default: Duration::from_secs(300),
+    why: " (each check costs one DescribeInstances per account and region)",
+};
+
 // ---------------------------------------------------------------------------------------------------------
 // The validated model
 // ---------------------------------------------------------------------------------------------------------
@@ -121,6 +139,21 @@ pub struct Defaults {
     pub verify_timeout: Duration,
     /// How long a due action waits for valid credentials of its account before it is reported failed.
     pub credentials_wait: Duration,
+    /// How often rules with `enforce = true` check their instances.
+    pub enforce_every: Duration,
+    /// The default of the rules' `catch_up`.
+    pub catch_up: Duration,
+}
+
+/// How a rule stops its instances.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub enum StopMode {
+    /// A plain StopInstances.
+    #[default]
+    Stop,
+    /// StopInstances with `Hibernate=true` for instances configured for hibernation; a plain stop for
+    /// the others (logged as a fall-back).
+    Hibernate,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -145,6 +178,67 @@ pub struct Selection {
     pub instance_ids: Vec<String>,
     /// Tag key -> accepted values (EC2 filter wildcards allowed). All keys must match.
     pub tags: BTreeMap<String, Vec<String>>,
+}
+
+impl Selection {
+    /// Whether the instance `id` with `tags` is selected: listed (when IDs are given) and carrying
+    /// every key with one of its values, EC2 filter wildcards (`*`, `?`, `\` escaping) included.
+    pub fn matches(&self, id: &str, tags: &BTreeMap<String, String>) -> bool {
+        (self.instance_ids.is_empty() || self.instance_ids.iter().any(|i| i == id))
+            && self.tags.iter().all(|(k, values)| {
+                tags.get(k)
+                    .is_some_and(|v| values.iter().any(|pattern| wildcard_match(pattern, v)))
+            })
+    }
+}
+
+/// EC2 filter value matching: `*` any run of characters, `?` any one, `\` makes the next literal.
+pub fn wildcard_match(pattern: &str, value: &str) -> bool {
+    #[derive(Clone, Copy, PartialEq)]
+    enum Token {
+        Any,
+        One,
+        Char(char),
+    }
+    let mut tokens = Vec::new();
+    let mut chars = pattern.chars();
+    while let Some(c) = chars.next() {
+        tokens.push(match c {
+            '*' => Token::Any,
+            '?' => Token::One,
+            '\\' => Token::Char(chars.next().unwrap_or('\\')),
+            c => Token::Char(c),
+        });
+    }
+    let value: Vec<char> = value.chars().collect();
+    // Classic two-pointer glob match with back-tracking to the last `*`.
+    let (mut t, mut v) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while v < value.len() {
+        match tokens.get(t) {
+            Some(Token::Char(c)) if *c == value[v] => {
+                t += 1;
+                v += 1;
+            }
+            Some(Token::One) => {
+                t += 1;
+                v += 1;
+            }
+            Some(Token::Any) => {
+                star = Some((t, v));
+                t += 1;
+            }
+            _ => match star {
+                Some((st, sv)) => {
+                    t = st + 1;
+                    v = sv + 1;
+                    star = Some((st, sv + 1));
+                }
+                None => return false,
+            },
+        }
+    }
+    tokens[t..].iter().all(|x| *x == Token::Any)
 }
 
 impl fmt::Display for Selection {
@@ -178,6 +272,12 @@ pub struct Rule {
     pub skip: Vec<String>,
     /// Calendars outside whose dates the rule does not fire (empty: no such restriction).
     pub only: Vec<String>,
+    /// Keep the instances in the state of the rule's latest occurrence, acting on those found otherwise
+    /// every `enforce_every` (only for rules with both `start` and `stop`).
+    pub enforce: bool,
+    /// How late an occurrence may still be acted on after downtime.
+    pub catch_up: Duration,
+    pub stop_mode: StopMode,
 }
 
 impl Rule {
@@ -350,6 +450,8 @@ struct RawDefaults {
     dry_run: Option<bool>,
     verify_timeout: Option<Spanned<String>>,
     credentials_wait: Option<Spanned<String>>,
+    enforce_every: Option<Spanned<String>>,
+    catch_up: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -382,6 +484,9 @@ struct RawRule {
     timezone: Option<Spanned<String>>,
     skip: Option<Spanned<OneOrMany>>,
     only: Option<Spanned<OneOrMany>>,
+    enforce: Option<Spanned<bool>>,
+    catch_up: Option<Spanned<String>>,
+    stop_mode: Option<Spanned<String>>,
 }
 
 /// A string or an array of strings; each element of an array keeps its own place in the file.
@@ -644,13 +749,7 @@ fn validate(path: &Path, raw: RawConfig, problems: &mut Problems) -> Config {
     let credentials = validate_credentials(raw.credentials, problems);
     let accounts = validate_accounts(raw.accounts, problems);
     let calendars = validate_calendars(path, raw.calendars, problems);
-    let rules = validate_rules(
-        raw.rules,
-        &accounts,
-        &calendars,
-        defaults.timezone,
-        problems,
-    );
+    let rules = validate_rules(raw.rules, &accounts, &calendars, &defaults, problems);
     Config {
         path: path.to_path_buf(),
         defaults,
@@ -781,6 +880,13 @@ fn validate_defaults(d: &RawDefaults, problems: &mut Problems) -> Defaults {
         &CREDENTIALS_WAIT,
         problems,
     );
+    let enforce_every = check_duration(
+        d.enforce_every.as_ref(),
+        "enforce_every",
+        &ENFORCE_EVERY,
+        problems,
+    );
+    let catch_up = check_duration(d.catch_up.as_ref(), "catch_up", &CATCH_UP, problems);
     if let (Some(refresh), Some(session)) = (refresh_before_expiry, session_duration) {
         check_refresh_fits_session(d, refresh, session, problems);
     }
@@ -791,6 +897,8 @@ fn validate_defaults(d: &RawDefaults, problems: &mut Problems) -> Defaults {
         dry_run: d.dry_run.unwrap_or(false),
         verify_timeout: verify_timeout.unwrap_or(VERIFY_TIMEOUT.default),
         credentials_wait: credentials_wait.unwrap_or(CREDENTIALS_WAIT.default),
+        enforce_every: enforce_every.unwrap_or(ENFORCE_EVERY.default),
+        catch_up: catch_up.unwrap_or(CATCH_UP.default),
     }
 }
 
@@ -1001,7 +1109,7 @@ fn validate_rules(
     raw: Vec<Spanned<RawRule>>,
     accounts: &BTreeMap<String, Account>,
     calendars: &BTreeMap<String, Calendar>,
-    default_zone: Tz,
+    defaults: &Defaults,
     problems: &mut Problems,
 ) -> Vec<Rule> {
     let mut names = BTreeSet::new();
@@ -1015,7 +1123,7 @@ fn validate_rules(
             at,
             accounts,
             calendars,
-            default_zone,
+            defaults,
             problems,
         };
         rules.push(check.rule(rule));
@@ -1051,8 +1159,8 @@ struct RuleCheck<'a> {
     accounts: &'a BTreeMap<String, Account>,
     /// The calendars of `[calendars]`, which the rule's `skip` and `only` name.
     calendars: &'a BTreeMap<String, Calendar>,
-    /// The time zone of `[defaults]`, for a rule that gives none.
-    default_zone: Tz,
+    /// `[defaults]`: the time zone and catch-up window of a rule that gives none.
+    defaults: &'a Defaults,
     problems: &'a mut Problems,
 }
 
@@ -1079,6 +1187,16 @@ impl<'a> RuleCheck<'a> {
         self.check_fires(raw.stop.as_ref(), &stop, timezone);
         let skip = self.calendar_names("skip", raw.skip.as_ref());
         let only = self.calendar_names("only", raw.only.as_ref());
+        let enforce = self.enforce(&raw);
+        let catch_up = match &raw.catch_up {
+            Some(_) => {
+                let name = format!("rule {:?}: catch_up", self.name);
+                check_duration(raw.catch_up.as_ref(), &name, &CATCH_UP, self.problems)
+                    .unwrap_or(CATCH_UP.default)
+            }
+            None => self.defaults.catch_up,
+        };
+        let stop_mode = self.stop_mode(&raw);
         let (start, stop) = match self.day_filter(&skip, &only) {
             Some(days) => (
                 start
@@ -1101,6 +1219,59 @@ impl<'a> RuleCheck<'a> {
             timezone,
             skip,
             only,
+            enforce,
+            catch_up,
+            stop_mode,
+        }
+    }
+
+    /// Checks the rule's `enforce`: only a rule with both `start` and `stop` has a desired state at every
+    /// time. Returns it.
+    fn enforce(&mut self, raw: &RawRule) -> bool {
+        let Some(enforce) = &raw.enforce else {
+            return false;
+        };
+        if *enforce.get_ref() && (raw.start.is_none() || raw.stop.is_none()) {
+            let name = &self.name;
+            let has = if raw.start.is_some() { "start" } else { "stop" };
+            self.problems.report(
+                enforce.span().start,
+                format!(
+                    "rule {name:?}: enforce = true needs both start and stop (the desired state is the \
+                     action of the latest occurrence); this rule has only {has}"
+                ),
+            );
+        }
+        *enforce.get_ref()
+    }
+
+    /// Checks the rule's `stop_mode`: "stop" (the default) or "hibernate", and only with `stop`.
+    fn stop_mode(&mut self, raw: &RawRule) -> StopMode {
+        let Some(mode) = &raw.stop_mode else {
+            return StopMode::Stop;
+        };
+        let name = &self.name;
+        match mode.get_ref().as_str() {
+            "stop" => StopMode::Stop,
+            "hibernate" => {
+                if raw.stop.is_none() {
+                    self.problems.report(
+                        mode.span().start,
+                        format!(
+                            "rule {name:?}: stop_mode = \"hibernate\" but the rule has no stop: \
+                             expected a stop schedule, or no stop_mode"
+                        ),
+                    );
+                }
+                StopMode::Hibernate
+            }
+            other => {
+                self.problems.report(
+                    mode.span().start,
+                    format!("rule {name:?}: stop_mode {other:?}: expected \"stop\" or \"hibernate\""),
+                );
+                StopMode::Stop
+            }
         }
     }
 
@@ -1322,7 +1493,7 @@ impl<'a> RuleCheck<'a> {
     fn zone(&mut self, timezone: Option<&Spanned<String>>) -> Tz {
         match timezone {
             Some(z) => parse_zone(z, self.problems),
-            None => self.default_zone,
+            None => self.defaults.timezone,
         }
     }
 

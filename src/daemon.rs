@@ -84,8 +84,13 @@ impl Drop for AccountRuntime {
     }
 }
 
-/// What a finished batch hands back: the occurrences it carried out, and every outcome.
-type BatchDone = (Vec<OccurrenceKey>, Vec<Outcome>);
+/// What a finished batch hands back: the occurrences it carried out (none for an enforce pass), and
+/// every outcome.
+struct BatchDone {
+    keys: Vec<OccurrenceKey>,
+    outcomes: Vec<Outcome>,
+    trigger: Trigger,
+}
 
 struct Daemon {
     config: Arc<Config>,
@@ -110,13 +115,23 @@ struct Daemon {
     /// Wall and monotonic time at the last tick, to tell a wall-clock step.
     last_tick: (DateTime<Utc>, tokio::time::Instant),
     record_ok: bool,
+    /// When the next enforce pass is due (monotonic).
+    next_enforce: tokio::time::Instant,
+    /// Enforce once the batches in flight are done (after a catch-up).
+    enforce_after_batches: bool,
+    /// Enforce batches in flight: one pass at a time.
+    enforcing: usize,
 }
 
 impl Daemon {
     fn exec_options(&self) -> ExecOptions {
+        self.exec_options_for(Trigger::Schedule)
+    }
+
+    fn exec_options_for(&self, trigger: Trigger) -> ExecOptions {
         ExecOptions {
             dry_run: self.dry_run(),
-            trigger: Trigger::Schedule,
+            trigger,
             verify_timeout: self.config.defaults.verify_timeout,
             credentials_wait: self.config.defaults.credentials_wait,
         }
@@ -287,6 +302,10 @@ impl Daemon {
             self.recorded("recording due occurrences", r);
             self.written_until = self.checked_until;
         }
+        // After a catch-up (occurrences missed, or acted on late), enforce once the batches are done.
+        if !work.missed.is_empty() || due.iter().any(|f| now - f.at > chrono_duration(MAX_SLEEP)) {
+            self.enforce_after_batches = true;
+        }
         // One batch per instant, oldest first: a start and a stop of one rule both caught up in one
         // pass (after a suspend) are two occurrences, not a conflict.
         let mut by_at: BTreeMap<DateTime<Utc>, Vec<Firing>> = BTreeMap::new();
@@ -295,6 +314,80 @@ impl Daemon {
         }
         for group in by_at.into_values() {
             self.dispatch(&group, None, &BTreeMap::new());
+        }
+    }
+
+    /// Starts an enforce pass when one is due: every `enforce_every`, at start-up, after a reload and
+    /// after a catch-up; never two at once.
+    fn maybe_enforce(&mut self) {
+        if !self.config.rules.iter().any(|r| r.enforce) || self.enforcing > 0 {
+            return;
+        }
+        let mono = self.clock.monotonic();
+        let after_catch_up = self.enforce_after_batches && self.inflight.is_empty();
+        if mono < self.next_enforce && !after_catch_up {
+            return;
+        }
+        self.enforce_after_batches = false;
+        self.next_enforce = mono + self.config.defaults.enforce_every;
+        self.enforce();
+    }
+
+    /// One enforce pass: per account, each enforcing rule's desired action (that of its latest
+    /// occurrence) on its selection, with one describe per region. A rule whose latest occurrence is
+    /// still in flight is left to that occurrence.
+    fn enforce(&mut self) {
+        let now = self.clock.now();
+        let mut by_account: BTreeMap<String, Vec<planner::Request>> = BTreeMap::new();
+        for rule in self.config.rules.iter().filter(|r| r.enforce) {
+            let Some((action, at)) = planner::desired_action(rule, now) else {
+                continue;
+            };
+            let key = OccurrenceKey {
+                rule: rule.name.clone(),
+                action,
+                at,
+                account: rule.account.clone(),
+            };
+            if self.open.contains(&key) || at > self.checked_until {
+                continue;
+            }
+            by_account
+                .entry(rule.account.clone())
+                .or_default()
+                .push(planner::Request::new(rule, action));
+        }
+        for (account, requests) in by_account {
+            let Some(rt) = self.accounts.get(&account) else {
+                continue;
+            };
+            tracing::debug!(
+                account = %account,
+                "enforcing: {}",
+                requests
+                    .iter()
+                    .map(|r| format!("{} {}", r.action, r.rule))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+            let ctx = BatchContext {
+                clients: rt.clients.clone(),
+                opts: self.exec_options_for(Trigger::Enforce),
+                cancel: self.cancel.clone(),
+                clock: self.clock.clone(),
+                sink: self.sink.clone(),
+                on_dispatch: Arc::new(|| {}),
+                on_reported: Arc::new(|_| {}),
+                already_reported: Arc::new(BTreeSet::new()),
+            };
+            let batch = AccountBatch {
+                account,
+                at: now,
+                requests,
+            };
+            self.enforcing += 1;
+            self.inflight
+                .spawn(run_batch(ctx, batch, Vec::new(), Trigger::Enforce));
         }
     }
 
@@ -375,7 +468,8 @@ impl Daemon {
                 }),
                 already_reported: Arc::new(already),
             };
-            self.inflight.spawn(run_batch(ctx, batch, keys));
+            self.inflight
+                .spawn(run_batch(ctx, batch, keys, Trigger::Schedule));
         }
     }
 
@@ -383,7 +477,6 @@ impl Daemon {
     /// window, reported failed otherwise.
     fn resume(&mut self, snapshot: &Snapshot) {
         let now = self.clock.now();
-        let tolerance = chrono_duration(planner::LATE_TOLERANCE);
         let mut resumable: BTreeMap<Phase, Vec<Firing>> = BTreeMap::new();
         let mut closed = Vec::new();
         let mut interrupted = Vec::new();
@@ -395,10 +488,10 @@ impl Daemon {
                 .find(|r| r.name == key.rule && r.account == key.account);
             let why = match rule {
                 None => Some("its rule is no longer in the configuration".to_string()),
-                Some(_) if now - key.at > tolerance => Some(format!(
-                    "it is now {} late, past the catch-up window of {}",
+                Some(r) if now - key.at > chrono_duration(r.catch_up) => Some(format!(
+                    "it is now {} late, past the rule's catch-up window of {}",
                     humantime::format_duration((now - key.at).to_std().unwrap_or_default()),
-                    humantime::format_duration(planner::LATE_TOLERANCE)
+                    humantime::format_duration(r.catch_up)
                 )),
                 Some(_) => None,
             };
@@ -456,9 +549,19 @@ impl Daemon {
 
     fn batch_done(&mut self, done: Result<BatchDone, tokio::task::JoinError>) {
         match done {
-            Ok((keys, outcomes)) => {
+            Ok(BatchDone {
+                keys,
+                outcomes,
+                trigger,
+            }) => {
                 log_batch_done(&outcomes);
-                self.sink.batch_done(&outcomes);
+                if !outcomes.is_empty() {
+                    self.sink.batch_done(&outcomes);
+                }
+                if trigger == Trigger::Enforce {
+                    self.enforcing = self.enforcing.saturating_sub(1);
+                    return;
+                }
                 let r = self.record.done(&keys);
                 self.recorded("recording done occurrences", r);
                 for k in keys {
@@ -485,14 +588,24 @@ impl Daemon {
             self.accounts.clear();
         }
         self.reconcile_accounts().await;
+        self.next_enforce = self.clock.monotonic();
         tracing::info!("configuration reloaded from {}", path.display());
         log_started(self);
     }
 }
 
-async fn run_batch(ctx: BatchContext, batch: AccountBatch, keys: Vec<OccurrenceKey>) -> BatchDone {
+async fn run_batch(
+    ctx: BatchContext,
+    batch: AccountBatch,
+    keys: Vec<OccurrenceKey>,
+    trigger: Trigger,
+) -> BatchDone {
     let outcomes = executor::run_batch(ctx, batch).await;
-    (keys, outcomes)
+    BatchDone {
+        keys,
+        outcomes,
+        trigger,
+    }
 }
 
 /// Where the delegate's own STS calls go: the first configured account's first region.
@@ -557,10 +670,11 @@ pub async fn run(
     } else {
         snapshot
     };
+    let now_mono = clock.monotonic();
     let mut daemon = Daemon {
         config,
         dry_run_flag: settings.dry_run,
-        last_tick: (now, clock.monotonic()),
+        last_tick: (now, now_mono),
         clock,
         connect,
         aws,
@@ -576,6 +690,9 @@ pub async fn run(
         done: snapshot.done.clone(),
         open: BTreeSet::new(),
         record_ok: true,
+        next_enforce: now_mono,
+        enforce_after_batches: false,
+        enforcing: 0,
     };
     daemon.reconcile_accounts().await;
     log_started(&daemon);
@@ -589,6 +706,7 @@ pub async fn run(
 
     loop {
         daemon.tick();
+        daemon.maybe_enforce();
         let now = daemon.clock.now();
         service.status(&daemon.status_line(now));
         // From the scheduling loop itself: a hung loop stops the pings and systemd restarts shiftd.
@@ -602,6 +720,16 @@ pub async fn run(
             max_sleep.min(CREDENTIALS_STATUS_EVERY)
         } else {
             max_sleep
+        };
+        // (While a pass runs, the next is started once it is done: woken by its batches ending.)
+        let cap = if daemon.config.rules.iter().any(|r| r.enforce) && daemon.enforcing == 0 {
+            cap.min(
+                daemon
+                    .next_enforce
+                    .saturating_duration_since(daemon.clock.monotonic()),
+            )
+        } else {
+            cap
         };
         let sleep_for = planner::next_due(&daemon.config, now)
             .map(|n| (n - now).to_std().unwrap_or_default())
@@ -683,7 +811,7 @@ fn log_started(daemon: &Daemon) {
 }
 
 /// Where the scheduling loop starts: the saved instant when there is one, so the occurrences shiftd
-/// slept through are caught up (at most `LATE_TOLERANCE` late) or reported as missed.
+/// slept through are caught up (at most each rule's `catch_up` late) or reported as missed.
 fn resume_point(saved: Option<DateTime<Utc>>, now: DateTime<Utc>) -> DateTime<Utc> {
     let (from, note) = state::resume_from(saved, now, state::MAX_LOOKBACK);
     if let Some(note) = note {
@@ -691,10 +819,9 @@ fn resume_point(saved: Option<DateTime<Utc>>, now: DateTime<Utc>) -> DateTime<Ut
     }
     if from < now {
         tracing::info!(
-            "resuming from {} (last run): occurrences since then are caught up when at most {} late, \
-             reported as missed otherwise",
+            "resuming from {} (last run): occurrences since then are caught up when at most their \
+             rule's catch_up late, reported as missed otherwise",
             from.to_rfc3339(),
-            humantime::format_duration(planner::LATE_TOLERANCE)
         );
     }
     from
@@ -710,11 +837,11 @@ fn report_missed(sink: &dyn OutcomeSink, config: &Config, missed: &[Missed], now
         };
         let reason = if m.count == 1 {
             format!(
-                "missed: due at {}, noticed at {} (more than {} late: shiftd was not running or the \
-                 machine was suspended); not acted on (selection: {})",
+                "missed: due at {}, noticed at {} (more than catch_up = {} late: shiftd was not \
+                 running or the machine was suspended); not acted on (selection: {})",
                 m.first.to_rfc3339(),
                 now.to_rfc3339(),
-                humantime::format_duration(planner::LATE_TOLERANCE),
+                humantime::format_duration(rule.catch_up),
                 rule.selection
             )
         } else {

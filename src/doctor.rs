@@ -344,7 +344,7 @@ async fn check_permissions(
         } else {
             "StopInstances"
         };
-        match ec2.change_state(action, ids, true).await {
+        match ec2.change_state(action, ids, true, false).await {
             Ok(()) => report.line(Verdict::Ok, format!("{place}: rule {}: {api} allowed on {} instance(s) (DryRun)", rule.name, ids.len()), None),
             Err(e) => report.line(
                 Verdict::Fail,

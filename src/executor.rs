@@ -14,7 +14,7 @@ use tokio::sync::watch;
 
 use crate::aws::{AwsError, Ec2};
 use crate::clock::Clock;
-use crate::config::{Account, Action};
+use crate::config::{Account, Action, Selection, StopMode};
 use crate::credentials::AccountCredentials;
 use crate::outcome::{Outcome, OutcomeSink, ResultKind, Trigger};
 use crate::planner::{self, AccountBatch, Decision, InstanceView, Progress, Request, Selected};
@@ -329,6 +329,11 @@ struct Target {
     /// Its state when it was decided on.
     state: String,
     state_reason: Option<String>,
+    /// A stop asked to hibernate it (a rule with `stop_mode = "hibernate"`), and it is configured for
+    /// hibernation.
+    hibernate: bool,
+    /// Said with its result: how it was stopped when that is not a plain stop.
+    note: Option<String>,
 }
 
 /// What the planner's decisions come to in one region.
@@ -367,8 +372,12 @@ async fn run_region(ctx: &BatchContext, batch: &AccountBatch, region: &str) -> R
     let ec2 = client.ec2.as_ref();
 
     let guard = client.exclusive.lock().await;
-    let resolved = resolve(ec2, &place, &requests, &mut report).await;
-    let mut plan = plan(&place, &resolved.selected, ctx.opts.dry_run, &mut report);
+    let resolved = if ctx.opts.trigger == Trigger::Enforce {
+        resolve_at_once(ec2, &place, &requests, &mut report).await
+    } else {
+        resolve(ec2, &place, &requests, &mut report).await
+    };
+    let mut plan = plan(ctx, &place, &requests, &resolved.selected, &mut report);
     report.flush();
     let mut accepted = BTreeMap::new();
     for (action, targets) in std::mem::take(&mut plan.act) {
@@ -505,12 +514,95 @@ async fn resolve(
     }
 }
 
+/// An enforce pass's resolve: one DescribeInstances (paginated) for the whole region, whatever the
+/// number of rules, each request's selection matched here. Listed instances not found are not
+/// reported (the scheduled occurrences do that); a region that cannot be described fails each request.
+async fn resolve_at_once(
+    ec2: &dyn Ec2,
+    place: &Place<'_>,
+    requests: &[&Request],
+    report: &mut Report,
+) -> Resolved {
+    let mut resolved = Resolved {
+        selected: Vec::new(),
+        found: BTreeMap::new(),
+        unresolved: Vec::new(),
+        describe_errors: BTreeMap::new(),
+    };
+    let views = match bounded(
+        "ec2:DescribeInstances",
+        ec2.describe_selection(&Selection::default()),
+    )
+    .await
+    {
+        Ok(v) => v,
+        Err(e) => {
+            for req in requests {
+                fail_request(
+                    report,
+                    place,
+                    req,
+                    &format!("could not list the instances to enforce: {e}"),
+                );
+                resolved.unresolved.push(req.rule.clone());
+            }
+            return resolved;
+        }
+    };
+    for view in views {
+        let by: Vec<(String, Action)> = requests
+            .iter()
+            .filter(|r| r.selection.matches(&view.id, &view.tags))
+            .map(|r| (r.rule.clone(), r.action))
+            .collect();
+        if by.is_empty() {
+            continue;
+        }
+        for (rule, _) in &by {
+            resolved
+                .found
+                .entry(rule.clone())
+                .or_default()
+                .insert(view.id.clone());
+        }
+        resolved.selected.push(Selected {
+            instance: view,
+            by,
+        });
+    }
+    // Nothing to say of listed instances it did not find: mark every rule resolved.
+    for req in requests {
+        resolved.found.entry(req.rule.clone()).or_default().extend(
+            req.selection.instance_ids.iter().cloned(),
+        );
+    }
+    resolved
+}
+
 /// The planner's decisions: skips and failures reported, the rest sorted into act, follow and wait.
-fn plan(place: &Place, selected: &[Selected], dry_run: bool, report: &mut Report) -> RegionPlan {
+/// An instance held by an override tag is left alone (and said so) instead of acted on. An enforce pass
+/// only speaks of the instances it would act on: those already in the desired state, or on their way
+/// (in transition), are neither acted on nor logged.
+fn plan(
+    ctx: &BatchContext,
+    place: &Place,
+    requests: &[&Request],
+    selected: &[Selected],
+    report: &mut Report,
+) -> RegionPlan {
+    let dry_run = ctx.opts.dry_run;
+    let enforcing = ctx.opts.trigger == Trigger::Enforce;
+    let now = ctx.clock.now();
     let views: BTreeMap<&str, &InstanceView> = selected
         .iter()
         .map(|s| (s.instance.id.as_str(), &s.instance))
         .collect();
+    let request_of = |rules: &[String]| {
+        requests
+            .iter()
+            .find(|r| rules.first().is_some_and(|n| *n == r.rule))
+            .copied()
+    };
     let mut out = RegionPlan::default();
     for p in planner::decide(selected) {
         // Reported by a run of this batch before a crash: its result stands.
@@ -521,11 +613,24 @@ fn plan(place: &Place, selected: &[Selected], dry_run: bool, report: &mut Report
             continue;
         }
         let view = views[p.instance_id.as_str()];
+        let wants_hibernate = p.action == Action::Stop
+            && requests.iter().any(|r| {
+                p.rules.contains(&r.rule) && r.action == Action::Stop && r.stop_mode == StopMode::Hibernate
+            });
+        let note = match (wants_hibernate, view.hibernation_configured) {
+            (true, true) => Some("hibernated".to_string()),
+            (true, false) => Some(
+                "plain stop: the instance is not configured for hibernation (a fall-back)".to_string(),
+            ),
+            (false, _) => None,
+        };
         let target = Target {
             id: p.instance_id.clone(),
             rules: p.rules.clone(),
             state: view.state.clone(),
             state_reason: view.state_reason.clone(),
+            hibernate: wants_hibernate && view.hibernation_configured,
+            note,
         };
         let record = |result, reason: String| {
             place.outcome(
@@ -536,6 +641,35 @@ fn plan(place: &Place, selected: &[Selected], dry_run: bool, report: &mut Report
                 reason,
             )
         };
+        let zone = request_of(&p.rules).map_or(chrono_tz::UTC, |r| r.timezone);
+        let would_act = matches!(
+            p.decision,
+            Decision::Act | Decision::AwaitTransition(_) | Decision::Follow(_)
+        );
+        if would_act && let Some(held) = planner::override_in_force(&view.tags, now, zone) {
+            if held.unreadable {
+                tracing::warn!(
+                    account = place.account,
+                    region = place.region,
+                    instance_id = %p.instance_id,
+                    tag = held.tag,
+                    value = %held.value,
+                    "instance {} has tag {}={:?}, which does not parse: it is left alone",
+                    p.instance_id,
+                    held.tag,
+                    held.value
+                );
+            }
+            report.push(record(ResultKind::Skipped, held.reason()));
+            continue;
+        }
+        if enforcing {
+            match &p.decision {
+                // In the desired state, or on its way there or back: nothing to enforce.
+                Decision::Skip(_) | Decision::Follow(_) | Decision::AwaitTransition(_) => continue,
+                Decision::Act | Decision::Fail(_) => {}
+            }
+        }
         match p.decision {
             Decision::Skip(why) => report.push(record(ResultKind::Skipped, why)),
             Decision::Fail(why) => report.push(record(ResultKind::Failed, why)),
@@ -569,16 +703,68 @@ async fn act(
         return targets;
     }
     (ctx.on_dispatch)();
+    let mut accepted = Vec::new();
+    let (hibernating, plain): (Vec<Target>, Vec<Target>) =
+        targets.into_iter().partition(|t| t.hibernate);
+    let mut groups = vec![(false, plain)];
+    if !hibernating.is_empty() {
+        groups.insert(0, (true, hibernating));
+    }
+    for (hibernate, targets) in groups {
+        let rest = act_chunks(ec2, place, action, hibernate, targets, report, &mut accepted).await;
+        if !rest.is_empty() {
+            // EC2 refused to hibernate them: a plain stop instead, said with each result.
+            tracing::warn!(
+                account = place.account,
+                region = place.region,
+                "{} instance(s) cannot be hibernated (UnsupportedHibernationConfiguration): stopping them \
+                 instead",
+                rest.len()
+            );
+            let rest: Vec<Target> = rest
+                .into_iter()
+                .map(|mut t| {
+                    t.hibernate = false;
+                    t.note = Some(
+                        "plain stop: EC2 refused to hibernate it (UnsupportedHibernationConfiguration, a \
+                         fall-back)"
+                            .to_string(),
+                    );
+                    t
+                })
+                .collect();
+            act_chunks(ec2, place, action, false, rest, report, &mut accepted).await;
+        }
+    }
+    report.flush();
+    accepted
+}
+
+/// Start/Stop calls for `targets`, chunked, each refused chunk retried one by one; what was accepted is
+/// added to `accepted`. With `hibernate`, the instances EC2 refuses to hibernate are returned (not
+/// reported), to be stopped plainly.
+async fn act_chunks(
+    ec2: &dyn Ec2,
+    place: &Place<'_>,
+    action: Action,
+    hibernate: bool,
+    targets: Vec<Target>,
+    report: &mut Report,
+    accepted: &mut Vec<Target>,
+) -> Vec<Target> {
     let operation = match action {
         Action::Start => "ec2:StartInstances",
         Action::Stop => "ec2:StopInstances",
     };
-    let mut accepted = Vec::new();
+    let cannot_hibernate =
+        |e: &AwsError| hibernate && e.code() == Some("UnsupportedHibernationConfiguration");
+    let mut refused = Vec::new();
     for chunk in targets.chunks(IDS_PER_CALL) {
         report.flush();
         let ids: Vec<String> = chunk.iter().map(|t| t.id.clone()).collect();
-        match bounded(operation, ec2.change_state(action, &ids, false)).await {
+        match bounded(operation, ec2.change_state(action, &ids, false, hibernate)).await {
             Ok(()) => accepted.extend(chunk.iter().cloned()),
+            Err(e) if chunk.len() == 1 && cannot_hibernate(&e) => refused.push(chunk[0].clone()),
             Err(e) if chunk.len() == 1 => {
                 report.push(failed_call(place, action, &chunk[0], &e));
             }
@@ -590,16 +776,16 @@ async fn act(
                 for one in chunk {
                     report.flush();
                     let id = std::slice::from_ref(&one.id);
-                    match bounded(operation, ec2.change_state(action, id, false)).await {
+                    match bounded(operation, ec2.change_state(action, id, false, hibernate)).await {
                         Ok(()) => accepted.push(one.clone()),
+                        Err(e) if cannot_hibernate(&e) => refused.push(one.clone()),
                         Err(e) => report.push(failed_call(place, action, one, &e)),
                     }
                 }
             }
         }
     }
-    report.flush();
-    accepted
+    refused
 }
 
 fn failed_call(place: &Place, action: Action, target: &Target, e: &AwsError) -> Outcome {
@@ -833,9 +1019,10 @@ async fn verify(
                     Progress::Reached => (
                         ResultKind::Ok,
                         format!(
-                            "{} after {}s",
+                            "{} after {}s{}",
                             action.target_state(),
-                            ctx.clock.monotonic().duration_since(started).as_secs()
+                            ctx.clock.monotonic().duration_since(started).as_secs(),
+                            t.note.as_ref().map_or(String::new(), |n| format!(" ({n})"))
                         ),
                     ),
                     Progress::Failed(why) => (ResultKind::Failed, why),

@@ -6,11 +6,9 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 
-use crate::config::{Action, Config, Selection};
+use chrono_tz::Tz;
 
-/// A due action may still be carried out this long after its instant (e.g. after a suspend or a slow
-/// start); older occurrences are reported as missed instead of acted on late.
-pub const LATE_TOLERANCE: Duration = Duration::from_secs(300);
+use crate::config::{Action, Config, Rule, Selection, StopMode};
 
 /// One occurrence of one rule's action.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -34,12 +32,31 @@ pub fn next_due(config: &Config, after: DateTime<Utc>) -> Option<DateTime<Utc>> 
         .min()
 }
 
+/// The state a rule with `enforce` wants at `now`: the action of its latest occurrence at or before
+/// `now`, and that occurrence's instant. `None` when it never fired yet, or when a start and a stop
+/// fire at that very instant (there is no telling which it wants).
+pub fn desired_action(rule: &Rule, now: DateTime<Utc>) -> Option<(Action, DateTime<Utc>)> {
+    let latest = |action: Action| {
+        rule.schedules(action)
+            .iter()
+            .filter_map(|s| s.prev_at_or_before(now, rule.timezone))
+            .max()
+    };
+    match (latest(Action::Start), latest(Action::Stop)) {
+        (Some(start), Some(stop)) if start == stop => None,
+        (Some(start), Some(stop)) if start > stop => Some((Action::Start, start)),
+        (_, Some(stop)) => Some((Action::Stop, stop)),
+        (Some(start), None) => Some((Action::Start, start)),
+        (None, None) => None,
+    }
+}
+
 /// Missed occurrences are counted up to this many per rule and action, so that catching up after a
 /// long outage costs a bounded time whatever the rules (a rule firing every second misses 86,400 a day).
 pub const MISSED_COUNT_CAP: u64 = 10_000;
 
-/// Occurrences of one rule's action that came and went, more than [`LATE_TOLERANCE`] ago, without being
-/// acted on (shiftd was not running, or the machine was suspended).
+/// Occurrences of one rule's action that came and went, more than the rule's `catch_up` ago, without
+/// being acted on (shiftd was not running, or the machine was suspended).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Missed {
     pub rule: String,
@@ -54,7 +71,7 @@ pub struct Missed {
 }
 
 /// What became due in `(after, now]`. Per rule and action, the latest occurrence is in `due` when it is at
-/// most [`LATE_TOLERANCE`] old; every other occurrence, and the latest one when it is older, is counted
+/// most the rule's `catch_up` old; every other occurrence, and the latest one when it is older, is counted
 /// in one [`Missed`] entry. Each occurrence is in exactly one of the two, so walking time forward in
 /// adjacent windows handles each exactly once.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -73,9 +90,9 @@ pub fn due_between(config: &Config, after: DateTime<Utc>, now: DateTime<Utc>) ->
     if now <= after {
         return work;
     }
-    let tolerance = chrono::Duration::from_std(LATE_TOLERANCE).expect("small constant");
     for rule in &config.rules {
         let zone = rule.timezone;
+        let tolerance = crate::clock::chrono_duration(rule.catch_up);
         for action in [Action::Start, Action::Stop] {
             let schedules = rule.schedules(action);
             // The latest of any of this action's expressions, so several firing together count once.
@@ -159,6 +176,23 @@ pub struct Request {
     pub action: Action,
     pub regions: Vec<String>,
     pub selection: Selection,
+    /// The rule's time zone: a `shiftd:skip-until` date is read in it.
+    pub timezone: Tz,
+    pub stop_mode: StopMode,
+}
+
+impl Request {
+    /// What `rule` asks for `action`.
+    pub fn new(rule: &Rule, action: Action) -> Self {
+        Request {
+            rule: rule.name.clone(),
+            action,
+            regions: rule.regions.clone(),
+            selection: rule.selection.clone(),
+            timezone: rule.timezone,
+            stop_mode: rule.stop_mode,
+        }
+    }
 }
 
 /// Everything due for one account at one instant: rules due together for the same account are merged so
@@ -184,12 +218,10 @@ pub fn batches(config: &Config, due: &[Firing], at: DateTime<Utc>) -> Vec<Accoun
         let Some(rule) = config.rules.iter().find(|r| r.name == f.rule) else {
             continue;
         };
-        by_account.entry(&rule.account).or_default().push(Request {
-            rule: rule.name.clone(),
-            action: f.action,
-            regions: rule.regions.clone(),
-            selection: rule.selection.clone(),
-        });
+        by_account
+            .entry(&rule.account)
+            .or_default()
+            .push(Request::new(rule, f.action));
     }
     by_account
         .into_iter()
@@ -202,13 +234,17 @@ pub fn batches(config: &Config, due: &[Firing], at: DateTime<Utc>) -> Vec<Accoun
 }
 
 /// An instance as the planner sees it.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct InstanceView {
     pub id: String,
     /// EC2 state name: pending, running, stopping, stopped, shutting-down, terminated.
     pub state: String,
     /// EC2's state reason, when it gives one (e.g. `Client.InternalError: ...`).
     pub state_reason: Option<String>,
+    /// Its tags (the override tags `shiftd:skip` and `shiftd:skip-until` among them).
+    pub tags: BTreeMap<String, String>,
+    /// `HibernationOptions.Configured`: a stop may hibernate it.
+    pub hibernation_configured: bool,
 }
 
 /// An instance one region's describe calls found, with the requests that selected it.
@@ -292,6 +328,106 @@ fn decide_one(action: Action, state: &str) -> Decision {
         (_, "shutting-down" | "terminated") => Decision::Skip(format!("instance is {state}")),
         (_, other) => Decision::Fail(format!("unexpected instance state {other:?}")),
     }
+}
+
+/// The tag that leaves an instance alone for good when it is `true`.
+pub const SKIP_TAG: &str = "shiftd:skip";
+/// The tag that leaves an instance alone until the time (RFC 3339) or date (in the rule's zone) it holds.
+pub const SKIP_UNTIL_TAG: &str = "shiftd:skip-until";
+
+/// An override tag that holds an instance: shiftd leaves it alone.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Held {
+    /// The tag and its value, as found on the instance.
+    pub tag: &'static str,
+    pub value: String,
+    /// Until when (`None`: for good, or unreadable).
+    pub until: Option<DateTime<Utc>>,
+    /// The value does not parse: the instance is protected all the same, and that deserves a warning.
+    pub unreadable: bool,
+}
+
+impl Held {
+    /// Why the instance is left alone, for its outcome.
+    pub fn reason(&self) -> String {
+        let Held {
+            tag, value, until, ..
+        } = self;
+        match (until, self.unreadable) {
+            (_, true) => format!(
+                "left alone: tag {tag}={value:?} does not parse (expected {}); the instance is \
+                 protected until it is fixed or removed",
+                if *tag == SKIP_TAG {
+                    "\"true\" or \"false\""
+                } else {
+                    "an RFC 3339 time or a YYYY-MM-DD date"
+                }
+            ),
+            (Some(until), _) => format!(
+                "left alone: tag {tag}={value} (until {})",
+                until.to_rfc3339()
+            ),
+            (None, _) => format!("left alone: tag {tag}={value} (opted out)"),
+        }
+    }
+}
+
+/// The override in force on an instance with `tags` at `now`, if any. `shiftd:skip = "true"` holds it
+/// for good (`"false"` not at all); `shiftd:skip-until` holds it until the time it names, a date meaning
+/// 00:00 of that date in `zone`, and is ignored afterwards. A value that does not parse holds it.
+pub fn override_in_force(
+    tags: &BTreeMap<String, String>,
+    now: DateTime<Utc>,
+    zone: Tz,
+) -> Option<Held> {
+    if let Some(value) = tags.get(SKIP_TAG) {
+        let held = |unreadable| Held {
+            tag: SKIP_TAG,
+            value: value.clone(),
+            until: None,
+            unreadable,
+        };
+        match value.trim().to_ascii_lowercase().as_str() {
+            "true" => return Some(held(false)),
+            "false" => {}
+            _ => return Some(held(true)),
+        }
+    }
+    let value = tags.get(SKIP_UNTIL_TAG)?;
+    match parse_skip_until(value.trim(), zone) {
+        Some(until) if until > now => Some(Held {
+            tag: SKIP_UNTIL_TAG,
+            value: value.clone(),
+            until: Some(until),
+            unreadable: false,
+        }),
+        Some(_) => None,
+        None => Some(Held {
+            tag: SKIP_UNTIL_TAG,
+            value: value.clone(),
+            until: None,
+            unreadable: true,
+        }),
+    }
+}
+
+/// A `shiftd:skip-until` value: an RFC 3339 time, or a date (00:00 in `zone`; the first valid time of
+/// that day when 00:00 does not exist there).
+fn parse_skip_until(value: &str, zone: Tz) -> Option<DateTime<Utc>> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(value) {
+        return Some(t.with_timezone(&Utc));
+    }
+    let date = chrono::NaiveDate::parse_from_str(value, "%Y-%m-%d").ok()?;
+    if value.len() != 10 {
+        return None;
+    }
+    (0..=24 * 60).find_map(|minute| {
+        let local = date.and_hms_opt(0, 0, 0)? + chrono::Duration::minutes(minute);
+        local
+            .and_local_timezone(zone)
+            .earliest()
+            .map(|t| t.with_timezone(&Utc))
+    })
 }
 
 /// Where an instance stands while it is followed after a Start/Stop call.
@@ -951,6 +1087,7 @@ timezone = "America/New_York"
                 id: "i-1".into(),
                 state: state.into(),
                 state_reason: None,
+                ..Default::default()
             },
             by: by.iter().map(|(r, a)| (r.to_string(), *a)).collect(),
         };
@@ -985,6 +1122,7 @@ timezone = "America/New_York"
             id: "i-1".into(),
             state: state.into(),
             state_reason: reason.map(String::from),
+            ..Default::default()
         };
         let kms = "Client.InternalError: Client error on launch";
         let user = "Client.UserInitiatedShutdown: User initiated shutdown";

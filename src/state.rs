@@ -1,15 +1,7 @@
-//! What shiftd remembers across restarts: the instant up to which every occurrence has been handled
-//! (dispatched, or reported as missed). After a restart (a crash, an upgrade, a reboot of the delegate
-//! instance) the occurrences it slept through are then caught up when they are at most
-//! `planner::LATE_TOLERANCE` late, and reported as missed otherwise, instead of passing unnoticed.
-//!
-//! The file is `<state dir>/state.json`, `{"version": 1, "checked_until": "<RFC 3339>"}`, replaced
-//! atomically. It holds no secrets.
-
 //! What shiftd remembers across restarts, so that nothing due is lost and nothing is done twice:
 //! - `checked_until`: the instant up to which every occurrence has been handled (dispatched, or reported
 //!   as missed). After a restart (a crash, an upgrade, a reboot of the delegate instance) the
-//!   occurrences it slept through are caught up when at most `planner::LATE_TOLERANCE` late, and
+//!   occurrences it slept through are caught up when at most their rule's `catch_up` late, and
 //!   reported as missed otherwise, instead of passing unnoticed.
 //! - every occurrence in progress, as `due` (recorded before anything is done for it) then `dispatched`
 //!   (just before its first Start/Stop call); it leaves the record once every instance's result is

@@ -49,6 +49,8 @@ pub struct Call {
     pub region: String,
     pub ids: Vec<String>,
     pub dry_run: bool,
+    /// A StopInstances call with `Hibernate=true`.
+    pub hibernate: bool,
     pub at: DateTime<Utc>,
 }
 
@@ -65,6 +67,8 @@ pub struct Instance {
     pub start_falls_back: Option<String>,
     /// StartInstances including it fails with `InsufficientInstanceCapacity`.
     pub no_capacity: bool,
+    /// `HibernationOptions.Configured`.
+    pub hibernation_configured: bool,
     transition: Option<(DateTime<Utc>, String, Option<String>)>,
     stale: Option<(DateTime<Utc>, String, Option<String>)>,
 }
@@ -175,6 +179,7 @@ impl FakeAws {
                         state_reason: None,
                         start_falls_back: None,
                         no_capacity: false,
+                        hibernation_configured: false,
                         transition: None,
                         stale: None,
                     },
@@ -303,7 +308,7 @@ impl FakeAws {
         account: &str,
         region: &str,
         ids: &[String],
-        dry_run: bool,
+        (dry_run, hibernate): (bool, bool),
     ) -> Result<(), AwsError> {
         let fault = {
             let mut w = self.world();
@@ -313,6 +318,7 @@ impl FakeAws {
                 region: region.to_string(),
                 ids: ids.to_vec(),
                 dry_run,
+                hibernate,
                 at: self.clock.now(),
             });
             w.faults.get_mut(operation).and_then(VecDeque::pop_front)
@@ -385,11 +391,15 @@ impl World {
                 id: i.id.clone(),
                 state: state.clone(),
                 state_reason: reason.clone(),
+                tags: i.tags.clone(),
+                hibernation_configured: i.hibernation_configured,
             },
             None => InstanceView {
                 id: i.id.clone(),
                 state: i.state.clone(),
                 state_reason: i.state_reason.clone(),
+                tags: i.tags.clone(),
+                hibernation_configured: i.hibernation_configured,
             },
         }
     }
@@ -444,7 +454,7 @@ impl Sts for FakeSts {
     async fn assume_role(&self, spec: &AssumeRoleRequest) -> Result<SessionCredentials, AwsError> {
         let delegate = self.aws.world().delegate_account.clone();
         self.aws
-            .enter(ASSUME_ROLE, &delegate, &self.region, &[], false)
+            .enter(ASSUME_ROLE, &delegate, &self.region, &[], (false, false))
             .await?;
         let denied = |why: &str| {
             Err(AwsError {
@@ -538,7 +548,7 @@ impl FakeEc2 {
     ) -> Result<Vec<InstanceView>, AwsError> {
         let account = self.account(DESCRIBE)?;
         self.aws
-            .enter(DESCRIBE, &account, &self.region, ids, false)
+            .enter(DESCRIBE, &account, &self.region, ids, (false, false))
             .await?;
         let now = self.aws.clock.now();
         let mut w = self.aws.world();
@@ -558,19 +568,9 @@ impl Ec2 for FakeEc2 {
         &self,
         selection: &Selection,
     ) -> Result<Vec<InstanceView>, AwsError> {
-        let ids: BTreeSet<&String> = selection.instance_ids.iter().collect();
         let listed: Vec<String> = selection.instance_ids.clone();
-        self.describe(
-            |i| {
-                (ids.is_empty() || ids.contains(&i.id))
-                    && selection
-                        .tags
-                        .iter()
-                        .all(|(k, vs)| i.tags.get(k).is_some_and(|v| vs.contains(v)))
-            },
-            &listed,
-        )
-        .await
+        self.describe(|i| selection.matches(&i.id, &i.tags), &listed)
+            .await
     }
 
     async fn describe_ids(&self, ids: &[String]) -> Result<Vec<InstanceView>, AwsError> {
@@ -583,6 +583,7 @@ impl Ec2 for FakeEc2 {
         action: Action,
         ids: &[String],
         dry_run: bool,
+        hibernate: bool,
     ) -> Result<(), AwsError> {
         let op = match action {
             Action::Start => START,
@@ -590,7 +591,7 @@ impl Ec2 for FakeEc2 {
         };
         let account = self.account(op)?;
         self.aws
-            .enter(op, &account, &self.region, ids, dry_run)
+            .enter(op, &account, &self.region, ids, (dry_run, hibernate))
             .await?;
         let now = self.aws.clock.now();
         let mut w = self.aws.world();
@@ -645,6 +646,15 @@ impl Ec2 for FakeEc2 {
                         } else {
                             "stopp"
                         }
+                    ),
+                );
+            }
+            if hibernate && !i.hibernation_configured {
+                return fail(
+                    "UnsupportedHibernationConfiguration",
+                    format!(
+                        "The instance '{id}' does not have hibernation configured. Only instances \
+                         configured for hibernation can be hibernated."
                     ),
                 );
             }
@@ -737,16 +747,16 @@ mod tests {
         // A resource bucket: 2 instances, refilled at 1 per second.
         aws.set_bucket(START, 2.0, 1.0, true);
         let ec2 = aws.ec2("r", Arc::new(creds.clone())).await;
-        ec2.change_state(Action::Start, &ids[..2], false)
+        ec2.change_state(Action::Start, &ids[..2], false, false)
             .await
             .unwrap();
         let e = ec2
-            .change_state(Action::Start, &ids[2..], false)
+            .change_state(Action::Start, &ids[2..], false, false)
             .await
             .unwrap_err();
         assert_eq!(e.code(), Some("RequestLimitExceeded"));
         tokio::time::sleep(Duration::from_secs(1)).await;
-        ec2.change_state(Action::Start, &ids[2..], false)
+        ec2.change_state(Action::Start, &ids[2..], false, false)
             .await
             .unwrap();
     }
@@ -757,10 +767,10 @@ mod tests {
         session(&aws, &creds).await;
         let ids = aws.add_instances("111111111111", "r", 1, "stopped", &[]);
         let ec2 = aws.ec2("r", Arc::new(creds.clone())).await;
-        ec2.change_state(Action::Start, &ids, false).await.unwrap();
+        ec2.change_state(Action::Start, &ids, false, false).await.unwrap();
         assert_eq!(aws.states(&ids), ["pending"]);
         let e = ec2
-            .change_state(Action::Stop, &ids, false)
+            .change_state(Action::Stop, &ids, false, false)
             .await
             .unwrap_err();
         assert_eq!(e.code(), Some("IncorrectInstanceState"));

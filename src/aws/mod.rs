@@ -172,11 +172,14 @@ pub trait Ec2: Send + Sync {
     async fn describe_ids(&self, ids: &[String]) -> Result<Vec<InstanceView>, AwsError>;
 
     /// One StartInstances or StopInstances call. With `dry_run`, `Ok(())` means EC2 would allow it.
+    /// `hibernate` (stops only) asks EC2 to hibernate them: every one must be configured for it, or the
+    /// call fails with `UnsupportedHibernationConfiguration`.
     async fn change_state(
         &self,
         action: Action,
         ids: &[String],
         dry_run: bool,
+        hibernate: bool,
     ) -> Result<(), AwsError>;
 
     /// How many instances DescribeInstanceStatus lists (the walkthrough's final check).

@@ -385,10 +385,21 @@ impl SdkEc2 {
                             (Some(c), Some(m)) => Some(format!("{c}: {m}")),
                             (c, m) => c.or(m).map(String::from),
                         });
+                let tags = instance
+                    .tags()
+                    .iter()
+                    .filter_map(|t| Some((t.key()?.to_string(), t.value()?.to_string())))
+                    .collect();
+                let hibernation_configured = instance
+                    .hibernation_options()
+                    .and_then(|h| h.configured())
+                    .unwrap_or(false);
                 out.push(InstanceView {
                     id: id.to_string(),
                     state: state.to_string(),
                     state_reason,
+                    tags,
+                    hibernation_configured,
                 });
             }
         }
@@ -436,6 +447,7 @@ impl Ec2 for SdkEc2 {
         action: Action,
         ids: &[String],
         dry_run: bool,
+        hibernate: bool,
     ) -> Result<(), AwsError> {
         let ids = Some(ids.to_vec());
         let result = match action {
@@ -452,6 +464,7 @@ impl Ec2 for SdkEc2 {
                 .client
                 .stop_instances()
                 .set_instance_ids(ids)
+                .set_hibernate(hibernate.then_some(true))
                 .dry_run(dry_run)
                 .send()
                 .await

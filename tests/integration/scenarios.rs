@@ -160,7 +160,7 @@ async fn an_interrupted_occurrence_past_its_window_is_reported_failed_not_acted_
         failed[0].reason
     );
     assert!(
-        failed[0].reason.contains("past the catch-up window"),
+        failed[0].reason.contains("past the rule's catch-up window"),
         "{}",
         failed[0].reason
     );
