@@ -1268,7 +1268,9 @@ impl<'a> RuleCheck<'a> {
             other => {
                 self.problems.report(
                     mode.span().start,
-                    format!("rule {name:?}: stop_mode {other:?}: expected \"stop\" or \"hibernate\""),
+                    format!(
+                        "rule {name:?}: stop_mode {other:?}: expected \"stop\" or \"hibernate\""
+                    ),
                 );
                 StopMode::Stop
             }
@@ -1894,6 +1896,111 @@ BEGIN:VEVENT\r\nDTSTART;VALUE=DATE:20270429\r\nDTEND;VALUE=DATE:20270501\r\nEND:
         assert!(issues[0].message.contains("not an AWS region"), "{err}");
         assert!(issues[1].message.contains("not an IANA time zone"), "{err}");
         assert!(issues[0].line < issues[1].line);
+    }
+
+    #[test]
+    fn unattended_keys_are_read_and_checked_with_their_place() {
+        let c = Config::parse(
+            Path::new("t.toml"),
+            &format!(
+                "[defaults]\nenforce_every = \"1m\"\ncatch_up = \"30m\"\n{MINIMAL}enforce = true\n\
+                 stop_mode = \"hibernate\"\ncatch_up = \"2h\"\n"
+            ),
+        )
+        .unwrap();
+        assert_eq!(c.defaults.enforce_every, Duration::from_secs(60));
+        assert_eq!(c.defaults.catch_up, Duration::from_secs(1800));
+        let r = &c.rules[0];
+        assert!(r.enforce);
+        assert_eq!(r.stop_mode, StopMode::Hibernate);
+        assert_eq!(r.catch_up, Duration::from_secs(7200));
+        // Defaults: no enforce, a plain stop, [defaults] catch_up (itself 5m by default).
+        let c = Config::parse(Path::new("t.toml"), MINIMAL).unwrap();
+        assert!(!c.rules[0].enforce);
+        assert_eq!(c.rules[0].stop_mode, StopMode::Stop);
+        assert_eq!(c.rules[0].catch_up, Duration::from_secs(300));
+        assert_eq!(c.defaults.enforce_every, Duration::from_secs(300));
+
+        let only_start = MINIMAL.replace("stop = [\"0 20 * * 1-5\", \"0 23 * * 0,6\"]\n", "");
+        let cases: &[(String, &str)] = &[
+            (
+                format!("{only_start}enforce = true\n"),
+                "12:11: rule \"office-hours\": enforce = true needs both start and stop",
+            ),
+            (
+                format!("{MINIMAL}stop_mode = \"suspend\"\n"),
+                "13:13: rule \"office-hours\": stop_mode \"suspend\": expected \"stop\" or \"hibernate\"",
+            ),
+            (
+                format!("{MINIMAL}catch_up = \"2d\"\n"),
+                "13:12: rule \"office-hours\": catch_up: \"2d\" is out of range: expected 0s to 1day",
+            ),
+            (
+                format!("[defaults]\nenforce_every = \"5s\"\n{MINIMAL}"),
+                "2:17: enforce_every: \"5s\" is out of range: expected 10s to 1day",
+            ),
+            (
+                format!("{MINIMAL}enforce = \"yes\"\n"),
+                "13:11: invalid type: string \"yes\", expected a boolean",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = Config::parse(Path::new("t.toml"), text)
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains(want), "want {want}\ngot {err}");
+            assert!(err.starts_with("t.toml:"), "names the file: {err}");
+        }
+    }
+
+    #[test]
+    fn selections_match_like_ec2_filters() {
+        let sel = Selection {
+            instance_ids: vec![],
+            tags: BTreeMap::from([
+                (
+                    "Schedule".to_string(),
+                    vec!["office-*".to_string(), "lab".to_string()],
+                ),
+                ("Env".to_string(), vec!["d?v".to_string()]),
+            ]),
+        };
+        let tags = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let cases: &[(&[(&str, &str)], bool)] = &[
+            (&[("Schedule", "office-hours"), ("Env", "dev")], true),
+            (&[("Schedule", "lab"), ("Env", "dav")], true),
+            (&[("Schedule", "office-"), ("Env", "dev")], true),
+            (&[("Schedule", "labs"), ("Env", "dev")], false),
+            (&[("Schedule", "office-hours"), ("Env", "deev")], false),
+            (&[("Schedule", "office-hours")], false),
+            (&[], false),
+        ];
+        for (t, want) in cases {
+            assert_eq!(sel.matches("i-1", &tags(t)), *want, "{t:?}");
+        }
+        let listed = Selection {
+            instance_ids: vec!["i-1".into()],
+            tags: BTreeMap::new(),
+        };
+        assert!(listed.matches("i-1", &BTreeMap::new()));
+        assert!(!listed.matches("i-2", &BTreeMap::new()));
+        for (pattern, value, want) in [
+            ("*", "", true),
+            ("a*b*c", "aXXbYc", true),
+            ("a*b*c", "aXXbY", false),
+            ("\\*", "*", true),
+            ("\\*", "x", false),
+            ("??", "ab", true),
+            ("??", "a", false),
+            ("日本*", "日本語", true),
+        ] {
+            assert_eq!(wildcard_match(pattern, value), want, "{pattern} {value}");
+        }
     }
 
     #[test]

@@ -1080,6 +1080,115 @@ timezone = "America/New_York"
     }
 
     #[test]
+    fn override_table() {
+        let now = "2026-12-01T12:00:00Z".parse::<DateTime<Utc>>().unwrap();
+        let tokyo = chrono_tz::Asia::Tokyo;
+        let tags = |k: &str, v: &str| BTreeMap::from([(k.to_string(), v.to_string())]);
+        // (tags, zone, held until (RFC 3339) / "forever" / "unreadable" / none)
+        let cases: &[(BTreeMap<String, String>, Tz, Option<&str>)] = &[
+            (BTreeMap::new(), Tz::UTC, None),
+            (tags(SKIP_TAG, "true"), Tz::UTC, Some("forever")),
+            (tags(SKIP_TAG, "TRUE"), Tz::UTC, Some("forever")),
+            (tags(SKIP_TAG, "false"), Tz::UTC, None),
+            (tags(SKIP_TAG, "yes please"), Tz::UTC, Some("unreadable")),
+            (
+                tags(SKIP_UNTIL_TAG, "2026-12-04T09:00:00+09:00"),
+                Tz::UTC,
+                Some("2026-12-04T00:00:00+00:00"),
+            ),
+            (tags(SKIP_UNTIL_TAG, "2026-12-01T11:59:59Z"), Tz::UTC, None),
+            (
+                tags(SKIP_UNTIL_TAG, "2026-12-02"),
+                tokyo,
+                Some("2026-12-01T15:00:00+00:00"),
+            ),
+            (
+                tags(SKIP_UNTIL_TAG, "2026-12-02"),
+                Tz::UTC,
+                Some("2026-12-02T00:00:00+00:00"),
+            ),
+            (tags(SKIP_UNTIL_TAG, "2026-12-01"), Tz::UTC, None),
+            (
+                tags(SKIP_UNTIL_TAG, "2026-12-1"),
+                Tz::UTC,
+                Some("unreadable"),
+            ),
+            (tags(SKIP_UNTIL_TAG, "friday"), Tz::UTC, Some("unreadable")),
+            (tags(SKIP_UNTIL_TAG, ""), Tz::UTC, Some("unreadable")),
+        ];
+        for (tags, zone, want) in cases {
+            let got = override_in_force(tags, now, *zone);
+            let got = got.as_ref().map(|h| match (h.unreadable, h.until) {
+                (true, _) => "unreadable".to_string(),
+                (false, Some(t)) => t.to_rfc3339(),
+                (false, None) => "forever".to_string(),
+            });
+            assert_eq!(got.as_deref(), *want, "{tags:?} in {zone}");
+        }
+        // A date whose midnight does not exist (Santiago springs forward at 00:00): the first valid time.
+        let santiago = chrono_tz::America::Santiago;
+        let h = override_in_force(
+            &tags(SKIP_UNTIL_TAG, "2026-09-06"),
+            now - chrono::Duration::days(200),
+            santiago,
+        )
+        .unwrap();
+        assert_eq!(h.until.unwrap().to_rfc3339(), "2026-09-06T04:00:00+00:00");
+        assert!(
+            h.reason().contains("shiftd:skip-until=2026-09-06"),
+            "{}",
+            h.reason()
+        );
+    }
+
+    #[test]
+    fn desired_action_is_that_of_the_latest_occurrence() {
+        let config = crate::config::Config::parse(
+            std::path::Path::new("t.toml"),
+            r#"
+[accounts.a]
+role_arn = "arn:aws:iam::111111111111:role/r"
+regions = ["us-east-1"]
+[[rules]]
+name = "office"
+account = "a"
+instances = ["i-0123456789abcdef0"]
+start = "0 8 * * Mon-Fri"
+stop = "0 20 * * Mon-Fri"
+enforce = true
+"#,
+        )
+        .unwrap();
+        let rule = &config.rules[0];
+        let at = |s: &str| s.parse::<DateTime<Utc>>().unwrap();
+        // 2026-12-04 is a Friday.
+        for (now, want) in [
+            (
+                "2026-12-04T07:59:59Z",
+                (Action::Stop, "2026-12-03T20:00:00Z"),
+            ),
+            (
+                "2026-12-04T08:00:00Z",
+                (Action::Start, "2026-12-04T08:00:00Z"),
+            ),
+            (
+                "2026-12-04T19:00:00Z",
+                (Action::Start, "2026-12-04T08:00:00Z"),
+            ),
+            (
+                "2026-12-06T12:00:00Z",
+                (Action::Stop, "2026-12-04T20:00:00Z"),
+            ),
+        ] {
+            assert_eq!(
+                desired_action(rule, at(now)),
+                Some((want.0, at(want.1))),
+                "{now}"
+            );
+        }
+    }
+
+    #[test]
     fn decide_table() {
         use Decision::*;
         let sel = |state: &str, by: &[(&str, Action)]| Selected {

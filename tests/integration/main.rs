@@ -20,3 +20,4 @@ mod scenarios;
 #[allow(clippy::disallowed_methods)]
 mod secrets;
 mod sim;
+mod unattended;
