@@ -406,3 +406,139 @@ fn plan_into_a_closed_pipe_ends_quietly() {
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// `shiftd policy ARGS`, run as the README shows it: from the project's top, with its relative paths.
+fn policy_output(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_shiftd"))
+        .arg("policy")
+        .args(args)
+        .current_dir(project_root())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "shiftd policy {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout(&out)
+}
+
+/// The README's IAM documents are `shiftd policy`'s output for the example configuration, so that a
+/// user who copies them gets what `shiftd doctor` checks (the README once lacked
+/// `ec2:DescribeInstanceStatus`). A block follows a marker naming the arguments:
+/// `<!-- policy: ARGS | TITLE -->` and a ```json block holding the document TITLE of the output, or
+/// `<!-- policy: ARGS -->` and a ``` block holding `$ shiftd policy ARGS` and the whole output.
+/// `scripts/readme-policies` rewrites them.
+#[test]
+fn readme_policies_are_shiftd_policy_output() {
+    let readme = std::fs::read_to_string(project_root().join("README.md")).unwrap();
+    let lines: Vec<&str> = readme.lines().collect();
+    let mut shown: Vec<(String, String)> = Vec::new(); // (args, title) of each document block
+    let mut marked_blocks = 0;
+    let mut unmarked = Vec::new();
+    let mut next = 0;
+    while let Some(i) = (next..lines.len()).find(|&i| lines[i].starts_with("```")) {
+        // An opening fence: its block runs to the next ``` line.
+        let end = i + 1 + lines[i + 1..].iter().position(|l| *l == "```").unwrap();
+        next = end + 1;
+        let body: String = lines[i + 1..end].iter().map(|l| format!("{l}\n")).collect();
+        let marker = i
+            .checked_sub(1)
+            .and_then(|p| lines[p].strip_prefix("<!-- policy: "))
+            .and_then(|m| m.strip_suffix(" -->"));
+        let Some(marker) = marker else {
+            if body.contains("\"2012-10-17\"") {
+                unmarked.push(i + 1);
+            }
+            continue;
+        };
+        marked_blocks += 1;
+        match marker.split_once(" | ") {
+            Some((args, title)) => {
+                let args: Vec<&str> = args.split_whitespace().collect();
+                let output = policy_output(&args);
+                let document = document_of(&output, title).unwrap_or_else(|| {
+                    panic!(
+                        "README.md:{i}: `shiftd policy {}` prints no document {title:?}: {output}",
+                        args.join(" ")
+                    )
+                });
+                assert_eq!(
+                    body,
+                    document,
+                    "README.md:{}: the block differs from `shiftd policy {}` ({title}); run scripts/readme-policies",
+                    i + 1,
+                    args.join(" ")
+                );
+                shown.push((args.join(" "), title.to_string()));
+            }
+            None => {
+                let args: Vec<&str> = marker.split_whitespace().collect();
+                let want = format!(
+                    "$ shiftd policy {}\n{}",
+                    args.join(" "),
+                    policy_output(&args).trim_end_matches('\n')
+                ) + "\n";
+                assert_eq!(
+                    body,
+                    want,
+                    "README.md:{}: the block differs from `shiftd policy {}`; run scripts/readme-policies",
+                    i + 1,
+                    args.join(" ")
+                );
+            }
+        }
+    }
+    assert!(
+        unmarked.is_empty(),
+        "README.md: IAM documents not made by `shiftd policy` (no marker) at lines {unmarked:?}"
+    );
+    assert!(
+        shown.len() >= 3 && marked_blocks > shown.len(),
+        "README.md: expected the IAM setup's documents and the `shiftd policy` example, found {shown:?}"
+    );
+    // The IAM setup shows every document the command prints: none left for the reader to guess.
+    for args in shown.iter().map(|(a, _)| a) {
+        let argv: Vec<&str> = args.split_whitespace().collect();
+        for title in titles(&policy_output(&argv)) {
+            assert!(
+                shown.iter().any(|(a, t)| a == args && *t == title),
+                "README.md: `shiftd policy {args}` prints {title:?}, which the README does not show"
+            );
+        }
+    }
+    // Nowhere else in the docs: the man pages and example configurations do not copy policies.
+    for dir in ["packaging/man", "config"] {
+        for entry in std::fs::read_dir(project_root().join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert!(
+                !text.contains("2012-10-17"),
+                "{}: an IAM document not made by `shiftd policy`",
+                path.display()
+            );
+        }
+    }
+}
+
+/// `shiftd policy`'s text form: one section per document, `# TITLE`, `# note: …` lines, the JSON.
+fn document_of(output: &str, title: &str) -> Option<String> {
+    output.split("\n\n").find_map(|section| {
+        let mut lines = section.trim_matches('\n').lines();
+        (lines.next()? == format!("# {title}")).then(|| {
+            lines
+                .filter(|l| !l.starts_with("# "))
+                .map(|l| format!("{l}\n"))
+                .collect()
+        })
+    })
+}
+
+fn titles(output: &str) -> Vec<String> {
+    output
+        .split("\n\n")
+        .filter_map(|s| s.trim_matches('\n').lines().next()?.strip_prefix("# "))
+        .map(String::from)
+        .collect()
+}
