@@ -43,6 +43,13 @@ expect "deb: sysusers shiftd.conf" has '\./(usr/)?lib/sysusers.d/shiftd.conf$'
 expect "deb: pristine example in docs" has '\./usr/share/doc/shiftd/examples/shiftd.toml$'
 expect "deb: man page shiftd(8)" has '\./usr/share/man/man8/shiftd.8.gz$'
 expect "deb: man page shiftd.toml(5)" has '\./usr/share/man/man5/shiftd.toml.5.gz$'
+# Every page `shiftd generate-docs` made (shiftd(8) and one per command) is shipped.
+for page in "$out"/docs/*.8; do
+  expect "deb: man page ${page##*/}" has "\./usr/share/man/man8/${page##*/}.gz$"
+done
+expect "deb: bash completion" has '^-rw-r--r-- 0/0 .* \./usr/share/bash-completion/completions/shiftd$'
+expect "deb: zsh completion" has '^-rw-r--r-- 0/0 .* \./usr/share/zsh/vendor-completions/_shiftd$'
+expect "deb: fish completion" has '^-rw-r--r-- 0/0 .* \./usr/share/fish/vendor_completions.d/shiftd.fish$'
 expect "deb: conffile /etc/shiftd/shiftd.toml" bash -c "dpkg-deb --ctrl-tarfile '$deb' | tar -xOf - ./conffiles | grep -qx /etc/shiftd/shiftd.toml"
 expect "deb: postinst never starts the service" bash -c "! dpkg-deb --ctrl-tarfile '$deb' | tar -xOf - ./postinst | grep -Eq 'invoke (start|[$]_dh_action)'"
 expect "deb: prerm stops the service on removal" bash -c "dpkg-deb --ctrl-tarfile '$deb' | tar -xOf - ./prerm | grep -q 'deb-systemd-invoke stop shiftd.service'"
@@ -52,14 +59,29 @@ else
   fail "lintian"
 fi
 
+# --- The generated man pages render without warnings; the completions load.
+for page in "$out"/docs/*.8 packaging/man/shiftd.toml.5; do
+  warnings=$(LC_ALL=C.UTF-8 MANWIDTH=80 man --warnings -E UTF-8 -l "$page" 2>&1 >/dev/null)
+  if [ -z "$warnings" ]; then pass "man -l ${page##*/}: no warnings"; else fail "man -l ${page##*/}: $warnings"; fi
+done
+expect "shiftd(8) documents plan --limit" bash -c "LC_ALL=C.UTF-8 MANWIDTH=200 man -l '$out/docs/shiftd.8' 2>/dev/null | grep -q -- '--limit'"
+expect "bash completion loads and completes shiftd" bash -c "source '$out/docs/completions/shiftd.bash' && complete -p shiftd"
+if command -v zsh >/dev/null; then expect "zsh completion parses" zsh -n "$out/docs/completions/_shiftd"; fi
+if command -v fish >/dev/null; then expect "fish completion parses" fish --no-execute "$out/docs/completions/shiftd.fish"; fi
+
 # --- .rpm contents and scriptlets.
 rpm_files=$(rpm -qlp "$rpm" 2>/dev/null)
 for f in /usr/bin/shiftd /etc/shiftd/shiftd.toml /usr/lib/systemd/system/shiftd.service \
-         /usr/lib/sysusers.d/shiftd.conf /usr/share/man/man8/shiftd.8.gz /usr/share/doc/shiftd/examples/shiftd.toml; do
+         /usr/lib/sysusers.d/shiftd.conf /usr/share/man/man5/shiftd.toml.5.gz /usr/share/doc/shiftd/examples/shiftd.toml \
+         /usr/share/bash-completion/completions/shiftd /usr/share/zsh/site-functions/_shiftd \
+         /usr/share/fish/vendor_completions.d/shiftd.fish; do
   expect "rpm: $f" grep -qx "$f" <<<"$rpm_files"
 done
-expect "rpm: config is %config(noreplace), 0640 root:shiftd" bash -c \
-  "rpm -qp --qf '[%{FILEFLAGS:fflags} %{FILEMODES:perms} %{FILEUSERNAME}:%{FILEGROUPNAME} %{FILENAMES}\n]' '$rpm' 2>/dev/null | grep -qx 'cn -rw-r----- root:shiftd /etc/shiftd/shiftd.toml'"
+for page in "$out"/docs/*.8; do
+  expect "rpm: /usr/share/man/man8/${page##*/}.gz" grep -qx "/usr/share/man/man8/${page##*/}.gz" <<<"$rpm_files"
+done
+rpm_flags=$(rpm -qp --qf '[%{FILEFLAGS:fflags} %{FILEMODES:perms} %{FILEUSERNAME}:%{FILEGROUPNAME} %{FILENAMES}\n]' "$rpm" 2>/dev/null)
+expect "rpm: config is %config(noreplace), 0640 root:shiftd" grep -qx 'cn -rw-r----- root:shiftd /etc/shiftd/shiftd.toml' <<<"$rpm_flags"
 scripts=$(rpm -qp --scripts "$rpm" 2>/dev/null)
 expect "rpm: preinstall creates the shiftd user" grep -q 'systemd-sysusers\|useradd' <<<"$scripts"
 expect "rpm: preuninstall stops the service on erase" grep -q 'disable --now shiftd.service' <<<"$scripts"
@@ -76,6 +98,7 @@ if [ "${CI:-}" = "true" ] || [ "${SHIFTD_TEST_INSTALL:-}" = "1" ]; then
   unit=$(ls /lib/systemd/system/shiftd.service /usr/lib/systemd/system/shiftd.service 2>/dev/null | head -n1)
   expect "installed: systemd-analyze verify $unit" systemd-analyze verify "$unit"
   expect "installed: man shiftd.toml resolves" man -w shiftd.toml
+  expect "installed: man shiftd and shiftd-plan resolve" man -w shiftd shiftd-plan
   expect "installed: unit not enabled" bash -c '! ls /etc/systemd/system/*.wants/shiftd.service 2>/dev/null | grep -q .'
   # Upgrade to a newer version of the package keeps an edited config.
   sed -i 's/^timezone = "UTC"/timezone = "Asia\/Tokyo"/' /etc/shiftd/shiftd.toml

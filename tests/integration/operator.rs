@@ -542,3 +542,180 @@ fn titles(output: &str) -> Vec<String> {
         .map(String::from)
         .collect()
 }
+
+/// The commands `shiftd --help` lists (clap's own `help` aside), and the long options of each as its
+/// own `--help` lists them: what the generated man page and completions must cover.
+fn commands_and_options() -> Vec<(String, Vec<String>)> {
+    let help = stdout(&shiftd(&["--help"]));
+    let commands: Vec<String> = help
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .map(String::from)
+        .collect();
+    assert!(commands.len() >= 6, "{help}");
+    commands
+        .into_iter()
+        .map(|c| {
+            let help = stdout(&shiftd(&[&c, "--help"]));
+            let options = help
+                .split_whitespace()
+                .filter_map(|w| w.strip_prefix("--"))
+                .map(|w| w.trim_end_matches([',', '.', ')', ']']))
+                .filter(|w| !w.is_empty() && w.chars().all(|c| c.is_ascii_lowercase() || c == '-'))
+                .map(|w| format!("--{w}"))
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            (c, options)
+        })
+        .collect()
+}
+
+/// `shiftd generate-docs` (packaging/build.sh) writes shiftd(8) with every command and every option,
+/// a page per command, and completions that offer them; none of them offer generate-docs itself.
+#[test]
+fn generated_man_pages_and_completions_cover_every_command_and_option() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = shiftd(&[
+        "generate-docs",
+        "--out",
+        dir.path().to_str().unwrap(),
+        "--date",
+        "2026-12-01",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // roff escapes '-'; read the page as a reader does.
+    let read = |name: &str| {
+        std::fs::read_to_string(dir.path().join(name))
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+            .replace("\\-", "-")
+    };
+    let page = read("shiftd.8");
+    assert!(page.contains(".TH SHIFTD 8 2026-12-01"), "{page}");
+    assert!(page.contains("--limit"), "shiftd(8) lacks plan --limit");
+    let bash = read("completions/shiftd.bash");
+    let zsh = read("completions/_shiftd");
+    let fish = read("completions/shiftd.fish");
+    for (command, options) in commands_and_options() {
+        assert!(
+            page.contains(&format!(".SS \"shiftd {command}\"")),
+            "shiftd(8) lacks a section for {command}"
+        );
+        let own = read(&format!("shiftd-{command}.8"));
+        for option in &options {
+            let section = page
+                .split(&format!(".SS \"shiftd {command}\""))
+                .nth(1)
+                .and_then(|s| s.split(".SS ").next())
+                .unwrap();
+            assert!(
+                section.contains(option),
+                "shiftd(8): {command} lacks {option}"
+            );
+            assert!(own.contains(option), "shiftd-{command}(8) lacks {option}");
+            assert!(
+                bash.contains(option),
+                "bash completion: {command} lacks {option}"
+            );
+            assert!(
+                zsh.contains(option),
+                "zsh completion: {command} lacks {option}"
+            );
+            let long = option.trim_start_matches("--");
+            assert!(
+                fish.contains(&format!("__fish_shiftd_using_subcommand {command}"))
+                    && fish.contains(&format!("-l {long}")),
+                "fish completion: {command} lacks {option}"
+            );
+        }
+    }
+    for text in [&page, &bash, &zsh, &fish] {
+        assert!(!text.contains("generate-docs"), "offers generate-docs");
+    }
+    // Exit code 2 (usage errors) is documented.
+    assert!(page.contains(".B 2\nA usage error"), "{page}");
+
+    // bash completes a command and an option, as a user pressing Tab would get them.
+    let complete = |words: &str| {
+        let script = format!(
+            "source {}; COMP_WORDS=({words}); COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1)); \
+             COMP_LINE=\"${{COMP_WORDS[*]}}\"; COMP_POINT=${{#COMP_LINE}}; \
+             _shiftd shiftd \"${{COMP_WORDS[-1]}}\" \"${{COMP_WORDS[-2]}}\"; echo \"${{COMPREPLY[@]}}\"",
+            dir.path().join("completions/shiftd.bash").display()
+        );
+        let out = std::process::Command::new("bash")
+            .args(["-c", &script])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(complete("shiftd pl"), "plan");
+    assert_eq!(complete("shiftd plan --li"), "--limit");
+}
+
+/// Usage errors exit 2 (clap's convention, documented in the README and shiftd(8)), name the
+/// problem, and print nothing on stdout.
+#[test]
+fn a_usage_error_exits_2() {
+    let config = fixture("plan-new-york.toml");
+    for (args, says) in [
+        (vec!["frobnicate"], "unrecognized subcommand 'frobnicate'"),
+        (
+            vec!["plan", "--config", &config, "--limti", "3"],
+            "unexpected argument '--limti'",
+        ),
+        (
+            vec!["plan", "--config", &config, "--limit", "many"],
+            "invalid value 'many' for '--limit <N>'",
+        ),
+        (
+            vec![
+                "plan",
+                "--config",
+                &config,
+                "--until",
+                "2027-01-01",
+                "--hours",
+                "3",
+            ],
+            "cannot be used with",
+        ),
+        (vec!["reload", "--config", &config], "--pid <PID>"),
+        (
+            vec![
+                "plan",
+                "--config",
+                &config,
+                "--from",
+                "2027-01-02",
+                "--until",
+                "2027-01-01",
+            ],
+            "--until must be after --from",
+        ),
+        (
+            vec!["policy", "--config", &config, "--account", "nope"],
+            "account \"nope\" is not in",
+        ),
+        (vec![], "Usage: shiftd <COMMAND>"),
+    ] {
+        let out = shiftd(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "shiftd {}: {stderr}",
+            args.join(" ")
+        );
+        assert!(stderr.contains(says), "shiftd {}: {stderr}", args.join(" "));
+        assert!(out.stdout.is_empty(), "shiftd {}", args.join(" "));
+    }
+}
