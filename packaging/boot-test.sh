@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Boot test: the .deb installed in a minimal Debian bookworm that systemd-nspawn boots with systemd as
-# PID 1, driven as an operator would (dpkg, a drop-in, systemctl, journalctl), against moto and the fake
-# IMDS on this machine's loopback (the container shares the host's network).
+# PID 1, driven as an operator would (dpkg, /etc/default/shiftd, a drop-in, systemctl, journalctl),
+# against moto and the fake IMDS on this machine's loopback (the container shares the host's network).
 #
 # Usage: packaging/boot-test.sh DEB   (as root; packaging/test.sh runs it with CI=true or
 # SHIFTD_TEST_INSTALL=1). Installs debootstrap and systemd-container when missing.
@@ -191,14 +191,16 @@ TOML
 expect "minimal system: no kill(1) (procps not installed)" fails_inside test -e /bin/kill
 expect "dpkg -i installs" inside dpkg -i /root/shiftd.deb
 expect "installed: unit not enabled" equals disabled inside systemctl is-enabled shiftd.service
-# A drop-in for the endpoints only: the shipped unit and the shipped example configuration otherwise.
+expect "installed: /etc/default/shiftd, root 0600, all commented" \
+  inside sh -c '[ "$(stat -c %U:%G:%a /etc/default/shiftd)" = root:root:600 ] && ! grep -q "^[^#]" /etc/default/shiftd'
+# The endpoints go in the shipped environment file, as an operator's proxy settings would (the unit's
+# EnvironmentFile=); the shipped unit and the shipped example configuration otherwise.
+cat >>"$root/etc/default/shiftd" <<ENV
+AWS_ENDPOINT_URL=$AWS_ENDPOINT_URL
+AWS_EC2_METADATA_SERVICE_ENDPOINT=$AWS_EC2_METADATA_SERVICE_ENDPOINT
+ENV
+environment=$(cat "$root/etc/default/shiftd")
 mkdir -p "$dropins"
-cat >"$dropins/endpoints.conf" <<CONF
-[Service]
-Environment=AWS_ENDPOINT_URL=$AWS_ENDPOINT_URL
-Environment=AWS_EC2_METADATA_SERVICE_ENDPOINT=$AWS_EC2_METADATA_SERVICE_ENDPOINT
-CONF
-inside systemctl daemon-reload
 expect "systemctl enable --now shiftd" inside systemctl enable --now shiftd.service
 if is_state active/running; then pass "READY: active/running"; else fail "READY: $(state)"; fi
 if status_has "next: "; then pass "STATUS: $(show StatusText)"; else fail "STATUS: '$(show StatusText)'"; fi
@@ -292,6 +294,7 @@ else
 fi
 expect "upgrade kept the edited configuration" equals "$edited" cat "$conf"
 expect "upgrade kept root:shiftd 0640" equals root:shiftd:640 inside stat -c %U:%G:%a /etc/shiftd/shiftd.toml
+expect "upgrade kept the edited /etc/default/shiftd" equals "$environment" cat "$root/etc/default/shiftd"
 
 # --- Stop within TimeoutStopSec.
 limit=$(show TimeoutStopUSec)
@@ -314,7 +317,7 @@ expect "purged: no shiftd process left" inside sh -c '! grep -qsx shiftd /proc/[
 absent() { inside sh -c "for f in $*; do [ ! -e \"\$f\" ] || exit 1; done"; } # paths or patterns
 expect "purged: binary and unit gone" absent /usr/bin/shiftd /lib/systemd/system/shiftd.service /usr/lib/systemd/system/shiftd.service
 expect "purged: /etc/shiftd, the state, the enablement gone" \
-  absent /etc/shiftd /var/lib/private/shiftd /var/lib/shiftd '/etc/systemd/system/*.wants/shiftd.service'
+  absent /etc/shiftd /etc/default/shiftd /var/lib/private/shiftd /var/lib/shiftd '/etc/systemd/system/*.wants/shiftd.service'
 
 echo "boot test: $failures failed ($((SECONDS - t0)) s)"
 if [ "$failures" -ne 0 ]; then exit 1; fi

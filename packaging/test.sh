@@ -43,7 +43,17 @@ expect "deb: sysusers shiftd.conf" has '\./(usr/)?lib/sysusers.d/shiftd.conf$'
 expect "deb: pristine example in docs" has '\./usr/share/doc/shiftd/examples/shiftd.toml$'
 expect "deb: man page shiftd(8)" has '\./usr/share/man/man8/shiftd.8.gz$'
 expect "deb: man page shiftd.toml(5)" has '\./usr/share/man/man5/shiftd.toml.5.gz$'
+# Every page `shiftd generate-docs` made (shiftd(8) and one per command) is shipped.
+for page in "$out"/docs/*.8; do
+  expect "deb: man page ${page##*/}" has "\./usr/share/man/man8/${page##*/}.gz$"
+done
+expect "deb: bash completion" has '^-rw-r--r-- 0/0 .* \./usr/share/bash-completion/completions/shiftd$'
+expect "deb: zsh completion" has '^-rw-r--r-- 0/0 .* \./usr/share/zsh/vendor-completions/_shiftd$'
+expect "deb: fish completion" has '^-rw-r--r-- 0/0 .* \./usr/share/fish/vendor_completions.d/shiftd.fish$'
+expect "deb: /etc/default/shiftd 0600" has '^-rw------- 0/0 .* \./etc/default/shiftd$'
 expect "deb: conffile /etc/shiftd/shiftd.toml" bash -c "dpkg-deb --ctrl-tarfile '$deb' | tar -xOf - ./conffiles | grep -qx /etc/shiftd/shiftd.toml"
+expect "deb: conffile /etc/default/shiftd" bash -c "dpkg-deb --ctrl-tarfile '$deb' | tar -xOf - ./conffiles | grep -qx /etc/default/shiftd"
+expect "deb: the unit reads /etc/default/shiftd (optional)" bash -c "dpkg-deb --fsys-tarfile '$deb' | tar -xOf - --wildcards '*/systemd/system/shiftd.service' | grep -qx 'EnvironmentFile=-/etc/default/shiftd'"
 expect "deb: postinst never starts the service" bash -c "! dpkg-deb --ctrl-tarfile '$deb' | tar -xOf - ./postinst | grep -Eq 'invoke (start|[$]_dh_action)'"
 expect "deb: prerm stops the service on removal" bash -c "dpkg-deb --ctrl-tarfile '$deb' | tar -xOf - ./prerm | grep -q 'deb-systemd-invoke stop shiftd.service'"
 if lintian --fail-on error,warning --suppress-tags-from-file /dev/null "$deb"; then
@@ -52,14 +62,32 @@ else
   fail "lintian"
 fi
 
+# --- The generated man pages render without warnings; the completions load; the environment file.
+for page in "$out"/docs/*.8 packaging/man/shiftd.toml.5; do
+  warnings=$(LC_ALL=C.UTF-8 MANWIDTH=80 man --warnings -E UTF-8 -l "$page" 2>&1 >/dev/null)
+  if [ -z "$warnings" ]; then pass "man -l ${page##*/}: no warnings"; else fail "man -l ${page##*/}: $warnings"; fi
+done
+expect "shiftd(8) documents plan --limit" bash -c "LC_ALL=C.UTF-8 MANWIDTH=200 man -l '$out/docs/shiftd.8' 2>/dev/null | grep -q -- '--limit'"
+expect "bash completion loads and completes shiftd" bash -c "source '$out/docs/completions/shiftd.bash' && complete -p shiftd"
+if command -v zsh >/dev/null; then expect "zsh completion parses" zsh -n "$out/docs/completions/_shiftd"; fi
+if command -v fish >/dev/null; then expect "fish completion parses" fish --no-execute "$out/docs/completions/shiftd.fish"; fi
+expect "environment file: NO_PROXY keeps IMDS direct" grep -Eq '^#?NO_PROXY=(.*,)?169\.254\.169\.254(,|$)' packaging/shiftd.env
+expect "environment file: only comments and VARIABLE=value lines" bash -c "! grep -Ev '^(#.*|[A-Z_]+=.*|)$' packaging/shiftd.env"
+
 # --- .rpm contents and scriptlets.
 rpm_files=$(rpm -qlp "$rpm" 2>/dev/null)
 for f in /usr/bin/shiftd /etc/shiftd/shiftd.toml /usr/lib/systemd/system/shiftd.service \
-         /usr/lib/sysusers.d/shiftd.conf /usr/share/man/man8/shiftd.8.gz /usr/share/doc/shiftd/examples/shiftd.toml; do
+         /usr/lib/sysusers.d/shiftd.conf /usr/share/man/man5/shiftd.toml.5.gz /usr/share/doc/shiftd/examples/shiftd.toml \
+         /usr/share/bash-completion/completions/shiftd /usr/share/zsh/site-functions/_shiftd \
+         /usr/share/fish/vendor_completions.d/shiftd.fish /etc/sysconfig/shiftd; do
   expect "rpm: $f" grep -qx "$f" <<<"$rpm_files"
 done
-expect "rpm: config is %config(noreplace), 0640 root:shiftd" bash -c \
-  "rpm -qp --qf '[%{FILEFLAGS:fflags} %{FILEMODES:perms} %{FILEUSERNAME}:%{FILEGROUPNAME} %{FILENAMES}\n]' '$rpm' 2>/dev/null | grep -qx 'cn -rw-r----- root:shiftd /etc/shiftd/shiftd.toml'"
+for page in "$out"/docs/*.8; do
+  expect "rpm: /usr/share/man/man8/${page##*/}.gz" grep -qx "/usr/share/man/man8/${page##*/}.gz" <<<"$rpm_files"
+done
+rpm_flags=$(rpm -qp --qf '[%{FILEFLAGS:fflags} %{FILEMODES:perms} %{FILEUSERNAME}:%{FILEGROUPNAME} %{FILENAMES}\n]' "$rpm" 2>/dev/null)
+expect "rpm: config is %config(noreplace), 0640 root:shiftd" grep -qx 'cn -rw-r----- root:shiftd /etc/shiftd/shiftd.toml' <<<"$rpm_flags"
+expect "rpm: /etc/sysconfig/shiftd is %config(noreplace), 0600 root:root" grep -qx 'cn -rw------- root:root /etc/sysconfig/shiftd' <<<"$rpm_flags"
 scripts=$(rpm -qp --scripts "$rpm" 2>/dev/null)
 expect "rpm: preinstall creates the shiftd user" grep -q 'systemd-sysusers\|useradd' <<<"$scripts"
 expect "rpm: preuninstall stops the service on erase" grep -q 'disable --now shiftd.service' <<<"$scripts"
@@ -76,6 +104,8 @@ if [ "${CI:-}" = "true" ] || [ "${SHIFTD_TEST_INSTALL:-}" = "1" ]; then
   unit=$(ls /lib/systemd/system/shiftd.service /usr/lib/systemd/system/shiftd.service 2>/dev/null | head -n1)
   expect "installed: systemd-analyze verify $unit" systemd-analyze verify "$unit"
   expect "installed: man shiftd.toml resolves" man -w shiftd.toml
+  expect "installed: man shiftd and shiftd-plan resolve" man -w shiftd shiftd-plan
+  expect "installed: /etc/default/shiftd root 0600" bash -c '[ "$(stat -c %U:%G:%a /etc/default/shiftd)" = root:root:600 ]'
   expect "installed: unit not enabled" bash -c '! ls /etc/systemd/system/*.wants/shiftd.service 2>/dev/null | grep -q .'
   # Upgrade to a newer version of the package keeps an edited config.
   sed -i 's/^timezone = "UTC"/timezone = "Asia\/Tokyo"/' /etc/shiftd/shiftd.toml
@@ -89,6 +119,7 @@ if [ "${CI:-}" = "true" ] || [ "${SHIFTD_TEST_INSTALL:-}" = "1" ]; then
   expect "removed: config kept" test -f /etc/shiftd/shiftd.toml
   expect "dpkg -P purges" dpkg -P shiftd
   expect "purged: /etc/shiftd gone" test ! -e /etc/shiftd
+  expect "purged: /etc/default/shiftd gone" test ! -e /etc/default/shiftd
   # The same package under a real systemd: a minimal Debian booted in a container (packaging/boot-test.sh).
   if [ "${SHIFTD_BOOT_TEST:-1}" = 0 ]; then
     echo "skip  boot test (SHIFTD_BOOT_TEST=0)"

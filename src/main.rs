@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use futures::StreamExt;
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_tokio::Signals;
@@ -17,6 +17,8 @@ use shiftd::logging::{self, LogTarget};
 use shiftd::outcome::LogSink;
 use shiftd::state::{DEFAULT_STATE_DIR, MemoryRecord, OccurrenceRecord, StateFile};
 
+mod docs;
+
 /// sysexits(3) EX_CONFIG: the configuration is invalid. systemd's unit does not restart on it.
 const EXIT_CONFIG: u8 = 78;
 
@@ -28,7 +30,7 @@ const EXIT_CONFIG: u8 = 78;
     long_about = "shiftd runs on a delegate EC2 instance. It takes the instance profile's credentials \
                   (IMDSv2), assumes a role in each target account, and at each rule's instant starts or \
                   stops the selected instances there, logging every instance action.\n\n\
-                  Exit codes: 0 ok, 1 error, 78 invalid configuration.",
+                  Exit codes: 0 ok, 1 error, 2 usage error, 78 invalid configuration.",
     after_help = "Configuration: /etc/shiftd/shiftd.toml (see `man shiftd.toml` or the README).\n\
                   Logs: journald under systemd (`journalctl -u shiftd SHIFTD_RESULT=failed`), else stderr;\n\
                   SHIFTD_LOG=debug for more detail."
@@ -41,9 +43,18 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the scheduler (SIGHUP reloads the configuration, SIGTERM/SIGINT stop it)
+    ///
+    /// SIGHUP reloads the configuration (an invalid file is logged and the running schedule kept).
+    /// SIGTERM and SIGINT stop scheduling and exit 0: an action under way finishes its calls and
+    /// follows its instances for up to 20 seconds more, then reports any instance not yet confirmed
+    /// as failed. Under systemd it reports READY=1, STATUS=, WATCHDOG=1, RELOADING=1 and STOPPING=1.
+    ///
+    /// It keeps the instant up to which it has handled every occurrence in state.json under
+    /// --state-dir. After a restart, occurrences it slept through are acted on when at most 5 minutes
+    /// late and reported failed ("missed") otherwise.
     Run {
         /// Configuration file
-        #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+        #[arg(long, short, value_name = "PATH", default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
         /// Log every action that would be taken; call no StartInstances/StopInstances
         #[arg(long)]
@@ -52,64 +63,79 @@ enum Command {
         #[arg(long, value_enum, default_value_t = LogTarget::Auto)]
         log: LogTarget,
         /// Directory for state kept across restarts (systemd's StateDirectory= sets STATE_DIRECTORY)
-        #[arg(long, env = "STATE_DIRECTORY", default_value = DEFAULT_STATE_DIR)]
+        #[arg(long, value_name = "DIR", env = "STATE_DIRECTORY", default_value = DEFAULT_STATE_DIR)]
         state_dir: PathBuf,
     },
     /// Validate the configuration and print what it schedules (exit 78 if invalid)
     Check {
         /// Configuration file
-        #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+        #[arg(long, short, value_name = "PATH", default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
     /// Validate the configuration, then signal the daemon to reload it (exit 78, no signal, if invalid)
+    ///
+    /// Validates the file as run loads it, and only then sends SIGHUP to the daemon --pid. This is
+    /// the unit's ExecReload= (with $MAINPID), so "systemctl reload shiftd" fails on an invalid file
+    /// and the running schedule stays in force.
     Reload {
         /// Configuration file
-        #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+        #[arg(long, short, value_name = "PATH", default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
         /// The running daemon's PID (systemd: $MAINPID)
-        #[arg(long, value_parser = clap::value_parser!(i32).range(1..))]
+        #[arg(long, value_name = "PID", value_parser = clap::value_parser!(i32).range(1..))]
         pid: i32,
     },
     /// List upcoming actions in time order (reads only the configuration)
+    ///
+    /// Uses the daemon's own schedule code, so DST days show exactly what will happen. The default
+    /// window is the next 7 days; the text output ends with a note when --limit cut it.
     Plan {
         /// Configuration file
-        #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+        #[arg(long, short, value_name = "PATH", default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
         /// Start of the window: RFC 3339, or a UTC date/time like 2026-12-01 or 2026-12-01T08:00 [default: now]
-        #[arg(long, value_parser = shiftd::plan::parse_time)]
+        #[arg(long, value_name = "TIME", value_parser = shiftd::plan::parse_time)]
         from: Option<DateTime<Utc>>,
         /// End of the window (same forms as --from) [default: 7 days after --from]
-        #[arg(long, value_parser = shiftd::plan::parse_time, conflicts_with = "hours")]
+        #[arg(long, value_name = "TIME", value_parser = shiftd::plan::parse_time, conflicts_with = "hours")]
         until: Option<DateTime<Utc>>,
         /// Length of the window in hours
-        #[arg(long)]
+        #[arg(long, value_name = "N")]
         hours: Option<u32>,
         /// Print one JSON array (fields documented in the README)
         #[arg(long)]
         json: bool,
         /// List at most this many actions
-        #[arg(long, default_value_t = 1000)]
+        #[arg(long, value_name = "N", default_value_t = 1000)]
         limit: usize,
     },
     /// Check the live setup: IMDS, identity, AssumeRole, instances, permissions (DryRun only)
+    ///
+    /// Checks IMDSv2, the delegate's identity, AssumeRole for each account, the selected instances,
+    /// and permission to start and stop them (with DryRun: nothing is acted on). Each check prints
+    /// ok, warn or FAIL; exit 1 when one fails.
     Doctor {
         /// Configuration file
-        #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+        #[arg(long, short, value_name = "PATH", default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
     /// Print the IAM policies the configuration needs
+    ///
+    /// Per target account the role's trust policy (with --delegate-account or --delegate-role) and
+    /// its least-privilege permission policy, then the delegate instance role's sts:AssumeRole
+    /// policy. Exit 2 on an unknown --account or a malformed --delegate-account/--delegate-role.
     Policy {
         /// Configuration file
-        #[arg(long, short, default_value = DEFAULT_CONFIG_PATH)]
+        #[arg(long, short, value_name = "PATH", default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
         /// Only this account's documents (and the delegate's policy for it)
-        #[arg(long)]
+        #[arg(long, value_name = "NAME")]
         account: Option<String>,
         /// The delegate account ID, as the target roles' trust policy principal
-        #[arg(long, conflicts_with = "delegate_role")]
+        #[arg(long, value_name = "ID", conflicts_with = "delegate_role")]
         delegate_account: Option<String>,
         /// The delegate instance's role ARN, as a narrower trust policy principal
-        #[arg(long)]
+        #[arg(long, value_name = "ARN")]
         delegate_role: Option<String>,
         /// Print one JSON array of {title, notes, document}
         #[arg(long)]
@@ -118,7 +144,13 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    match Cli::parse().command {
+    // `shiftd generate-docs --out DIR` (packaging): outside the parser, so that neither `--help`, the
+    // man pages nor the completions offer it.
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == docs::COMMAND) {
+        return docs::main(Cli::command(), &args[2..]);
+    }
+    match Cli::parse_from(args).command {
         Command::Check { config } => check(&config),
         Command::Reload { config, pid } => reload(&config, pid),
         Command::Run {

@@ -37,12 +37,7 @@ pub fn line(
                 .iter()
                 .find(|r| r.name == u.rule)
                 .expect("rule of this config");
-            let ids = rule.selection.instance_ids.len();
-            let what = match (ids, rule.selection.tags.is_empty()) {
-                (n, true) => format!("{n} instance{}", if n == 1 { "" } else { "s" }),
-                (0, false) => rule.selection.to_string(),
-                (_, false) => rule.selection.to_string(),
-            };
+            let what = selection(&rule.selection);
             let more = if items.len() > 1 {
                 format!(" and {} more", items.len() - 1)
             } else {
@@ -60,6 +55,24 @@ pub fn line(
         _ => parts.push("no upcoming actions".to_string()),
     }
     parts.join("; ")
+}
+
+/// The rule's selection in a few words: "2 instances", "tags Env=dev|stg Schedule=office-hours", or
+/// "2 instances with tags Env=dev" (the listed instances that also carry the tags). Said here, not
+/// by the selection's own Display, which lists every ID and once put a second "tags" in this line.
+fn selection(selection: &crate::config::Selection) -> String {
+    let n = selection.instance_ids.len();
+    let instances = format!("{n} instance{}", if n == 1 { "" } else { "s" });
+    let tags: Vec<String> = selection
+        .tags
+        .iter()
+        .map(|(key, values)| format!("{key}={}", values.join("|")))
+        .collect();
+    match (n, tags.is_empty()) {
+        (_, true) => instances,
+        (0, false) => format!("tags {}", tags.join(" ")),
+        (_, false) => format!("{instances} with tags {}", tags.join(" ")),
+    }
 }
 
 #[cfg(test)]
@@ -106,6 +119,46 @@ timezone = "Asia/Tokyo"
             ),
             "DRY RUN; waiting for credentials: account1 (AccessDenied); \
              next: stop office-hours (2 instances, account1/ap-northeast-1) at 2026-12-01 20:00:00 JST and 1 more"
+        );
+    }
+
+    /// A tag selection is named once ("tags Env=dev", never "tags tags Env=dev"), and listed
+    /// instances that must also carry tags are counted, not listed.
+    #[test]
+    fn status_names_a_tag_selection_once() {
+        let config = Config::parse(
+            Path::new("t.toml"),
+            r#"
+[accounts.account1]
+role_arn = "arn:aws:iam::111111111111:role/r"
+regions = ["ap-northeast-1", "us-east-1"]
+[[rules]]
+name = "tagged"
+account = "account1"
+regions = ["ap-northeast-1"]
+tags = { Schedule = "office-hours", Env = ["dev", "stg"] }
+stop = "0 20 * * *"
+timezone = "Asia/Tokyo"
+[[rules]]
+name = "listed-and-tagged"
+account = "account1"
+instances = ["i-0123456789abcdef0", "i-01234567", "i-89abcdef"]
+tags = { Env = "dev" }
+start = "0 8 * * *"
+timezone = "Asia/Tokyo"
+"#,
+        )
+        .unwrap();
+        let at = |t: &str| DateTime::parse_from_rfc3339(t).unwrap().with_timezone(&Utc);
+        assert_eq!(
+            line(&config, at("2026-12-01T00:00:00Z"), false, &[]),
+            "next: stop tagged (tags Env=dev|stg Schedule=office-hours, account1/ap-northeast-1) \
+             at 2026-12-01 20:00:00 JST"
+        );
+        assert_eq!(
+            line(&config, at("2026-12-01T12:00:00Z"), false, &[]),
+            "next: start listed-and-tagged (3 instances with tags Env=dev, \
+             account1/ap-northeast-1,us-east-1) at 2026-12-02 08:00:00 JST"
         );
     }
 }

@@ -406,3 +406,316 @@ fn plan_into_a_closed_pipe_ends_quietly() {
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+/// `shiftd policy ARGS`, run as the README shows it: from the project's top, with its relative paths.
+fn policy_output(args: &[&str]) -> String {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_shiftd"))
+        .arg("policy")
+        .args(args)
+        .current_dir(project_root())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "shiftd policy {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout(&out)
+}
+
+/// The README's IAM documents are `shiftd policy`'s output for the example configuration, so that a
+/// user who copies them gets what `shiftd doctor` checks (the README once lacked
+/// `ec2:DescribeInstanceStatus`). A block follows a marker naming the arguments:
+/// `<!-- policy: ARGS | TITLE -->` and a ```json block holding the document TITLE of the output, or
+/// `<!-- policy: ARGS -->` and a ``` block holding `$ shiftd policy ARGS` and the whole output.
+/// `scripts/readme-policies` rewrites them.
+#[test]
+fn readme_policies_are_shiftd_policy_output() {
+    let readme = std::fs::read_to_string(project_root().join("README.md")).unwrap();
+    let lines: Vec<&str> = readme.lines().collect();
+    let mut shown: Vec<(String, String)> = Vec::new(); // (args, title) of each document block
+    let mut marked_blocks = 0;
+    let mut unmarked = Vec::new();
+    let mut next = 0;
+    while let Some(i) = (next..lines.len()).find(|&i| lines[i].starts_with("```")) {
+        // An opening fence: its block runs to the next ``` line.
+        let end = i + 1 + lines[i + 1..].iter().position(|l| *l == "```").unwrap();
+        next = end + 1;
+        let body: String = lines[i + 1..end].iter().map(|l| format!("{l}\n")).collect();
+        let marker = i
+            .checked_sub(1)
+            .and_then(|p| lines[p].strip_prefix("<!-- policy: "))
+            .and_then(|m| m.strip_suffix(" -->"));
+        let Some(marker) = marker else {
+            if body.contains("\"2012-10-17\"") {
+                unmarked.push(i + 1);
+            }
+            continue;
+        };
+        marked_blocks += 1;
+        match marker.split_once(" | ") {
+            Some((args, title)) => {
+                let args: Vec<&str> = args.split_whitespace().collect();
+                let output = policy_output(&args);
+                let document = document_of(&output, title).unwrap_or_else(|| {
+                    panic!(
+                        "README.md:{i}: `shiftd policy {}` prints no document {title:?}: {output}",
+                        args.join(" ")
+                    )
+                });
+                assert_eq!(
+                    body,
+                    document,
+                    "README.md:{}: the block differs from `shiftd policy {}` ({title}); run scripts/readme-policies",
+                    i + 1,
+                    args.join(" ")
+                );
+                shown.push((args.join(" "), title.to_string()));
+            }
+            None => {
+                let args: Vec<&str> = marker.split_whitespace().collect();
+                let want = format!(
+                    "$ shiftd policy {}\n{}",
+                    args.join(" "),
+                    policy_output(&args).trim_end_matches('\n')
+                ) + "\n";
+                assert_eq!(
+                    body,
+                    want,
+                    "README.md:{}: the block differs from `shiftd policy {}`; run scripts/readme-policies",
+                    i + 1,
+                    args.join(" ")
+                );
+            }
+        }
+    }
+    assert!(
+        unmarked.is_empty(),
+        "README.md: IAM documents not made by `shiftd policy` (no marker) at lines {unmarked:?}"
+    );
+    assert!(
+        shown.len() >= 3 && marked_blocks > shown.len(),
+        "README.md: expected the IAM setup's documents and the `shiftd policy` example, found {shown:?}"
+    );
+    // The IAM setup shows every document the command prints: none left for the reader to guess.
+    for args in shown.iter().map(|(a, _)| a) {
+        let argv: Vec<&str> = args.split_whitespace().collect();
+        for title in titles(&policy_output(&argv)) {
+            assert!(
+                shown.iter().any(|(a, t)| a == args && *t == title),
+                "README.md: `shiftd policy {args}` prints {title:?}, which the README does not show"
+            );
+        }
+    }
+    // Nowhere else in the docs: the man pages and example configurations do not copy policies.
+    for dir in ["packaging/man", "config"] {
+        for entry in std::fs::read_dir(project_root().join(dir)).unwrap() {
+            let path = entry.unwrap().path();
+            let text = std::fs::read_to_string(&path).unwrap();
+            assert!(
+                !text.contains("2012-10-17"),
+                "{}: an IAM document not made by `shiftd policy`",
+                path.display()
+            );
+        }
+    }
+}
+
+/// `shiftd policy`'s text form: one section per document, `# TITLE`, `# note: …` lines, the JSON.
+fn document_of(output: &str, title: &str) -> Option<String> {
+    output.split("\n\n").find_map(|section| {
+        let mut lines = section.trim_matches('\n').lines();
+        (lines.next()? == format!("# {title}")).then(|| {
+            lines
+                .filter(|l| !l.starts_with("# "))
+                .map(|l| format!("{l}\n"))
+                .collect()
+        })
+    })
+}
+
+fn titles(output: &str) -> Vec<String> {
+    output
+        .split("\n\n")
+        .filter_map(|s| s.trim_matches('\n').lines().next()?.strip_prefix("# "))
+        .map(String::from)
+        .collect()
+}
+
+/// The commands `shiftd --help` lists (clap's own `help` aside), and the long options of each as its
+/// own `--help` lists them: what the generated man page and completions must cover.
+fn commands_and_options() -> Vec<(String, Vec<String>)> {
+    let help = stdout(&shiftd(&["--help"]));
+    let commands: Vec<String> = help
+        .lines()
+        .skip_while(|l| !l.starts_with("Commands:"))
+        .skip(1)
+        .take_while(|l| l.starts_with("  "))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|c| *c != "help")
+        .map(String::from)
+        .collect();
+    assert!(commands.len() >= 6, "{help}");
+    commands
+        .into_iter()
+        .map(|c| {
+            let help = stdout(&shiftd(&[&c, "--help"]));
+            let options = help
+                .split_whitespace()
+                .filter_map(|w| w.strip_prefix("--"))
+                .map(|w| w.trim_end_matches([',', '.', ')', ']']))
+                .filter(|w| !w.is_empty() && w.chars().all(|c| c.is_ascii_lowercase() || c == '-'))
+                .map(|w| format!("--{w}"))
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            (c, options)
+        })
+        .collect()
+}
+
+/// `shiftd generate-docs` (packaging/build.sh) writes shiftd(8) with every command and every option,
+/// a page per command, and completions that offer them; none of them offer generate-docs itself.
+#[test]
+fn generated_man_pages_and_completions_cover_every_command_and_option() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = shiftd(&[
+        "generate-docs",
+        "--out",
+        dir.path().to_str().unwrap(),
+        "--date",
+        "2026-12-01",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // roff escapes '-'; read the page as a reader does.
+    let read = |name: &str| {
+        std::fs::read_to_string(dir.path().join(name))
+            .unwrap_or_else(|e| panic!("{name}: {e}"))
+            .replace("\\-", "-")
+    };
+    let page = read("shiftd.8");
+    assert!(page.contains(".TH SHIFTD 8 2026-12-01"), "{page}");
+    assert!(page.contains("--limit"), "shiftd(8) lacks plan --limit");
+    let bash = read("completions/shiftd.bash");
+    let zsh = read("completions/_shiftd");
+    let fish = read("completions/shiftd.fish");
+    for (command, options) in commands_and_options() {
+        assert!(
+            page.contains(&format!(".SS \"shiftd {command}\"")),
+            "shiftd(8) lacks a section for {command}"
+        );
+        let own = read(&format!("shiftd-{command}.8"));
+        for option in &options {
+            let section = page
+                .split(&format!(".SS \"shiftd {command}\""))
+                .nth(1)
+                .and_then(|s| s.split(".SS ").next())
+                .unwrap();
+            assert!(
+                section.contains(option),
+                "shiftd(8): {command} lacks {option}"
+            );
+            assert!(own.contains(option), "shiftd-{command}(8) lacks {option}");
+            assert!(
+                bash.contains(option),
+                "bash completion: {command} lacks {option}"
+            );
+            assert!(
+                zsh.contains(option),
+                "zsh completion: {command} lacks {option}"
+            );
+            let long = option.trim_start_matches("--");
+            assert!(
+                fish.contains(&format!("__fish_shiftd_using_subcommand {command}"))
+                    && fish.contains(&format!("-l {long}")),
+                "fish completion: {command} lacks {option}"
+            );
+        }
+    }
+    for text in [&page, &bash, &zsh, &fish] {
+        assert!(!text.contains("generate-docs"), "offers generate-docs");
+    }
+    // Exit code 2 (usage errors) is documented.
+    assert!(page.contains(".B 2\nA usage error"), "{page}");
+
+    // bash completes a command and an option, as a user pressing Tab would get them.
+    let complete = |words: &str| {
+        let script = format!(
+            "source {}; COMP_WORDS=({words}); COMP_CWORD=$((${{#COMP_WORDS[@]}} - 1)); \
+             COMP_LINE=\"${{COMP_WORDS[*]}}\"; COMP_POINT=${{#COMP_LINE}}; \
+             _shiftd shiftd \"${{COMP_WORDS[-1]}}\" \"${{COMP_WORDS[-2]}}\"; echo \"${{COMPREPLY[@]}}\"",
+            dir.path().join("completions/shiftd.bash").display()
+        );
+        let out = std::process::Command::new("bash")
+            .args(["-c", &script])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    assert_eq!(complete("shiftd pl"), "plan");
+    assert_eq!(complete("shiftd plan --li"), "--limit");
+}
+
+/// Usage errors exit 2 (clap's convention, documented in the README and shiftd(8)), name the
+/// problem, and print nothing on stdout.
+#[test]
+fn a_usage_error_exits_2() {
+    let config = fixture("plan-new-york.toml");
+    for (args, says) in [
+        (vec!["frobnicate"], "unrecognized subcommand 'frobnicate'"),
+        (
+            vec!["plan", "--config", &config, "--limti", "3"],
+            "unexpected argument '--limti'",
+        ),
+        (
+            vec!["plan", "--config", &config, "--limit", "many"],
+            "invalid value 'many' for '--limit <N>'",
+        ),
+        (
+            vec![
+                "plan",
+                "--config",
+                &config,
+                "--until",
+                "2027-01-01",
+                "--hours",
+                "3",
+            ],
+            "cannot be used with",
+        ),
+        (vec!["reload", "--config", &config], "--pid <PID>"),
+        (
+            vec![
+                "plan",
+                "--config",
+                &config,
+                "--from",
+                "2027-01-02",
+                "--until",
+                "2027-01-01",
+            ],
+            "--until must be after --from",
+        ),
+        (
+            vec!["policy", "--config", &config, "--account", "nope"],
+            "account \"nope\" is not in",
+        ),
+        (vec![], "Usage: shiftd <COMMAND>"),
+    ] {
+        let out = shiftd(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(2),
+            "shiftd {}: {stderr}",
+            args.join(" ")
+        );
+        assert!(stderr.contains(says), "shiftd {}: {stderr}", args.join(" "));
+        assert!(out.stdout.is_empty(), "shiftd {}", args.join(" "));
+    }
+}
