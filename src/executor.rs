@@ -565,16 +565,15 @@ async fn resolve_at_once(
                 .or_default()
                 .insert(view.id.clone());
         }
-        resolved.selected.push(Selected {
-            instance: view,
-            by,
-        });
+        resolved.selected.push(Selected { instance: view, by });
     }
     // Nothing to say of listed instances it did not find: mark every rule resolved.
     for req in requests {
-        resolved.found.entry(req.rule.clone()).or_default().extend(
-            req.selection.instance_ids.iter().cloned(),
-        );
+        resolved
+            .found
+            .entry(req.rule.clone())
+            .or_default()
+            .extend(req.selection.instance_ids.iter().cloned());
     }
     resolved
 }
@@ -615,12 +614,15 @@ fn plan(
         let view = views[p.instance_id.as_str()];
         let wants_hibernate = p.action == Action::Stop
             && requests.iter().any(|r| {
-                p.rules.contains(&r.rule) && r.action == Action::Stop && r.stop_mode == StopMode::Hibernate
+                p.rules.contains(&r.rule)
+                    && r.action == Action::Stop
+                    && r.stop_mode == StopMode::Hibernate
             });
         let note = match (wants_hibernate, view.hibernation_configured) {
             (true, true) => Some("hibernated".to_string()),
             (true, false) => Some(
-                "plain stop: the instance is not configured for hibernation (a fall-back)".to_string(),
+                "plain stop: the instance is not configured for hibernation (a fall-back)"
+                    .to_string(),
             ),
             (false, _) => None,
         };
@@ -711,7 +713,16 @@ async fn act(
         groups.insert(0, (true, hibernating));
     }
     for (hibernate, targets) in groups {
-        let rest = act_chunks(ec2, place, action, hibernate, targets, report, &mut accepted).await;
+        let rest = act_chunks(
+            ec2,
+            place,
+            action,
+            hibernate,
+            targets,
+            report,
+            &mut accepted,
+        )
+        .await;
         if !rest.is_empty() {
             // EC2 refused to hibernate them: a plain stop instead, said with each result.
             tracing::warn!(

@@ -767,7 +767,9 @@ mod tests {
         session(&aws, &creds).await;
         let ids = aws.add_instances("111111111111", "r", 1, "stopped", &[]);
         let ec2 = aws.ec2("r", Arc::new(creds.clone())).await;
-        ec2.change_state(Action::Start, &ids, false, false).await.unwrap();
+        ec2.change_state(Action::Start, &ids, false, false)
+            .await
+            .unwrap();
         assert_eq!(aws.states(&ids), ["pending"]);
         let e = ec2
             .change_state(Action::Stop, &ids, false, false)
