@@ -15,6 +15,7 @@ pub mod daemon;
 pub mod doctor;
 pub mod executor;
 pub mod logging;
+pub mod manual;
 pub mod notify;
 pub mod outcome;
 pub mod plan;

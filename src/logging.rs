@@ -67,7 +67,41 @@ pub fn init(target: LogTarget) -> Option<String> {
 
 /// Stderr lines carry the message only: every message already says what its structured fields say
 /// (the fields are for journald queries).
+/// shiftd's journald entries: SHIFTD_* fields, identifier `shiftd`.
+fn journald_layer() -> std::io::Result<tracing_journald::Layer> {
+    let priorities = tracing_journald::PriorityMappings {
+        info: tracing_journald::Priority::Informational,
+        debug: tracing_journald::Priority::Debug,
+        ..tracing_journald::PriorityMappings::new()
+    };
+    Ok(tracing_journald::layer()?
+        .with_priority_mappings(priorities)
+        .with_field_prefix(Some("SHIFTD".into()))
+        .with_syslog_identifier("shiftd".into()))
+}
+
+/// For a command an operator runs by hand that acts (`shiftd apply`): lines on stderr for the
+/// operator, and the same entries in the journal (when it is reachable) for the record.
+pub fn init_interactive() {
+    let journal = journald_layer().ok();
+    tracing_subscriber::registry()
+        .with(filter())
+        .with(stderr_layer())
+        .with(journal)
+        .init();
+}
+
 fn stderr_init() {
+    tracing_subscriber::registry()
+        .with(filter())
+        .with(stderr_layer())
+        .init();
+}
+
+fn stderr_layer<S>() -> impl tracing_subscriber::Layer<S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
     use std::io::IsTerminal;
     let message_only = tracing_subscriber::fmt::format::debug_fn(|writer, field, value| {
         if field.name() == "message" {
@@ -76,14 +110,9 @@ fn stderr_init() {
             Ok(())
         }
     });
-    tracing_subscriber::registry()
-        .with(filter())
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(std::io::stderr)
-                .with_ansi(std::io::stderr().is_terminal())
-                .with_target(false)
-                .fmt_fields(message_only),
-        )
-        .init();
+    tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_target(false)
+        .fmt_fields(message_only)
 }

@@ -11,10 +11,10 @@ use signal_hook_tokio::Signals;
 
 use chrono::{DateTime, Utc};
 use shiftd::clock::{Clock, SystemClock};
-use shiftd::config::{Config, ConfigError, DEFAULT_CONFIG_PATH};
+use shiftd::config::{Action, Config, ConfigError, DEFAULT_CONFIG_PATH};
 use shiftd::daemon::{self, RunError};
 use shiftd::logging::{self, LogTarget};
-use shiftd::outcome::LogSink;
+use shiftd::outcome::{LogSink, ResultKind};
 use shiftd::state::{DEFAULT_STATE_DIR, MemoryRecord, OccurrenceRecord, StateFile};
 
 mod docs;
@@ -119,6 +119,30 @@ enum Command {
         #[arg(long, short, value_name = "PATH", default_value = DEFAULT_CONFIG_PATH)]
         config: PathBuf,
     },
+    /// Start or stop a rule's selection now, by hand (exit 1 unless every instance ends ok or skipped)
+    ///
+    /// Acts on the rule's selection as its schedule would: the same describe, override tags,
+    /// chunked StartInstances/StopInstances calls and verification, each instance's result logged
+    /// with SHIFTD_REASON=manual (on stderr, and in the journal when it is reachable). With
+    /// --dry-run it assumes the role and describes the selection, and says what it would do without
+    /// calling StartInstances/StopInstances. The way to try a new setup safely before enabling the
+    /// unit. Exit 0 when every instance
+    /// ends ok or skipped (or dry-run), 1 otherwise, 2 for an unknown rule, 78 for an invalid
+    /// configuration.
+    Apply {
+        /// Configuration file
+        #[arg(long, short, value_name = "PATH", default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// The rule whose selection to act on
+        #[arg(value_name = "RULE")]
+        rule: String,
+        /// What to do
+        #[arg(value_name = "ACTION")]
+        action: ManualAction,
+        /// Say what would be done; call no StartInstances/StopInstances
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Print the IAM policies the configuration needs
     ///
     /// Per target account the role's trust policy (with --delegate-account or --delegate-role) and
@@ -141,6 +165,12 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum ManualAction {
+    Start,
+    Stop,
 }
 
 fn main() -> ExitCode {
@@ -168,6 +198,12 @@ fn main() -> ExitCode {
             limit,
         } => plan(&config, from, until, hours, json, limit),
         Command::Doctor { config } => doctor(&config),
+        Command::Apply {
+            config,
+            rule,
+            action,
+            dry_run,
+        } => apply(&config, &rule, action, dry_run),
         Command::Policy {
             config,
             account,
@@ -413,6 +449,63 @@ fn doctor(path: &std::path::Path) -> ExitCode {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
+    }
+}
+
+fn apply(path: &std::path::Path, rule: &str, action: ManualAction, dry_run: bool) -> ExitCode {
+    let config = match load_or_exit(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    logging::init_interactive();
+    let action = match action {
+        ManualAction::Start => Action::Start,
+        ManualAction::Stop => Action::Stop,
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let outcomes = runtime.block_on(shiftd::manual::apply(
+        &config,
+        rule,
+        action,
+        dry_run,
+        Arc::new(shiftd::aws::sdk::connect),
+        Arc::new(SystemClock),
+        Arc::new(LogSink),
+    ));
+    match outcomes {
+        Err(e) => {
+            eprintln!("shiftd apply: {e}");
+            ExitCode::from(2)
+        }
+        Ok(outcomes) => {
+            let count = |k| outcomes.iter().filter(|o| o.result == k).count();
+            let _ = output(&format!(
+                "{action} {rule}: {} ok, {} skipped, {} failed, {} dry-run{}\n",
+                count(ResultKind::Ok),
+                count(ResultKind::Skipped),
+                count(ResultKind::Failed),
+                count(ResultKind::DryRun),
+                if outcomes.is_empty() {
+                    " (the selection matches no instance)"
+                } else {
+                    ""
+                }
+            ));
+            if shiftd::manual::succeeded(&outcomes) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
     }
 }
 

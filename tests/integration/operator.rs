@@ -719,3 +719,119 @@ fn a_usage_error_exits_2() {
         assert!(out.stdout.is_empty(), "shiftd {}", args.join(" "));
     }
 }
+
+/// `shiftd apply` with the fake AWS: exit code, stderr, and the journal entries of the process.
+fn run_apply(fake: &FakeAws, config: &str, args: &[&str]) -> (Option<i32>, String, Vec<Entry>) {
+    ensure_journald();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shiftd.toml");
+    std::fs::write(&path, config).unwrap();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_shiftd"))
+        .args(["apply", "--config", path.to_str().unwrap()])
+        .args(args)
+        .envs(fake.env())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned() + &stdout(&out);
+    let mut entries = Vec::new();
+    wait_until("apply's journal entries", Duration::from_secs(10), || {
+        entries = journal_entries(pid)
+            .into_iter()
+            .filter(|e| e.contains_key("SHIFTD_RESULT"))
+            .collect();
+        !entries.is_empty() || out.status.code() == Some(2)
+    });
+    (out.status.code(), stderr, entries)
+}
+
+#[test]
+fn apply_acts_on_a_rules_selection_now_with_reason_manual() {
+    let fake = FakeAws::start();
+    let office = fake.seed(TARGET_ACCOUNT, 2, &[("Schedule", "office")], false);
+    let other = fake.seed(TARGET_ACCOUNT, 1, &[("Schedule", "other")], false);
+    let config = config_with_rules(
+        "",
+        r#"
+[[rules]]
+name = "office"
+account = "account1"
+tags = { Schedule = "office" }
+start = "0 8 * * *"
+stop = "0 20 * * *"
+"#,
+    );
+    // A dry run says what it would do and touches nothing.
+    let (code, text, entries) = run_apply(&fake, &config, &["office", "stop", "--dry-run"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert_eq!(entries.len(), 2, "{entries:#?}");
+    assert!(
+        entries
+            .iter()
+            .all(|e| field(e, "SHIFTD_RESULT") == "dry-run")
+    );
+    assert!(fake.calls().iter().all(|c| c.action != "StopInstances"));
+    // Then for real: the two instances stop, the other one is left alone.
+    let (code, text, entries) = run_apply(&fake, &config, &["office", "stop"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(
+        text.contains("stop office: 2 ok, 0 skipped, 0 failed"),
+        "{text}"
+    );
+    let states = fake.states(TARGET_ACCOUNT);
+    for id in &office {
+        assert_eq!(states[id], "stopped", "{states:?}");
+        let e = entries_for(&entries, id);
+        assert_eq!(e.len(), 1, "{entries:#?}");
+        assert_eq!(field(e[0], "SHIFTD_REASON"), "manual");
+        assert_eq!(field(e[0], "SHIFTD_TRIGGER"), "manual");
+        assert_eq!(field(e[0], "SHIFTD_RESULT"), "ok");
+        assert!(
+            field(e[0], "SHIFTD_DETAIL").starts_with("stopped after"),
+            "{e:?}"
+        );
+    }
+    assert_eq!(states[&other[0]], "running");
+    // Again: nothing to do, every instance skipped, still a success.
+    let (code, text, _) = run_apply(&fake, &config, &["office", "stop"]);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(text.contains("0 ok, 2 skipped"), "{text}");
+    // An unknown rule is refused by name, with the known ones.
+    let (code, text, _) = run_apply(&fake, &config, &["offices", "stop"]);
+    assert_eq!(code, Some(2), "{text}");
+    assert!(
+        text.contains("no rule named \"offices\"") && text.contains("expected one of [office]"),
+        "{text}"
+    );
+}
+
+#[test]
+fn apply_exits_1_when_an_instance_fails() {
+    let fake = FakeAws::start();
+    let ids = fake.seed(TARGET_ACCOUNT, 1, &[], true);
+    let config = config_with_rules(
+        "",
+        &format!(
+            r#"
+[[rules]]
+name = "listed"
+account = "account1"
+instances = ["{}", "i-0000000000000dead"]
+start = "0 8 * * *"
+"#,
+            ids[0]
+        ),
+    );
+    let (code, text, entries) = run_apply(&fake, &config, &["listed", "start"]);
+    assert_eq!(code, Some(1), "{text}");
+    assert!(text.contains("1 ok, 0 skipped, 1 failed"), "{text}");
+    let dead = entries_for(&entries, "i-0000000000000dead");
+    assert_eq!(field(dead[0], "SHIFTD_RESULT"), "failed");
+    assert!(
+        field(dead[0], "SHIFTD_DETAIL").contains("not found"),
+        "{dead:?}"
+    );
+}

@@ -1,0 +1,114 @@
+//! `shiftd apply`: one rule's action on its selection, now, by hand, with the daemon's own executor
+//! (the same describe, decisions, override tags, chunked calls, verification and logging), each
+//! outcome logged with `SHIFTD_REASON=manual`.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+
+use crate::aws::ConnectAws;
+use crate::clock::Clock;
+use crate::config::{Action, Config};
+use crate::credentials::{self, AccountCredentials, SessionSpec};
+use crate::executor::{self, AccountClients, BatchContext, ExecOptions, RegionClient};
+use crate::outcome::{Outcome, OutcomeSink, ResultKind, Trigger};
+use crate::planner::{AccountBatch, Request};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error("no rule named {name:?} in {path}: expected one of [{known}]")]
+    UnknownRule {
+        name: String,
+        path: String,
+        known: String,
+    },
+}
+
+/// Whether `shiftd apply` succeeded: every outcome ok, skipped or (with `--dry-run`) dry-run. A
+/// selection that matches nothing has no outcome, and succeeds (the command says so).
+pub fn succeeded(outcomes: &[Outcome]) -> bool {
+    outcomes.iter().all(|o| {
+        matches!(
+            o.result,
+            ResultKind::Ok | ResultKind::Skipped | ResultKind::DryRun
+        )
+    })
+}
+
+/// Carries out `action` of rule `rule_name` now and returns every outcome (each handed to `sink`).
+pub async fn apply(
+    config: &Config,
+    rule_name: &str,
+    action: Action,
+    dry_run: bool,
+    connect: ConnectAws,
+    clock: Arc<dyn Clock>,
+    sink: Arc<dyn OutcomeSink>,
+) -> Result<Vec<Outcome>, ApplyError> {
+    let Some(rule) = config.rules.iter().find(|r| r.name == rule_name) else {
+        return Err(ApplyError::UnknownRule {
+            name: rule_name.to_string(),
+            path: config.path.display().to_string(),
+            known: config
+                .rules
+                .iter()
+                .map(|r| r.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+        });
+    };
+    let account = config
+        .account(&rule.account)
+        .expect("a valid config's rule names one of its accounts");
+    let aws = connect(&config.credentials, crate::daemon::first_region(config));
+    let session_name = credentials::session_name(&aws.delegate_name().await);
+    let spec = SessionSpec::new(
+        account,
+        &session_name,
+        config.defaults.session_duration,
+        config.defaults.refresh_before_expiry,
+    );
+    let store = AccountCredentials::new(&account.name, clock.clone());
+    let sts = aws.sts(&account.regions[0]).await;
+    // One AssumeRole; when it fails, the executor reports every selected instance failed with the
+    // reason (it waits for no credentials: credentials_wait is 0).
+    if let Err(e) = credentials::renew_once(sts.as_ref(), &spec, &store).await {
+        tracing::error!(account = %account.name, "cannot assume the role: {e}");
+    }
+    let mut regions = BTreeMap::new();
+    for region in &rule.regions {
+        regions.insert(
+            region.clone(),
+            RegionClient {
+                ec2: aws.ec2(region, Arc::new(store.clone())).await,
+                exclusive: Default::default(),
+            },
+        );
+    }
+    let clients = Arc::new(AccountClients {
+        account: account.clone(),
+        credentials: store,
+        regions,
+    });
+    let (_cancel_tx, cancel) = tokio::sync::watch::channel(false);
+    let ctx = BatchContext {
+        clients,
+        opts: ExecOptions {
+            dry_run: dry_run || config.defaults.dry_run,
+            trigger: Trigger::Manual,
+            verify_timeout: config.defaults.verify_timeout,
+            credentials_wait: std::time::Duration::ZERO,
+        },
+        cancel,
+        clock: clock.clone(),
+        sink,
+        on_dispatch: Arc::new(|| {}),
+        on_reported: Arc::new(|_| {}),
+        already_reported: Arc::new(BTreeSet::new()),
+    };
+    let batch = AccountBatch {
+        account: account.name.clone(),
+        at: clock.now(),
+        requests: vec![Request::new(rule, action)],
+    };
+    Ok(executor::run_batch(ctx, batch).await)
+}
