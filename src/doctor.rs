@@ -65,6 +65,7 @@ impl Report {
 /// Runs every check and prints each as it completes.
 pub async fn run(config: &Config, connect: ConnectAws, clock: Arc<dyn Clock>) -> Report {
     let mut report = Report::default();
+    check_calendars(&mut report, config, clock.now().date_naive());
     let first_region = crate::daemon::first_region(config);
     let aws = connect(&config.credentials, first_region);
     if !check_base_credentials(&mut report, config, aws.as_ref()).await {
@@ -102,7 +103,8 @@ pub async fn run(config: &Config, connect: ConnectAws, clock: Arc<dyn Clock>) ->
                 .iter()
                 .filter(|r| r.account == account.name && r.regions.contains(region))
             {
-                let ids = check_selection(&mut report, ec2.as_ref(), rule, &place).await;
+                let ids =
+                    check_selection(&mut report, ec2.as_ref(), rule, &place, clock.now()).await;
                 if !ids.is_empty() {
                     check_permissions(&mut report, ec2.as_ref(), account, rule, &place, &ids).await;
                 }
@@ -251,6 +253,7 @@ async fn check_selection(
     ec2: &dyn Ec2,
     rule: &Rule,
     place: &str,
+    now: chrono::DateTime<chrono::Utc>,
 ) -> Vec<String> {
     let found = match ec2.describe_selection(&rule.selection).await {
         Ok(v) => v,
@@ -264,6 +267,7 @@ async fn check_selection(
         }
     };
     let ids: Vec<String> = found.iter().map(|v| v.id.clone()).collect();
+    check_overrides(report, rule, place, &found, now);
     if !rule.selection.instance_ids.is_empty() {
         let present: BTreeSet<&String> = ids.iter().collect();
         let missing: Vec<&str> = rule
@@ -324,6 +328,66 @@ async fn check_selection(
         );
     }
     ids
+}
+
+/// The override tags in force on the selected instances: each instance shiftd leaves alone, and why; a
+/// value that does not parse is a warning.
+fn check_overrides(
+    report: &mut Report,
+    rule: &Rule,
+    place: &str,
+    found: &[crate::planner::InstanceView],
+    now: chrono::DateTime<chrono::Utc>,
+) {
+    for v in found {
+        let Some(held) = crate::planner::override_in_force(&v.tags, now, rule.timezone) else {
+            continue;
+        };
+        let (verdict, fix) = if held.unreadable {
+            (
+                Verdict::Warn,
+                Some(format!(
+                    "fix or remove the tag: {} takes {}",
+                    held.tag,
+                    if held.tag == crate::planner::SKIP_TAG {
+                        "\"true\""
+                    } else {
+                        "an RFC 3339 time or a YYYY-MM-DD date"
+                    }
+                )),
+            )
+        } else {
+            (Verdict::Ok, None)
+        };
+        report.line(
+            verdict,
+            format!("{place}: rule {}: {} {}", rule.name, v.id, held.reason()),
+            fix,
+        );
+    }
+}
+
+/// Calendars with no date in the coming 365 days: usually a holiday file nobody renewed, so that the
+/// rules skipping it act on next year's holidays.
+fn check_calendars(report: &mut Report, config: &Config, today: chrono::NaiveDate) {
+    let horizon = today + chrono::Duration::days(365);
+    for calendar in config.calendars.values() {
+        if calendar.dates.range(today..=horizon).next().is_none() {
+            let last = calendar
+                .dates
+                .iter()
+                .next_back()
+                .map_or("none".to_string(), |d| d.to_string());
+            report.line(
+                Verdict::Warn,
+                format!(
+                    "calendar {}: no date in the next 365 days (last date: {last})",
+                    calendar.name
+                ),
+                Some("add next year's dates (a stale holiday file?)".into()),
+            );
+        }
+    }
 }
 
 /// Check 6: permission to act, without acting: Start/Stop with DryRun for the rule's actions.

@@ -835,3 +835,49 @@ start = "0 8 * * *"
         "{dead:?}"
     );
 }
+
+#[test]
+fn doctor_shows_the_overrides_in_force_and_a_stale_calendar() {
+    let fake = FakeAws::start();
+    let held = fake.seed(
+        TARGET_ACCOUNT,
+        1,
+        &[("Schedule", "office"), ("shiftd:skip-until", "2099-01-01")],
+        false,
+    );
+    let odd = fake.seed(
+        TARGET_ACCOUNT,
+        1,
+        &[("Schedule", "office"), ("shiftd:skip", "maybe")],
+        false,
+    );
+    let config = config_with_rules(
+        "",
+        r#"
+[calendars.old-holidays]
+dates = ["2020-01-01", "2020-12-31"]
+
+[[rules]]
+name = "tagged"
+account = "account1"
+tags = { Schedule = "office" }
+stop = "0 20 * * *"
+skip = "old-holidays"
+"#,
+    );
+    let (code, out) = run_doctor(&fake, &config);
+    assert_eq!(code, Some(0), "{out}");
+    for want in [
+        "warn  calendar old-holidays: no date in the next 365 days (last date: 2020-12-31)".to_string(),
+        format!(
+            "ok    account1/ap-northeast-1: rule tagged: {} left alone: tag shiftd:skip-until=2099-01-01 (until 2099-01-01T00:00:00+00:00)",
+            held[0]
+        ),
+        format!(
+            "warn  account1/ap-northeast-1: rule tagged: {} left alone: tag shiftd:skip=\"maybe\" does not parse",
+            odd[0]
+        ),
+    ] {
+        assert!(out.contains(&want), "want {want}\n{out}");
+    }
+}
