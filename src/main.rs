@@ -108,6 +108,10 @@ enum Command {
         /// List at most this many actions
         #[arg(long, value_name = "N", default_value_t = 1000)]
         limit: usize,
+        /// Also describe each rule's selection live (assumes the roles): the instances it matches now,
+        /// their state, and the override tags (shiftd:skip, shiftd:skip-until) in force
+        #[arg(long)]
+        instances: bool,
     },
     /// Check the live setup: IMDS, identity, AssumeRole, instances, permissions (DryRun only)
     ///
@@ -196,7 +200,8 @@ fn main() -> ExitCode {
             hours,
             json,
             limit,
-        } => plan(&config, from, until, hours, json, limit),
+            instances,
+        } => plan(&config, from, until, hours, json, limit, instances),
         Command::Doctor { config } => doctor(&config),
         Command::Apply {
             config,
@@ -372,6 +377,7 @@ fn plan(
     hours: Option<u32>,
     json: bool,
     limit: usize,
+    instances: bool,
 ) -> ExitCode {
     let config = match load_or_exit(path) {
         Ok(c) => c,
@@ -389,7 +395,28 @@ fn plan(
         eprintln!("--until must be after --from");
         return ExitCode::from(2);
     }
-    let (items, truncated) = shiftd::plan::upcoming(&config, from, until, limit);
+    let (mut items, truncated) = shiftd::plan::upcoming(&config, from, until, limit);
+    if instances {
+        if let Some(note) = logging::init(LogTarget::Stderr) {
+            eprintln!("{note}");
+        }
+        let runtime = match tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("cannot start the async runtime: {e}");
+                return ExitCode::FAILURE;
+            }
+        };
+        runtime.block_on(shiftd::plan::describe_live(
+            &config,
+            &mut items,
+            Arc::new(shiftd::aws::sdk::connect),
+            Arc::new(SystemClock),
+        ));
+    }
     if json {
         if truncated {
             eprintln!("cut at {limit} actions: narrow the window or raise --limit");

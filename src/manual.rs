@@ -5,9 +5,9 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
-use crate::aws::ConnectAws;
+use crate::aws::{Aws, ConnectAws};
 use crate::clock::Clock;
-use crate::config::{Action, Config};
+use crate::config::{Account, Action, Config};
 use crate::credentials::{self, AccountCredentials, SessionSpec};
 use crate::executor::{self, AccountClients, BatchContext, ExecOptions, RegionClient};
 use crate::outcome::{Outcome, OutcomeSink, ResultKind, Trigger};
@@ -60,18 +60,10 @@ pub async fn apply(
         .account(&rule.account)
         .expect("a valid config's rule names one of its accounts");
     let aws = connect(&config.credentials, crate::daemon::first_region(config));
-    let session_name = credentials::session_name(&aws.delegate_name().await);
-    let spec = SessionSpec::new(
-        account,
-        &session_name,
-        config.defaults.session_duration,
-        config.defaults.refresh_before_expiry,
-    );
-    let store = AccountCredentials::new(&account.name, clock.clone());
-    let sts = aws.sts(&account.regions[0]).await;
-    // One AssumeRole; when it fails, the executor reports every selected instance failed with the
-    // reason (it waits for no credentials: credentials_wait is 0).
-    if let Err(e) = credentials::renew_once(sts.as_ref(), &spec, &store).await {
+    let store = assume(config, account, aws.as_ref(), &clock).await;
+    // When AssumeRole failed, the executor reports every selected instance failed with the reason (it
+    // waits for no credentials: credentials_wait is 0).
+    if let Some(e) = store.last_error() {
         tracing::error!(account = %account.name, "cannot assume the role: {e}");
     }
     let mut regions = BTreeMap::new();
@@ -111,4 +103,25 @@ pub async fn apply(
         requests: vec![Request::new(rule, action)],
     };
     Ok(executor::run_batch(ctx, batch).await)
+}
+
+/// One AssumeRole into `account` (as the daemon would, with its session name): the credentials store,
+/// filled, or holding the error.
+pub async fn assume(
+    config: &Config,
+    account: &Account,
+    aws: &dyn Aws,
+    clock: &Arc<dyn Clock>,
+) -> AccountCredentials {
+    let session_name = credentials::session_name(&aws.delegate_name().await);
+    let spec = SessionSpec::new(
+        account,
+        &session_name,
+        config.defaults.session_duration,
+        config.defaults.refresh_before_expiry,
+    );
+    let store = AccountCredentials::new(&account.name, clock.clone());
+    let sts = aws.sts(&account.regions[0]).await;
+    let _ = credentials::renew_once(sts.as_ref(), &spec, &store).await;
+    store
 }

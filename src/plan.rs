@@ -25,6 +25,9 @@ pub struct Upcoming {
     pub timezone: String,
     pub instance_ids: Vec<String>,
     pub tags: std::collections::BTreeMap<String, Vec<String>>,
+    /// With `--instances`: what the selection matches now, described live.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instances: Option<Vec<LiveInstance>>,
     #[serde(skip)]
     pub instant: DateTime<Utc>,
     #[serde(skip)]
@@ -67,6 +70,7 @@ pub fn upcoming(
                     timezone: rule.timezone.name().to_string(),
                     instance_ids: rule.selection.instance_ids.clone(),
                     tags: rule.selection.tags.clone(),
+                    instances: None,
                     instant: t,
                     local: local.format("%Y-%m-%d %H:%M:%S %Z").to_string(),
                 });
@@ -77,6 +81,90 @@ pub fn upcoming(
     let truncated = out.len() > limit;
     out.truncate(limit);
     (out, truncated)
+}
+
+/// An instance a rule's selection matches now (`plan --instances`), or why a region could not be
+/// described.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LiveInstance {
+    pub region: String,
+    /// The instance ID; absent when `error` says why the region could not be described.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub instance_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
+    /// The override tag in force (`shiftd:skip`, `shiftd:skip-until`): why shiftd leaves it alone.
+    #[serde(rename = "override", skip_serializing_if = "Option::is_none")]
+    pub override_in_force: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Fills each item's `instances`: per rule, its selection described live in each of its regions
+/// (one AssumeRole per account, one describe per rule and region), with the overrides in force.
+pub async fn describe_live(
+    config: &Config,
+    items: &mut [Upcoming],
+    connect: crate::aws::ConnectAws,
+    clock: std::sync::Arc<dyn crate::clock::Clock>,
+) {
+    use std::collections::BTreeMap;
+    use std::sync::Arc;
+    let rules: BTreeSet<&str> = items.iter().map(|i| i.rule.as_str()).collect();
+    let aws = connect(&config.credentials, crate::daemon::first_region(config));
+    let now = clock.now();
+    let mut stores = BTreeMap::new();
+    let mut live: BTreeMap<&str, Vec<LiveInstance>> = BTreeMap::new();
+    for rule in config
+        .rules
+        .iter()
+        .filter(|r| rules.contains(r.name.as_str()))
+    {
+        let Some(account) = config.account(&rule.account) else {
+            continue;
+        };
+        if !stores.contains_key(&account.name) {
+            let store = crate::manual::assume(config, account, aws.as_ref(), &clock).await;
+            stores.insert(account.name.clone(), store);
+        }
+        let store = &stores[&account.name];
+        let mut found = Vec::new();
+        for region in &rule.regions {
+            let failed = |error: String| LiveInstance {
+                region: region.clone(),
+                instance_id: None,
+                state: None,
+                override_in_force: None,
+                error: Some(error),
+            };
+            if let Some(e) = store.last_error().filter(|_| store.usable_now().is_none()) {
+                found.push(failed(format!("cannot assume the role: {e}")));
+                continue;
+            }
+            let ec2 = aws.ec2(region, Arc::new(store.clone())).await;
+            match ec2.describe_selection(&rule.selection).await {
+                Ok(views) => found.extend(views.into_iter().map(|v| {
+                    LiveInstance {
+                        region: region.clone(),
+                        override_in_force: crate::planner::override_in_force(
+                            &v.tags,
+                            now,
+                            rule.timezone,
+                        )
+                        .map(|h| h.reason()),
+                        instance_id: Some(v.id),
+                        state: Some(v.state),
+                        error: None,
+                    }
+                })),
+                Err(e) => found.push(failed(e.to_string())),
+            }
+        }
+        live.insert(rule.name.as_str(), found);
+    }
+    for item in items.iter_mut() {
+        item.instances = Some(live.get(item.rule.as_str()).cloned().unwrap_or_default());
+    }
 }
 
 /// The human table of `shiftd plan`.
@@ -125,6 +213,33 @@ pub fn render_text(
             "... cut at {} actions: narrow the window with --until or --hours, or raise --limit",
             items.len()
         );
+    }
+    let mut shown = BTreeSet::new();
+    for u in items {
+        let Some(instances) = u.instances.as_ref().filter(|_| shown.insert(&u.rule)) else {
+            continue;
+        };
+        let _ = writeln!(
+            out,
+            "\nrule {}: {} instance(s) selected now (described live)",
+            u.rule,
+            instances.iter().filter(|i| i.instance_id.is_some()).count()
+        );
+        for i in instances {
+            let _ = match (&i.instance_id, &i.error) {
+                (_, Some(e)) => writeln!(out, "  {}  cannot describe: {e}", i.region),
+                (Some(id), None) => writeln!(
+                    out,
+                    "  {}  {id}  {}{}",
+                    i.region,
+                    i.state.as_deref().unwrap_or("?"),
+                    i.override_in_force
+                        .as_ref()
+                        .map_or(String::new(), |o| format!("  {o}"))
+                ),
+                (None, None) => Ok(()),
+            };
+        }
     }
     out
 }

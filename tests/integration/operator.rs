@@ -868,7 +868,8 @@ skip = "old-holidays"
     let (code, out) = run_doctor(&fake, &config);
     assert_eq!(code, Some(0), "{out}");
     for want in [
-        "warn  calendar old-holidays: no date in the next 365 days (last date: 2020-12-31)".to_string(),
+        "warn  calendar old-holidays: no date in the next 365 days (last date: 2020-12-31)"
+            .to_string(),
         format!(
             "ok    account1/ap-northeast-1: rule tagged: {} left alone: tag shiftd:skip-until=2099-01-01 (until 2099-01-01T00:00:00+00:00)",
             held[0]
@@ -880,4 +881,78 @@ skip = "old-holidays"
     ] {
         assert!(out.contains(&want), "want {want}\n{out}");
     }
+}
+
+#[test]
+fn plan_with_instances_describes_the_selection_live_with_the_overrides_in_force() {
+    let fake = FakeAws::start();
+    let plain = fake.seed(TARGET_ACCOUNT, 1, &[("Schedule", "office")], false);
+    let held = fake.seed(
+        TARGET_ACCOUNT,
+        1,
+        &[("Schedule", "office"), ("shiftd:skip", "true")],
+        true,
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shiftd.toml");
+    std::fs::write(
+        &path,
+        config_with_rules(
+            "",
+            r#"
+[[rules]]
+name = "tagged"
+account = "account1"
+tags = { Schedule = "office" }
+stop = "0 20 * * *"
+"#,
+        ),
+    )
+    .unwrap();
+    let run = |extra: &[&str]| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_shiftd"))
+            .args([
+                "plan",
+                "--config",
+                path.to_str().unwrap(),
+                "--hours",
+                "24",
+                "--instances",
+            ])
+            .args(extra)
+            .envs(fake.env())
+            .output()
+            .unwrap()
+    };
+    let out = run(&["--json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let items: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(items.len(), 1, "{items:#?}");
+    let instances = items[0]["instances"].as_array().unwrap();
+    let by_id = |id: &str| {
+        instances
+            .iter()
+            .find(|i| i["instance_id"] == id)
+            .unwrap_or_else(|| panic!("{id} in {instances:#?}"))
+    };
+    assert_eq!(by_id(&plain[0])["state"], "running");
+    assert!(by_id(&plain[0]).get("override").is_none());
+    assert_eq!(by_id(&held[0])["state"], "stopped");
+    assert_eq!(
+        by_id(&held[0])["override"],
+        "left alone: tag shiftd:skip=true (opted out)"
+    );
+    let text = stdout(&run(&[]));
+    assert!(
+        text.contains("rule tagged: 2 instance(s) selected now (described live)")
+            && text.contains(&format!(
+                "{}  stopped  left alone: tag shiftd:skip=true",
+                held[0]
+            )),
+        "{text}"
+    );
 }
