@@ -207,3 +207,33 @@ fn files_that_are_not_a_readable_utf8_config_exit_78_naming_the_path() {
         }
     }
 }
+
+/// The README's `shiftd check` example is the real output for the example file with its two typos.
+#[test]
+fn the_readmes_check_example_is_what_check_prints_for_the_example_with_two_typos() {
+    let readme = std::fs::read_to_string(project_root().join("README.md")).unwrap();
+    let shown: Vec<&str> = readme
+        .lines()
+        .skip_while(|l| !l.starts_with("$ shiftd check --config shiftd.toml"))
+        .skip(1)
+        .take_while(|l| l.starts_with("shiftd.toml:"))
+        .collect();
+    assert_eq!(shown.len(), 2, "the example's error lines");
+    let example = std::fs::read_to_string(project_root().join("config/shiftd.toml")).unwrap();
+    let with_typos = example
+        .replacen("timezone = \"UTC\"", "timezone = \"Asia/Tokio\"", 1)
+        .replacen("account = \"account1\"", "account = \"acount1\"", 1);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("shiftd.toml");
+    write_config(&path, &with_typos);
+    let out = shiftd(&["check", "--config", path.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(78));
+    let stderr =
+        String::from_utf8_lossy(&out.stderr).replace(&format!("{}/", dir.path().display()), "");
+    for line in shown {
+        assert!(
+            stderr.contains(line),
+            "README shows {line}\ncheck prints:\n{stderr}"
+        );
+    }
+}
