@@ -121,6 +121,9 @@ struct Daemon {
     enforce_after_batches: bool,
     /// Enforce batches in flight: one pass at a time.
     enforcing: usize,
+    /// What enforce passes last said of each instance they did not act on (held by a tag, or failed):
+    /// said again only when it changes.
+    enforce_said: Arc<std::sync::Mutex<BTreeMap<String, String>>>,
 }
 
 impl Daemon {
@@ -370,12 +373,17 @@ impl Daemon {
                     .collect::<Vec<_>>()
                     .join(", ")
             );
+            let quiet = Arc::new(QuietRepeats {
+                inner: self.sink.clone(),
+                said: self.enforce_said.clone(),
+                forwarded: Default::default(),
+            });
             let ctx = BatchContext {
                 clients: rt.clients.clone(),
                 opts: self.exec_options_for(Trigger::Enforce),
                 cancel: self.cancel.clone(),
                 clock: self.clock.clone(),
-                sink: self.sink.clone(),
+                sink: quiet.clone(),
                 on_dispatch: Arc::new(|| {}),
                 on_reported: Arc::new(|_| {}),
                 already_reported: Arc::new(BTreeSet::new()),
@@ -386,8 +394,14 @@ impl Daemon {
                 requests,
             };
             self.enforcing += 1;
-            self.inflight
-                .spawn(run_batch(ctx, batch, Vec::new(), Trigger::Enforce));
+            self.inflight.spawn(async move {
+                executor::run_batch(ctx, batch).await;
+                BatchDone {
+                    keys: Vec::new(),
+                    outcomes: quiet.take_forwarded(),
+                    trigger: Trigger::Enforce,
+                }
+            });
         }
     }
 
@@ -594,6 +608,48 @@ impl Daemon {
     }
 }
 
+/// The sink of enforce passes: an instance left alone or failed for the same reason as at the last pass
+/// is not logged again (a week-long `shiftd:skip-until` would otherwise be logged every
+/// `enforce_every`); any other outcome, or a new reason, is, and forgets the old one.
+struct QuietRepeats {
+    inner: Arc<dyn OutcomeSink>,
+    said: Arc<std::sync::Mutex<BTreeMap<String, String>>>,
+    /// What this pass's batch did log: what its end (and its alert) is about.
+    forwarded: std::sync::Mutex<Vec<Outcome>>,
+}
+
+impl QuietRepeats {
+    fn take_forwarded(&self) -> Vec<Outcome> {
+        std::mem::take(&mut *self.forwarded.lock().expect("forwarded lock"))
+    }
+}
+
+impl OutcomeSink for QuietRepeats {
+    fn record(&self, outcome: &Outcome) {
+        if let Some(id) = &outcome.instance_id {
+            let mut said = self.said.lock().expect("enforce_said lock");
+            let what = format!("{}: {}", outcome.result, outcome.reason);
+            match outcome.result {
+                ResultKind::Skipped | ResultKind::Failed => {
+                    if said.get(id) == Some(&what) {
+                        tracing::debug!(instance_id = %id, "enforce: still {what}");
+                        return;
+                    }
+                    said.insert(id.clone(), what);
+                }
+                _ => {
+                    said.remove(id);
+                }
+            }
+        }
+        self.inner.record(outcome);
+        self.forwarded
+            .lock()
+            .expect("forwarded lock")
+            .push(outcome.clone());
+    }
+}
+
 async fn run_batch(
     ctx: BatchContext,
     batch: AccountBatch,
@@ -693,6 +749,7 @@ pub async fn run(
         next_enforce: now_mono,
         enforce_after_batches: false,
         enforcing: 0,
+        enforce_said: Default::default(),
     };
     daemon.reconcile_accounts().await;
     log_started(&daemon);

@@ -353,3 +353,36 @@ async fn hibernate_uses_hibernate_where_configured_and_falls_back_to_a_plain_sto
     assert!(last.hibernate && last.ids == [ids[0].clone()], "{last:?}");
     daemon.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn enforce_says_a_held_or_failing_instance_once_not_at_every_pass() {
+    let sim = Sim::new("2026-12-01T10:00:00Z");
+    let ids = tagged(&sim, 3, "stopped", "office");
+    sim.aws.modify(&ids[0], |i| {
+        i.tags.insert("shiftd:skip".into(), "true".into());
+    });
+    sim.aws.modify(&ids[1], |i| i.no_capacity = true);
+    sim.write_config(&config(
+        r#"enforce_every = "1m""#,
+        &office("office", "office", "enforce = true"),
+    ));
+    let daemon = sim.start();
+    sim.advance(30 * MINUTE).await;
+    let held = sim.assert_one_each(&ids[..1], Action::Start, ResultKind::Skipped);
+    assert!(held[0].reason.contains("shiftd:skip=true"), "{:?}", held[0]);
+    sim.assert_one_each(&ids[1..2], Action::Start, ResultKind::Failed);
+    sim.assert_one_each(&ids[2..], Action::Start, ResultKind::Ok);
+    assert!(
+        sim.aws.calls_of(fake::START).len() >= 20,
+        "enforce kept trying the instance without capacity"
+    );
+    // Once the tag is gone, the instance is started (and said so).
+    sim.aws.modify(&ids[0], |i| {
+        i.tags.remove("shiftd:skip");
+    });
+    sim.advance(5 * MINUTE).await;
+    let got = sim.outcomes_for(&ids[0]);
+    assert_eq!(got.len(), 2, "{got:#?}");
+    assert_eq!(got[1].result, ResultKind::Ok);
+    daemon.stop().await;
+}
