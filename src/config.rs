@@ -65,10 +65,11 @@ pub const CREDENTIALS_WAIT: DurationBounds = DurationBounds {
 /// `[defaults]`); older ones are reported as missed. At most a day: a stop caught up a day late is more
 /// likely to surprise than to help, and `enforce` is the tool for "keep them in this state".
 pub const CATCH_UP: DurationBounds = DurationBounds {
-    min: Duration::ZERO,
+    min: Duration::from_secs(60),
     max: Duration::from_secs(24 * 3600),
     default: Duration::from_secs(300),
-    why: "",
+    why: " (less than a minute would report occurrences missed that were merely noticed a few \
+          seconds late, e.g. after a slow start)",
 };
 
 /// How often rules with `enforce = true` check their instances.
@@ -1933,7 +1934,7 @@ BEGIN:VEVENT\r\nDTSTART;VALUE=DATE:20270429\r\nDTEND;VALUE=DATE:20270501\r\nEND:
             ),
             (
                 format!("{MINIMAL}catch_up = \"2d\"\n"),
-                "13:12: rule \"office-hours\": catch_up: \"2d\" is out of range: expected 0s to 1day",
+                "13:12: rule \"office-hours\": catch_up: \"2d\" is out of range: expected 1m to 1day",
             ),
             (
                 format!("[defaults]\nenforce_every = \"5s\"\n{MINIMAL}"),
