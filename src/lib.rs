@@ -9,6 +9,7 @@ pub mod aws;
 pub mod calendar;
 pub mod check;
 pub mod clock;
+pub mod cluster;
 pub mod config;
 pub mod credentials;
 pub mod daemon;
