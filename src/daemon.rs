@@ -62,6 +62,8 @@ pub struct Deps {
     pub record: Arc<dyn OccurrenceRecord>,
     /// Each message asks for a configuration reload (SIGHUP in the binary).
     pub reload: mpsc::UnboundedReceiver<()>,
+    /// Fed with credential renewals and each rule's next action, when `[metrics]` serves them.
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -110,6 +112,7 @@ struct Daemon {
     /// Wall and monotonic time at the last tick, to tell a wall-clock step.
     last_tick: (DateTime<Utc>, tokio::time::Instant),
     record_ok: bool,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl Daemon {
@@ -152,7 +155,10 @@ impl Daemon {
     }
 
     async fn start_account(&self, account: &Account, spec: SessionSpec) -> AccountRuntime {
-        let credentials = AccountCredentials::new(&account.name, self.clock.clone());
+        let mut credentials = AccountCredentials::new(&account.name, self.clock.clone());
+        if let Some(m) = &self.metrics {
+            credentials = credentials.observed_by(m.clone());
+        }
         let mut regions = BTreeMap::new();
         for region in &account.regions {
             regions.insert(
@@ -479,6 +485,12 @@ impl Daemon {
     /// Applies a new configuration.
     async fn apply(&mut self, new: Config, path: &std::path::Path) {
         let sources_differ = new.credentials != *self.aws.source();
+        if new.metrics != self.config.metrics {
+            tracing::warn!(
+                "[metrics] changed: the metrics endpoint keeps its address until shiftd is restarted"
+            );
+        }
+        self.sink.configured(&new);
         self.config = Arc::new(new);
         if sources_differ {
             self.aws = (self.connect)(&self.config.credentials, first_region(&self.config));
@@ -534,6 +546,7 @@ pub async fn run(
         outcomes: sink,
         record,
         mut reload,
+        metrics,
     } = deps;
     let config = Arc::new(load(&settings.config_path).await?);
     let aws = connect(&config.credentials, first_region(&config));
@@ -576,7 +589,9 @@ pub async fn run(
         done: snapshot.done.clone(),
         open: BTreeSet::new(),
         record_ok: true,
+        metrics,
     };
+    daemon.sink.configured(&daemon.config);
     daemon.reconcile_accounts().await;
     log_started(&daemon);
     daemon.resume(&snapshot);
@@ -590,6 +605,9 @@ pub async fn run(
     loop {
         daemon.tick();
         let now = daemon.clock.now();
+        if let Some(m) = &daemon.metrics {
+            m.set_next_actions(&daemon.config, now);
+        }
         service.status(&daemon.status_line(now));
         // From the scheduling loop itself: a hung loop stops the pings and systemd restarts shiftd.
         service.watchdog();
