@@ -326,3 +326,48 @@ async fn sns_alerts_are_published_with_the_delegates_credentials_and_retried_whe
     assert_eq!(body["instances"][0]["rule"], "morning");
     daemon.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_applies_a_changed_notify_and_warns_that_metrics_need_a_restart() {
+    let sim = Sim::new("2026-12-01T07:59:00Z");
+    let gone = "i-0000000000000dead".to_string();
+    let base = config(
+        "",
+        &rule(
+            "hourly",
+            std::slice::from_ref(&gone),
+            "start = \"0 * * * *\"",
+        ),
+    );
+    sim.write_config(&base);
+    let (alerts, transport) = alerting(&sim);
+    let daemon = sim.start_with(alerts.clone());
+    sim.advance_to("2026-12-01T08:05:00Z").await;
+    assert!(transport.attempts().is_empty(), "no [notify]: no alert");
+    sim.write_config(&format!(
+        "{base}{}\n[metrics]\nlisten = \"127.0.0.1:9464\"\n",
+        notify("")
+    ));
+    daemon.reload();
+    sim.advance_to("2026-12-01T09:05:00Z").await;
+    let sent = messages(&transport);
+    assert_eq!(sent.len(), 1, "the 09:00 failure, after the reload");
+    assert_eq!(
+        sent[0].instances[0].instance.as_deref(),
+        Some(gone.as_str())
+    );
+    let logs = sim.logs.text();
+    assert!(
+        logs.contains(
+            "[metrics] changed: the metrics endpoint keeps its address until shiftd is restarted"
+        ),
+        "{logs}"
+    );
+    assert!(
+        logs.contains(
+            "alerts: one message per batch with a result in [failed, missed], to recording"
+        ),
+        "{logs}"
+    );
+    daemon.stop().await;
+}
