@@ -121,6 +121,10 @@ pub struct Config {
     pub rules: Vec<Rule>,
     /// `[calendars.NAME]`: named sets of dates that rules `skip` or fire `only` on.
     pub calendars: BTreeMap<String, Calendar>,
+    /// `[notify]`: where alerts about failed (by default) batches go; none without the table.
+    pub notify: Option<NotifyConfig>,
+    /// `[metrics]`: where Prometheus metrics are served; off without the table.
+    pub metrics: Option<MetricsConfig>,
 }
 
 /// A `[calendars.NAME]` table: its `dates` and the dates of its `files`' events.
@@ -433,6 +437,10 @@ struct RawConfig {
     rules: Vec<Spanned<RawRule>>,
     #[serde(default)]
     calendars: BTreeMap<Spanned<String>, Spanned<RawCalendar>>,
+    #[serde(default)]
+    notify: Option<Spanned<RawNotify>>,
+    #[serde(default)]
+    metrics: Option<Spanned<RawMetrics>>,
 }
 
 #[derive(Deserialize)]
@@ -751,6 +759,8 @@ fn validate(path: &Path, raw: RawConfig, problems: &mut Problems) -> Config {
     let accounts = validate_accounts(raw.accounts, problems);
     let calendars = validate_calendars(path, raw.calendars, problems);
     let rules = validate_rules(raw.rules, &accounts, &calendars, &defaults, problems);
+    let notify = raw.notify.and_then(|n| validate_notify(n, problems));
+    let metrics = raw.metrics.and_then(|m| validate_metrics(m, problems));
     Config {
         path: path.to_path_buf(),
         defaults,
@@ -758,6 +768,8 @@ fn validate(path: &Path, raw: RawConfig, problems: &mut Problems) -> Config {
         accounts,
         rules,
         calendars,
+        notify,
+        metrics,
     }
 }
 
@@ -1610,6 +1622,198 @@ fn parse_role_arn(arn: &str) -> Result<String, String> {
     Ok(account.to_string())
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// [notify] and [metrics]: being told
+// ---------------------------------------------------------------------------------------------------------
+
+/// `[notify]`: alerts, one message per batch with a result in `on`, to a webhook and/or an SNS topic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NotifyConfig {
+    /// Prints as `scheme://host[:port]/…`: its path and query often hold a token.
+    pub webhook_url: Option<crate::alerts::WebhookUrl>,
+    pub sns_topic_arn: Option<String>,
+    /// The results that make a batch worth a message (default: failed and missed).
+    pub on: Vec<crate::outcome::ResultKind>,
+}
+
+impl NotifyConfig {
+    /// The region of the SNS topic (from its ARN).
+    pub fn sns_region(&self) -> Option<&str> {
+        self.sns_topic_arn
+            .as_deref()
+            .and_then(|a| a.split(':').nth(3))
+    }
+}
+
+/// `[metrics]`: the Prometheus endpoint.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MetricsConfig {
+    pub listen: std::net::SocketAddr,
+    /// The operator's explicit consent to serve on a non-loopback address.
+    pub allow_remote: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawNotify {
+    webhook_url: Option<Spanned<String>>,
+    sns_topic_arn: Option<Spanned<String>>,
+    on: Option<Spanned<OneOrMany>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Option<Spanned<String>>,
+    allow_remote: Option<bool>,
+}
+
+/// The results `[notify] on` accepts, and its default.
+const NOTIFY_ON: [crate::outcome::ResultKind; 5] = {
+    use crate::outcome::ResultKind::*;
+    [Failed, Missed, Ok, Skipped, DryRun]
+};
+
+/// Checks `[notify]`: a webhook URL (see [`crate::alerts::WebhookUrl::parse`]) and/or an SNS topic ARN,
+/// and the results it is sent `on`. A webhook URL is never quoted back: its path and query are secret.
+fn validate_notify(raw: Spanned<RawNotify>, problems: &mut Problems) -> Option<NotifyConfig> {
+    let at = raw.span().start;
+    let raw = raw.into_inner();
+    if raw.webhook_url.is_none() && raw.sns_topic_arn.is_none() {
+        problems.report(
+            at,
+            "[notify] has neither webhook_url nor sns_topic_arn: expected webhook_url = \"https://...\" \
+             and/or sns_topic_arn = \"arn:aws:sns:REGION:ACCOUNT:NAME\""
+                .to_string(),
+        );
+    }
+    let webhook_url = raw.webhook_url.and_then(|u| {
+        crate::alerts::WebhookUrl::parse(u.get_ref())
+            .map_err(|why| problems.report(u.span().start, format!("notify.webhook_url: {why}")))
+            .ok()
+    });
+    let sns_topic_arn = raw.sns_topic_arn.and_then(|a| {
+        if valid_sns_topic_arn(a.get_ref()) {
+            Some(a.into_inner())
+        } else {
+            problems.report(
+                a.span().start,
+                format!(
+                    "notify.sns_topic_arn: {:?} is not an SNS topic ARN: expected \
+                     arn:aws:sns:REGION:ACCOUNT:NAME (a 12-digit account, a name of letters, digits, - and _)",
+                    a.get_ref()
+                ),
+            );
+            None
+        }
+    });
+    let mut on = Vec::new();
+    match raw.on {
+        None => on.extend([
+            crate::outcome::ResultKind::Failed,
+            crate::outcome::ResultKind::Missed,
+        ]),
+        Some(list) => {
+            if list.get_ref().0.is_empty() {
+                problems.report(
+                    list.span().start,
+                    "notify.on: expected a non-empty list of results, e.g. [\"failed\", \"missed\"]"
+                        .to_string(),
+                );
+            }
+            for e in &list.get_ref().0 {
+                match NOTIFY_ON.iter().find(|k| k.as_str() == e.value) {
+                    Some(k) if !on.contains(k) => on.push(*k),
+                    Some(_) => {}
+                    None => {
+                        let known: Vec<String> = NOTIFY_ON
+                            .iter()
+                            .map(|k| format!("{:?}", k.as_str()))
+                            .collect();
+                        let at = e.span.as_ref().map_or(list.span().start, |s| s.start);
+                        problems.report(
+                            at,
+                            format!(
+                                "notify.on: {:?} is not a result: expected one of [{}]",
+                                e.value,
+                                known.join(", ")
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+    }
+    Some(NotifyConfig {
+        webhook_url,
+        sns_topic_arn,
+        on,
+    })
+}
+
+/// `arn:PARTITION:sns:REGION:ACCOUNT:NAME`: a region name, a 12-digit account, a topic name of 1 to 256
+/// letters, digits, `-` and `_` (with `.fifo` for a FIFO topic).
+pub fn valid_sns_topic_arn(arn: &str) -> bool {
+    let parts: Vec<&str> = arn.split(':').collect();
+    let name = parts.get(5).map(|n| n.strip_suffix(".fifo").unwrap_or(n));
+    parts.len() == 6
+        && parts[0] == "arn"
+        && parts[1].starts_with("aws")
+        && parts[2] == "sns"
+        && valid_region(parts[3])
+        && parts[4].len() == 12
+        && parts[4].bytes().all(|b| b.is_ascii_digit())
+        && name.is_some_and(|n| {
+            (1..=256).contains(&n.len())
+                && n.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        })
+}
+
+/// Checks `[metrics]`: `listen` is an IP address and port, on loopback unless `allow_remote = true`
+/// says otherwise (metrics name accounts, rules and instances: not for every network by default).
+fn validate_metrics(raw: Spanned<RawMetrics>, problems: &mut Problems) -> Option<MetricsConfig> {
+    let at = raw.span().start;
+    let raw = raw.into_inner();
+    let allow_remote = raw.allow_remote.unwrap_or(false);
+    let Some(listen) = raw.listen else {
+        problems.report(
+            at,
+            "[metrics] has no listen: expected listen = \"127.0.0.1:9464\" (leave [metrics] out to \
+             serve no metrics)"
+                .to_string(),
+        );
+        return None;
+    };
+    let addr = match listen.get_ref().parse::<std::net::SocketAddr>() {
+        Ok(a) => a,
+        Err(_) => {
+            problems.report(
+                listen.span().start,
+                format!(
+                    "metrics.listen: {:?} is not an address and port: expected e.g. \"127.0.0.1:9464\" \
+                     or \"[::1]:9464\"",
+                    listen.get_ref()
+                ),
+            );
+            return None;
+        }
+    };
+    if !addr.ip().is_loopback() && !allow_remote {
+        problems.report(
+            listen.span().start,
+            format!(
+                "metrics.listen: {addr} is not a loopback address: expected 127.0.0.1 or [::1], or \
+                 allow_remote = true to serve metrics to the network on purpose"
+            ),
+        );
+    }
+    Some(MetricsConfig {
+        listen: addr,
+        allow_remote,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2435,6 +2639,107 @@ BEGIN:VEVENT\r\nDTSTART;VALUE=DATE:20270429\r\nDTEND;VALUE=DATE:20270501\r\nEND:
                 path.display()
             )
         );
+    }
+
+    // --- [notify] and [metrics] ---
+
+    #[test]
+    fn notify_and_metrics_are_read_with_their_defaults() {
+        let text = format!(
+            "{MINIMAL}\n[notify]\nwebhook_url = \"https://hooks.example.com/services/T/B/X\"\n\
+             sns_topic_arn = \"arn:aws:sns:ap-northeast-1:123456789012:shiftd-alerts\"\n\
+             \n[metrics]\nlisten = \"[::1]:9464\"\n"
+        );
+        let c = Config::parse(Path::new("t.toml"), &text).unwrap();
+        let n = c.notify.unwrap();
+        use crate::outcome::ResultKind;
+        assert_eq!(n.on, [ResultKind::Failed, ResultKind::Missed]);
+        assert_eq!(n.sns_region(), Some("ap-northeast-1"));
+        assert_eq!(
+            n.webhook_url.unwrap().to_string(),
+            "https://hooks.example.com/…"
+        );
+        let m = c.metrics.unwrap();
+        assert_eq!(m.listen.to_string(), "[::1]:9464");
+        assert!(!m.allow_remote);
+        let none = Config::parse(Path::new("t.toml"), MINIMAL).unwrap();
+        assert!(
+            none.notify.is_none() && none.metrics.is_none(),
+            "both off by default"
+        );
+    }
+
+    #[test]
+    fn notify_and_metrics_errors_name_their_place_and_never_the_webhook_token() {
+        let lines = MINIMAL.lines().count();
+        let text = format!(
+            "{MINIMAL}[notify]\n\
+             webhook_url = \"http://hooks.example.com/services/T/B/SECRETTOKEN?k=QSECRET\"\n\
+             sns_topic_arn = \"arn:aws:sns:ap-northeast-1:1234:bad name\"\n\
+             on = [\"failed\", \"sometimes\"]\n\
+             [metrics]\n\
+             listen = \"0.0.0.0:9464\"\n"
+        );
+        let err = Config::parse(Path::new("t.toml"), &text).unwrap_err();
+        let ConfigError::Invalid { issues, .. } = &err else {
+            panic!("{err:?}")
+        };
+        let got: Vec<(usize, usize, &str)> = issues
+            .iter()
+            .map(|i| (i.line, i.column, i.message.as_str()))
+            .collect();
+        let n = lines + 1;
+        assert_eq!(got.len(), 4, "{err}");
+        assert_eq!((got[0].0, got[0].1), (n + 1, 15), "{err}");
+        assert!(
+            got[0].2.starts_with(
+                "notify.webhook_url: http://hooks.example.com/…: plain http is only accepted to a loopback host"
+            ),
+            "{err}"
+        );
+        assert_eq!((got[1].0, got[1].1), (n + 2, 17), "{err}");
+        assert!(got[1].2.contains("is not an SNS topic ARN"), "{err}");
+        assert_eq!((got[2].0, got[2].1), (n + 3, 17), "{err}");
+        assert!(
+            got[2].2.starts_with(
+                "notify.on: \"sometimes\" is not a result: expected one of [\"failed\""
+            ),
+            "{err}"
+        );
+        assert_eq!((got[3].0, got[3].1), (n + 5, 10), "{err}");
+        assert!(
+            got[3].2.contains("0.0.0.0:9464 is not a loopback address")
+                && got[3].2.contains("allow_remote = true"),
+            "{err}"
+        );
+        let shown = err.to_string();
+        assert!(
+            !shown.contains("SECRETTOKEN") && !shown.contains("QSECRET"),
+            "{shown}"
+        );
+
+        // An operator who says so may serve metrics to the network.
+        let remote =
+            format!("{MINIMAL}[metrics]\nlisten = \"0.0.0.0:9464\"\nallow_remote = true\n");
+        assert!(
+            Config::parse(Path::new("t.toml"), &remote)
+                .unwrap()
+                .metrics
+                .unwrap()
+                .allow_remote
+        );
+        // A [notify] that goes nowhere, and an unknown key, are refused.
+        for (extra, want) in [
+            (
+                "[notify]\non = [\"failed\"]\n",
+                "neither webhook_url nor sns_topic_arn",
+            ),
+            ("[notify]\nslack = \"x\"\n", "unknown field `slack`"),
+            ("[metrics]\nport = 9464\n", "unknown field `port`"),
+        ] {
+            let err = Config::parse(Path::new("t.toml"), &format!("{MINIMAL}{extra}")).unwrap_err();
+            assert!(err.to_string().contains(want), "{extra}: {err}");
+        }
     }
 }
 

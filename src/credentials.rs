@@ -79,6 +79,15 @@ pub struct AccountCredentials {
     account: Arc<str>,
     state: Arc<watch::Sender<CredentialState>>,
     clock: Arc<dyn Clock>,
+    observer: Option<Arc<dyn CredentialsObserver>>,
+}
+
+/// Told of each renewal's outcome (the metrics).
+pub trait CredentialsObserver: Send + Sync {
+    /// New credentials for `account`, expiring at `local_expiry` on this machine's clock.
+    fn renewed(&self, account: &str, local_expiry: SystemTime);
+    /// An AssumeRole for `account` failed.
+    fn renewal_failed(&self, account: &str);
 }
 
 impl std::fmt::Debug for AccountCredentials {
@@ -95,7 +104,14 @@ impl AccountCredentials {
             account: account.into(),
             state: Arc::new(watch::Sender::new(CredentialState::default())),
             clock,
+            observer: None,
         }
+    }
+
+    /// The same store, telling `observer` of each renewal and each failed one.
+    pub fn observed_by(mut self, observer: Arc<dyn CredentialsObserver>) -> Self {
+        self.observer = Some(observer);
+        self
     }
 
     pub fn account(&self) -> &str {
@@ -108,6 +124,9 @@ impl AccountCredentials {
 
     /// Publishes credentials whose expiry is `local_expiry` on this machine's clock.
     pub fn publish(&self, credentials: SessionCredentials, local_expiry: SystemTime) {
+        if let Some(o) = &self.observer {
+            o.renewed(&self.account, local_expiry);
+        }
         self.state.send_replace(CredentialState {
             held: Some(HeldCredentials {
                 credentials,
@@ -118,6 +137,9 @@ impl AccountCredentials {
     }
 
     pub fn record_error(&self, error: String) {
+        if let Some(o) = &self.observer {
+            o.renewal_failed(&self.account);
+        }
         self.state.send_modify(|s| s.last_error = Some(error));
     }
 

@@ -62,6 +62,8 @@ pub struct Deps {
     pub record: Arc<dyn OccurrenceRecord>,
     /// Each message asks for a configuration reload (SIGHUP in the binary).
     pub reload: mpsc::UnboundedReceiver<()>,
+    /// Fed with credential renewals and each rule's next action, when `[metrics]` serves them.
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +126,7 @@ struct Daemon {
     /// What enforce passes last said of each instance they did not act on (held by a tag, or failed):
     /// said again only when it changes.
     enforce_said: Arc<std::sync::Mutex<BTreeMap<String, String>>>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl Daemon {
@@ -170,7 +173,10 @@ impl Daemon {
     }
 
     async fn start_account(&self, account: &Account, spec: SessionSpec) -> AccountRuntime {
-        let credentials = AccountCredentials::new(&account.name, self.clock.clone());
+        let mut credentials = AccountCredentials::new(&account.name, self.clock.clone());
+        if let Some(m) = &self.metrics {
+            credentials = credentials.observed_by(m.clone());
+        }
         let mut regions = BTreeMap::new();
         for region in &account.regions {
             regions.insert(
@@ -596,6 +602,12 @@ impl Daemon {
     /// Applies a new configuration.
     async fn apply(&mut self, new: Config, path: &std::path::Path) {
         let sources_differ = new.credentials != *self.aws.source();
+        if new.metrics != self.config.metrics {
+            tracing::warn!(
+                "[metrics] changed: the metrics endpoint keeps its address until shiftd is restarted"
+            );
+        }
+        self.sink.configured(&new);
         self.config = Arc::new(new);
         if sources_differ {
             self.aws = (self.connect)(&self.config.credentials, first_region(&self.config));
@@ -703,6 +715,7 @@ pub async fn run(
         outcomes: sink,
         record,
         mut reload,
+        metrics,
     } = deps;
     let config = Arc::new(load(&settings.config_path).await?);
     let aws = connect(&config.credentials, first_region(&config));
@@ -750,7 +763,9 @@ pub async fn run(
         enforce_after_batches: false,
         enforcing: 0,
         enforce_said: Default::default(),
+        metrics,
     };
+    daemon.sink.configured(&daemon.config);
     daemon.reconcile_accounts().await;
     log_started(&daemon);
     daemon.resume(&snapshot);
@@ -765,6 +780,9 @@ pub async fn run(
         daemon.tick();
         daemon.maybe_enforce();
         let now = daemon.clock.now();
+        if let Some(m) = &daemon.metrics {
+            m.set_next_actions(&daemon.config, now);
+        }
         service.status(&daemon.status_line(now));
         // From the scheduling loop itself: a hung loop stops the pings and systemd restarts shiftd.
         service.watchdog();

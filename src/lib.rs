@@ -5,6 +5,7 @@
 //! the command line, sets up logging and signals, passes the real AWS SDK (`aws::sdk`), the system
 //! clock, the journal and the state directory, and maps errors to exit codes.
 
+pub mod alerts;
 pub mod aws;
 pub mod calendar;
 pub mod check;
@@ -17,6 +18,7 @@ pub mod doctor;
 pub mod executor;
 pub mod logging;
 pub mod manual;
+pub mod metrics;
 pub mod notify;
 pub mod outcome;
 pub mod plan;

@@ -10,17 +10,23 @@ use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook_tokio::Signals;
 
 use chrono::{DateTime, Utc};
+use shiftd::alerts::{self, Alerts};
 use shiftd::clock::{Clock, SystemClock};
 use shiftd::config::{Action, Config, ConfigError, DEFAULT_CONFIG_PATH};
 use shiftd::daemon::{self, RunError};
 use shiftd::logging::{self, LogTarget};
-use shiftd::outcome::{LogSink, ResultKind};
+use shiftd::metrics::{self, Metrics, MetricsSink};
+use shiftd::outcome::{LogSink, OutcomeSink, ResultKind};
 use shiftd::state::{DEFAULT_STATE_DIR, MemoryRecord, OccurrenceRecord, StateFile};
 
 mod docs;
 
 /// sysexits(3) EX_CONFIG: the configuration is invalid. systemd's unit does not restart on it.
 const EXIT_CONFIG: u8 = 78;
+
+/// At shutdown, alerts still queued get this long to go out (in-flight batches took at most 30 s of
+/// the unit's 45 s TimeoutStopSec).
+const ALERTS_FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
 
 #[derive(Parser)]
 #[command(
@@ -269,10 +275,13 @@ fn run(config_path: PathBuf, dry_run: bool, log: LogTarget, state_dir: PathBuf) 
     }
     // A configuration error is the one to report, even when another daemon holds the state directory
     // (`run` loads the file again, off the async threads).
-    if let Err(e) = Config::load_strict(&config_path) {
-        tracing::error!("{e}");
-        return ExitCode::from(EXIT_CONFIG);
-    }
+    let metrics_config = match Config::load_strict(&config_path) {
+        Ok(config) => config.metrics,
+        Err(e) => {
+            tracing::error!("{e}");
+            return ExitCode::from(EXIT_CONFIG);
+        }
+    };
     // The lock is held until the process exits: two daemons on one state directory would act twice.
     let (record, _lock): (Arc<dyn OccurrenceRecord>, _) = match std::fs::create_dir_all(&state_dir)
         .map_err(|source| shiftd::state::StateError::Io {
@@ -335,14 +344,43 @@ fn run(config_path: PathBuf, dry_run: bool, log: LogTarget, state_dir: PathBuf) 
             config_path,
             dry_run,
         };
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        // Bound before the daemon starts: a taken port is reported at once, not after READY=1.
+        let metrics = match metrics_config {
+            Some(m) => {
+                let listener = metrics::bind(m.listen).await.map_err(RunFailure::Metrics)?;
+                let served = Metrics::new();
+                tracing::info!("metrics served at http://{}/metrics", m.listen);
+                tokio::spawn(metrics::serve(listener, served.clone()));
+                Some(served)
+            }
+            None => None,
+        };
+        let mut outcomes: Arc<dyn OutcomeSink> = Arc::new(LogSink);
+        if let Some(m) = &metrics {
+            outcomes = Arc::new(MetricsSink {
+                inner: outcomes,
+                metrics: m.clone(),
+                clock: clock.clone(),
+            });
+        }
+        let alerts = Arc::new(Alerts::new(
+            outcomes,
+            alerts::transports(Arc::new(shiftd::aws::sdk::connect)),
+            clock.clone(),
+            alerts::DELIVERY,
+        ));
         let deps = daemon::Deps {
-            clock: Arc::new(SystemClock),
+            clock,
             aws: Arc::new(shiftd::aws::sdk::connect),
-            outcomes: Arc::new(LogSink),
+            outcomes: alerts.clone(),
             record,
             reload: reload_rx,
+            metrics,
         };
         let result = daemon::run(settings, deps, shutdown).await;
+        // Alerts about the last batches still go out, within the unit's stop timeout.
+        alerts.flush(ALERTS_FLUSH).await;
         signal_task.abort();
         result.map_err(RunFailure::Run)
     });
@@ -350,6 +388,10 @@ fn run(config_path: PathBuf, dry_run: bool, log: LogTarget, state_dir: PathBuf) 
         Ok(()) => ExitCode::SUCCESS,
         Err(RunFailure::Signals(e)) => {
             tracing::error!("cannot install signal handlers: {e}");
+            ExitCode::FAILURE
+        }
+        Err(RunFailure::Metrics(e)) => {
+            tracing::error!("{e}");
             ExitCode::FAILURE
         }
         Err(RunFailure::Run(e)) => {
@@ -363,6 +405,7 @@ fn run(config_path: PathBuf, dry_run: bool, log: LogTarget, state_dir: PathBuf) 
 
 enum RunFailure {
     Signals(std::io::Error),
+    Metrics(shiftd::metrics::MetricsError),
     Run(RunError),
 }
 

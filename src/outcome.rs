@@ -144,6 +144,9 @@ pub trait OutcomeSink: Send + Sync {
     /// Called once a batch is over, with every outcome it recorded (missed occurrences noticed in one
     /// pass count as one batch): where alerts are sent from.
     fn batch_done(&self, _outcomes: &[Outcome]) {}
+    /// Called with the configuration in force: once at start, and again after each reload (where
+    /// alerts go is part of it). Wrapping sinks pass it on.
+    fn configured(&self, _config: &crate::config::Config) {}
 }
 
 /// Logs each outcome (journald or stderr, whichever logging was set up).

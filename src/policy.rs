@@ -261,8 +261,27 @@ pub fn documents(
         }
         out.push(permission_policy(config, a));
     }
-    out.push(delegate_policy(&accounts));
+    let mut delegate = delegate_policy(&accounts);
+    if let Some(statement) = sns_statement(config) {
+        delegate.json["Statement"]
+            .as_array_mut()
+            .expect("a policy's statements")
+            .push(statement);
+    }
+    out.push(delegate);
     out
+}
+
+/// `[notify] sns_topic_arn`: the delegate publishes alerts to exactly that topic, with its own
+/// credentials.
+fn sns_statement(config: &Config) -> Option<Value> {
+    let arn = config.notify.as_ref()?.sns_topic_arn.as_ref()?;
+    Some(json!({
+        "Sid": "ShiftdPublishAlerts",
+        "Effect": "Allow",
+        "Action": "sns:Publish",
+        "Resource": arn,
+    }))
 }
 
 /// Text form: each document after a `# title` line, notes as `# note:` lines.
@@ -393,6 +412,31 @@ mod tests {
         assert_eq!(
             rule_sids(&["x-y"], &taken),
             [format!("ShiftdRulexy{:08X}2", fnv1a(b"x-y"))]
+        );
+    }
+
+    #[test]
+    fn an_sns_topic_for_alerts_lets_the_delegate_publish_to_it_only() {
+        let base = "[accounts.a]\nrole_arn = \"arn:aws:iam::111111111111:role/r\"\nregions = [\"eu-west-1\"]\n";
+        let topic = "arn:aws:sns:eu-west-1:123456789012:shiftd-alerts";
+        let with = Config::parse(
+            Path::new("t.toml"),
+            &format!("{base}[notify]\nsns_topic_arn = \"{topic}\"\n"),
+        )
+        .unwrap();
+        let docs = documents(&with, None, None);
+        let delegate = &docs.last().unwrap().json["Statement"];
+        assert_eq!(delegate[1]["Action"], "sns:Publish");
+        assert_eq!(delegate[1]["Resource"], topic);
+        let without = Config::parse(Path::new("t.toml"), base).unwrap();
+        let docs = documents(&without, None, None);
+        assert_eq!(
+            docs.last().unwrap().json["Statement"]
+                .as_array()
+                .unwrap()
+                .len(),
+            1,
+            "no SNS permission without a topic"
         );
     }
 

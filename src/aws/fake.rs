@@ -19,7 +19,7 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use super::{
-    AssumeRoleRequest, Aws, AwsError, Ec2, Secret, SessionCredentials, SigningCredentials, Sts,
+    AssumeRoleRequest, Aws, AwsError, Ec2, Secret, SessionCredentials, SigningCredentials, Sns, Sts,
 };
 use crate::clock::{Clock, chrono_duration};
 use crate::config::{Action, CredentialSource, Selection};
@@ -29,6 +29,7 @@ pub const ASSUME_ROLE: &str = "sts:AssumeRole";
 pub const DESCRIBE: &str = "ec2:DescribeInstances";
 pub const START: &str = "ec2:StartInstances";
 pub const STOP: &str = "ec2:StopInstances";
+pub const PUBLISH: &str = "sns:Publish";
 
 /// A scripted fault for the next call of an operation.
 #[derive(Clone, Debug)]
@@ -97,6 +98,7 @@ struct World {
     sts_ahead: chrono::Duration,
     sessions_issued: u64,
     imds_down: bool,
+    published: Vec<Published>,
 }
 
 /// The fake AWS: one world of accounts, regions and instances. Cloning shares it.
@@ -137,6 +139,7 @@ impl FakeAws {
                 sts_ahead: chrono::Duration::zero(),
                 sessions_issued: 0,
                 imds_down: false,
+                published: Vec::new(),
             })),
             clock,
         }
@@ -442,6 +445,13 @@ impl Aws for FakeAws {
         self.check_base_credentials().await?;
         Ok(Some("shiftd-delegate".into()))
     }
+
+    async fn sns(&self, region: &str) -> Arc<dyn Sns> {
+        Arc::new(FakeSns {
+            aws: self.clone(),
+            region: region.to_string(),
+        })
+    }
 }
 
 struct FakeSts {
@@ -707,6 +717,70 @@ impl Ec2 for FakeEc2 {
             .values()
             .filter(|i| i.account == account && i.region == self.region)
             .count())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// SNS, for alerts
+// ---------------------------------------------------------------------------------------------------------
+
+/// One message the fake SNS accepted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Published {
+    pub topic_arn: String,
+    pub region: String,
+    pub subject: String,
+    pub message: String,
+    pub at: DateTime<Utc>,
+}
+
+impl FakeAws {
+    /// Every message published to SNS so far, in order.
+    pub fn published(&self) -> Vec<Published> {
+        self.world().published.clone()
+    }
+}
+
+struct FakeSns {
+    aws: FakeAws,
+    region: String,
+}
+
+#[async_trait]
+impl Sns for FakeSns {
+    async fn publish(
+        &self,
+        topic_arn: &str,
+        subject: &str,
+        message: &str,
+    ) -> Result<String, AwsError> {
+        let delegate = self.aws.world().delegate_account.clone();
+        self.aws
+            .enter(
+                PUBLISH,
+                &delegate,
+                &self.region,
+                &[topic_arn.to_string()],
+                (false, false),
+            )
+            .await?;
+        if self.aws.world().imds_down {
+            return Err(AwsError::new(
+                PUBLISH,
+                None,
+                "request could not be built: no base credentials (IMDS is not reachable)",
+            ));
+        }
+        let now = self.aws.clock.now();
+        let mut w = self.aws.world();
+        w.published.push(Published {
+            topic_arn: topic_arn.to_string(),
+            region: self.region.clone(),
+            subject: subject.to_string(),
+            message: message.to_string(),
+            at: now,
+        });
+        Ok(format!("fake-message-{}", w.published.len()))
     }
 }
 

@@ -206,6 +206,27 @@ pub trait Aws: Send + Sync {
 
     /// The instance profile role's name as IMDS reports it; `Ok(None)` when none is attached.
     async fn instance_profile_role(&self) -> Result<Option<String>, String>;
+
+    // --- alerts (`[notify] sns_topic_arn`) ---
+    /// SNS on `region`'s endpoint, with the delegate's own credentials.
+    async fn sns(&self, region: &str) -> Arc<dyn Sns>;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// SNS, for alerts
+// ---------------------------------------------------------------------------------------------------------
+
+/// SNS, signing with the delegate's own credentials: where `[notify] sns_topic_arn` alerts go.
+#[async_trait]
+pub trait Sns: Send + Sync {
+    /// Publish: `subject` (at most 100 printable ASCII characters) and `message` to `topic_arn`.
+    /// Returns the message ID.
+    async fn publish(
+        &self,
+        topic_arn: &str,
+        subject: &str,
+        message: &str,
+    ) -> Result<String, AwsError>;
 }
 
 /// Builds the [`Aws`] for a credential source; `region` is where a profile's own role chain calls STS.

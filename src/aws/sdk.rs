@@ -21,7 +21,7 @@ use aws_sdk_ec2::types::{Filter, InstanceStateName};
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 
 use super::{
-    AssumeRoleRequest, Aws, AwsError, Ec2, Secret, SessionCredentials, SigningCredentials, Sts,
+    AssumeRoleRequest, Aws, AwsError, Ec2, Secret, SessionCredentials, SigningCredentials, Sns, Sts,
 };
 use crate::config::{Action, CredentialSource, Selection};
 use crate::planner::InstanceView;
@@ -243,6 +243,12 @@ impl Aws for SdkAws {
             }
             Err(e) => Err(error_chain(&e)),
         }
+    }
+
+    async fn sns(&self, region: &str) -> Arc<dyn Sns> {
+        Arc::new(SdkSns {
+            client: aws_sdk_sns::Client::new(&self.sdk_config(region).await),
+        })
     }
 }
 
@@ -497,5 +503,34 @@ impl Ec2 for SdkEc2 {
                 .len();
         }
         Ok(n)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// SNS, for alerts
+// ---------------------------------------------------------------------------------------------------------
+
+struct SdkSns {
+    client: aws_sdk_sns::Client,
+}
+
+#[async_trait]
+impl Sns for SdkSns {
+    async fn publish(
+        &self,
+        topic_arn: &str,
+        subject: &str,
+        message: &str,
+    ) -> Result<String, AwsError> {
+        let out = self
+            .client
+            .publish()
+            .topic_arn(topic_arn)
+            .subject(subject)
+            .message(message)
+            .send()
+            .await
+            .map_err(|e| aws_error("sns:Publish", &e))?;
+        Ok(out.message_id().unwrap_or_default().to_string())
     }
 }

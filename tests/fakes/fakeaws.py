@@ -11,6 +11,11 @@
       Prints the recorded API calls (moto's request recorder) as a JSON array of
       {"action": ..., "role_arn": ..., "instance_ids": [...]}, in order.
   fakeaws.py record --endpoint URL   (start recording; `calls` reads what was recorded since)
+  fakeaws.py sns-topic --endpoint URL --name NAME [--region R]
+      Creates an SNS topic in the default account 123456789012 and an SQS queue subscribed to it.
+      Prints {"topic_arn": ..., "queue_url": ...}.
+  fakeaws.py sqs-messages --endpoint URL --queue-url URL [--region R]
+      Prints the bodies of the messages waiting in the queue (SNS envelopes) as a JSON array.
 """
 
 import argparse
@@ -93,21 +98,41 @@ def calls(args):
     print(json.dumps(out))
 
 
+def sns_topic(args):
+    kw = dict(endpoint_url=args.endpoint, region_name=args.region, **SEED_KEY)
+    sns, sqs = boto3.client("sns", **kw), boto3.client("sqs", **kw)
+    arn = sns.create_topic(Name=args.name)["TopicArn"]
+    queue = sqs.create_queue(QueueName=args.name)["QueueUrl"]
+    queue_arn = sqs.get_queue_attributes(QueueUrl=queue, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+    sns.subscribe(TopicArn=arn, Protocol="sqs", Endpoint=queue_arn)
+    print(json.dumps({"topic_arn": arn, "queue_url": queue}))
+
+
+def sqs_messages(args):
+    sqs = boto3.client("sqs", endpoint_url=args.endpoint, region_name=args.region, **SEED_KEY)
+    r = sqs.receive_message(QueueUrl=args.queue_url, MaxNumberOfMessages=10)
+    print(json.dumps([json.loads(m["Body"]) for m in r.get("Messages", [])]))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name in ("seed", "states", "calls", "record"):
+    for name in ("seed", "states", "calls", "record", "sns-topic", "sqs-messages"):
         s = sub.add_parser(name)
         s.add_argument("--endpoint", required=True)
         if name in ("seed", "states"):
             s.add_argument("--account", default=BASE_ACCOUNT)
             s.add_argument("--region", default="ap-northeast-1")
+        if name in ("sns-topic", "sqs-messages"):
+            s.add_argument("--region", default="ap-northeast-1")
+            s.add_argument("--name" if name == "sns-topic" else "--queue-url", required=True)
         if name == "seed":
             s.add_argument("--count", type=int, default=1)
             s.add_argument("--tag", action="append", default=[])
             s.add_argument("--state", choices=("running", "stopped"), default="running")
     args = p.parse_args()
-    {"seed": seed, "states": states, "calls": calls, "record": record}[args.cmd](args)
+    {"seed": seed, "states": states, "calls": calls, "record": record, "sns-topic": sns_topic,
+     "sqs-messages": sqs_messages}[args.cmd](args)
 
 
 if __name__ == "__main__":

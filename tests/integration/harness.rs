@@ -34,7 +34,7 @@ pub fn venv() -> &'static Path {
     })
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -197,7 +197,7 @@ impl FakeAws {
     }
 
     /// Runs tests/fakes/fakeaws.py with `args` and returns its JSON output.
-    fn helper(&self, args: &[&str]) -> Value {
+    pub fn helper(&self, args: &[&str]) -> Value {
         let out = Command::new(venv().join("bin/python"))
             .arg(project_root().join("tests/fakes/fakeaws.py"))
             .args(args)

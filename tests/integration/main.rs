@@ -3,7 +3,10 @@
 //! - the rest: the real binary against moto server, shiftd's fake IMDS and a real systemd-journald
 //!   (helpers in `harness`), and the operator commands. Fixtures in `tests/fixtures`.
 
+mod alerts;
 // The end-to-end layer runs the real binary in real time: it reads the wall clock itself.
+#[allow(clippy::disallowed_methods)]
+mod being_told;
 #[allow(clippy::disallowed_methods)]
 mod check;
 #[allow(clippy::disallowed_methods)]

@@ -11,7 +11,7 @@ use shiftd::aws::fake::FakeAws;
 use shiftd::clock::{Clock, SimulatedClock};
 use shiftd::config::Action;
 use shiftd::daemon::{self, RunError};
-use shiftd::outcome::{Outcome, RecordingSink, ResultKind};
+use shiftd::outcome::{Outcome, OutcomeSink, RecordingSink, ResultKind};
 use shiftd::state::StateFile;
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -128,6 +128,11 @@ impl Sim {
 
     /// Starts `daemon::run` (state kept in the world's directory, as the binary keeps it).
     pub fn start(&self) -> Running {
+        self.start_with(self.sink.clone())
+    }
+
+    /// As `start`, with outcomes going to `sink` (e.g. alerts wrapped around the recording sink).
+    pub fn start_with(&self, sink: Arc<dyn OutcomeSink>) -> Running {
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let (reload_tx, reload_rx) = mpsc::unbounded_channel();
         let settings = daemon::Settings {
@@ -137,9 +142,10 @@ impl Sim {
         let deps = daemon::Deps {
             clock: self.clock.clone(),
             aws: self.aws.connector(),
-            outcomes: self.sink.clone(),
+            outcomes: sink,
             record: Arc::new(StateFile::in_dir(self.dir.path())),
             reload: reload_rx,
+            metrics: None,
         };
         let task = tokio::spawn(daemon::run(settings, deps, async {
             let _ = stop_rx.await;
