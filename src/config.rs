@@ -2534,6 +2534,7 @@ stop = "0 21 * * *"
 
     fn exercise_cron(expression: &str) {
         if let Ok(s) = CronSchedule::parse(expression) {
+            let _ = s.describe();
             let from: DateTime<Utc> = Utc.with_ymd_and_hms(2026, 10, 24, 22, 30, 0).unwrap();
             for zone in [
                 Tz::UTC,

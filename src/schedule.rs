@@ -333,6 +333,26 @@ impl CronSchedule {
         &self.source
     }
 
+    /// In plain language, in the rule's local time: "08:00 Mon–Fri", "00:00 every day",
+    /// "09:00 on the first Monday of the month", "every 15 minutes". Common shapes only: for others
+    /// (steps over days, both day fields restricted, several years...) the expression itself.
+    pub fn describe(&self) -> String {
+        describe(&self.source).unwrap_or_else(|| self.source.clone())
+    }
+
+    /// The same schedule without the rule's calendars: the firings they leave out included.
+    pub fn without_days(&self) -> Self {
+        Self {
+            days: None,
+            ..self.clone()
+        }
+    }
+
+    /// The dates the rule's calendars leave out or keep, if it has any.
+    pub fn days(&self) -> Option<&DayFilter> {
+        self.days.as_deref()
+    }
+
     /// The same schedule, firing only on the dates `days` allows.
     pub fn with_days(mut self, days: Arc<DayFilter>) -> Self {
         self.days = Some(days);
@@ -541,6 +561,338 @@ impl CronSchedule {
         self.firings_after(after, Some(until), zone)
             .take(limit)
             .collect()
+    }
+}
+
+/// The plain-language summary of [`CronSchedule::describe`], or `None` for a shape it does not
+/// cover.
+fn describe(source: &str) -> Option<String> {
+    let source = source.trim();
+    let (fields, year) = if let Some(inner) = eventbridge_inner(source) {
+        let (bare, _) = translate_eventbridge(inner).ok()?;
+        let year = inner
+            .strip_suffix(')')?
+            .split_whitespace()
+            .last()?
+            .to_string();
+        (bare, Some(year))
+    } else if let Some(fields) = expand_macro(source).ok()? {
+        (fields.to_string(), None)
+    } else {
+        (source.to_string(), None)
+    };
+    let fields: Vec<&str> = fields.split_whitespace().collect();
+    let (second, rest) = match fields.len() {
+        5 => ("0", &fields[..]),
+        6 => (fields[0], &fields[1..]),
+        _ => return None,
+    };
+    let (minute, hour, dom, month, dow) = (rest[0], rest[1], rest[2], rest[3], rest[4]);
+    let time = describe_time(second, minute, hour)?;
+    let interval = time.starts_with("every");
+    let months = describe_months(month)?;
+    let year = match year.as_deref() {
+        None | Some("*") => None,
+        Some(y) => Some(y.parse::<i32>().ok()?),
+    };
+    let mut out = time;
+    let mut months_said = false;
+    match describe_days(dom, dow)? {
+        Days::Every if !interval && months.is_none() && year.is_none() => {
+            out.push_str(" every day")
+        }
+        Days::Every => {}
+        Days::Text(text) => {
+            out.push(' ');
+            out.push_str(&text);
+        }
+        Days::Dates(days) => match (&months, days.as_slice()) {
+            (Some(Months::One(m)), [day]) => {
+                out.push_str(&format!(" on {} {day}", MONTH_NAMES[*m as usize - 1]));
+                months_said = true;
+            }
+            _ => {
+                let days: Vec<String> = days.iter().map(|&d| ordinal(d)).collect();
+                out.push_str(&format!(" on the {}", join_and(&days)));
+                if months.is_none() {
+                    out.push_str(" of the month");
+                }
+            }
+        },
+    }
+    if let Some(months) = months.filter(|_| !months_said) {
+        out.push_str(" in ");
+        out.push_str(&months.text());
+    }
+    if let Some(year) = year {
+        out.push_str(&format!(" in {year}"));
+    }
+    Some(out)
+}
+
+/// The days part of a summary.
+enum Days {
+    /// Every day (of the months and years said).
+    Every,
+    /// Said in full: "Mon–Fri", "on the last day of the month".
+    Text(String),
+    /// Days of the month, said with the months.
+    Dates(Vec<u32>),
+}
+
+/// The months part of a summary: one month (which a single day of the month is said with), or the
+/// months' text.
+enum Months {
+    One(u32),
+    Some(String),
+}
+
+impl Months {
+    fn text(&self) -> String {
+        match self {
+            Months::One(m) => MONTH_NAMES[*m as usize - 1].to_string(),
+            Months::Some(text) => text.clone(),
+        }
+    }
+}
+
+const MONTH_NAMES: [&str; 12] = [
+    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+];
+
+/// The time of day part: "08:00", "08:00 and 20:00", "every 15 minutes", "every hour at :30".
+fn describe_time(second: &str, minute: &str, hour: &str) -> Option<String> {
+    let every = |field: &str| -> Option<u32> {
+        match field {
+            "*" => Some(1),
+            _ => field.strip_prefix("*/")?.parse().ok().filter(|n| *n > 0),
+        }
+    };
+    let plural = |n: u32, unit: &str| match n {
+        1 => format!("every {unit}"),
+        n => format!("every {n} {unit}s"),
+    };
+    if let (Some(n), "*", "*") = (every(second), minute, hour) {
+        return Some(plural(n, "second"));
+    }
+    let second: u32 = second.parse().ok()?;
+    let at = |h: u32, m: u32| match second {
+        0 => format!("{h:02}:{m:02}"),
+        s => format!("{h:02}:{m:02}:{s:02}"),
+    };
+    if let (Some(n), "*") = (every(minute), hour) {
+        return (second == 0).then(|| plural(n, "minute"));
+    }
+    let minute: u32 = minute.parse().ok()?;
+    let past = |text: String| match (minute, second) {
+        (0, 0) => text,
+        (m, 0) => format!("{text} at :{m:02}"),
+        _ => format!("{text} at :{minute:02}:{second:02}"),
+    };
+    if let Some(n) = every(hour) {
+        return Some(past(plural(n, "hour")));
+    }
+    if let Some((a, b)) = hour.split_once('-') {
+        let (a, b): (u32, u32) = (a.parse().ok()?, b.parse().ok()?);
+        return Some(format!(
+            "every hour from {} to {}",
+            at(a, minute),
+            at(b, minute)
+        ));
+    }
+    let hours: Vec<u32> = hour
+        .split(',')
+        .map(|h| h.parse().ok())
+        .collect::<Option<_>>()?;
+    if hours.len() > 6 {
+        return None;
+    }
+    let times: Vec<String> = hours.iter().map(|&h| at(h, minute)).collect();
+    Some(join_and(&times))
+}
+
+/// The days part, from crontab's day fields (EventBridge's already translated).
+fn describe_days(dom: &str, dow: &str) -> Option<Days> {
+    let any = |field: &str| field == "*" || field == "?";
+    match (any(dom), any(dow)) {
+        (true, true) => Some(Days::Every),
+        (false, true) => describe_day_of_month(dom),
+        (true, false) => describe_day_of_week(dow),
+        // Either one matching fires (crontab): said as written.
+        (false, false) => None,
+    }
+}
+
+fn describe_day_of_month(field: &str) -> Option<Days> {
+    let upper = field.to_ascii_uppercase();
+    if upper == "L" {
+        return Some(Days::Text("on the last day of the month".into()));
+    }
+    if upper == "LW" {
+        return Some(Days::Text("on the last weekday of the month".into()));
+    }
+    if let Some(n) = upper.strip_suffix('W') {
+        let n: u32 = n.parse().ok()?;
+        return Some(Days::Text(format!(
+            "on the weekday nearest the {} of the month",
+            ordinal(n)
+        )));
+    }
+    let days: Vec<u32> = field
+        .split(',')
+        .map(|d| d.parse().ok())
+        .collect::<Option<_>>()?;
+    (days.len() <= 4).then_some(Days::Dates(days))
+}
+
+const WEEKDAY_NAMES: [(&str, &str); 7] = [
+    ("Mon", "Mondays"),
+    ("Tue", "Tuesdays"),
+    ("Wed", "Wednesdays"),
+    ("Thu", "Thursdays"),
+    ("Fri", "Fridays"),
+    ("Sat", "Saturdays"),
+    ("Sun", "Sundays"),
+];
+
+const NTH: [&str; 5] = ["first", "second", "third", "fourth", "fifth"];
+
+fn describe_day_of_week(field: &str) -> Option<Days> {
+    let full = |d: Weekday| {
+        WEEKDAY_NAMES[d.num_days_from_monday() as usize]
+            .1
+            .trim_end_matches('s')
+    };
+    if let Some((d, k)) = field.split_once('#') {
+        let k: usize = k.parse().ok()?;
+        return Some(Days::Text(format!(
+            "on the {} {} of the month",
+            NTH.get(k.checked_sub(1)?)?,
+            full(weekday(d)?)
+        )));
+    }
+    if let Some(d) = field.strip_suffix(['L', 'l']) {
+        return Some(Days::Text(format!(
+            "on the last {} of the month",
+            full(weekday(d)?)
+        )));
+    }
+    // The weekdays, from Monday: each item a day, or a range of days, numbers with steps.
+    let mut days = [false; 7];
+    for item in field.split(',') {
+        let (range, step) = match item.split_once('/') {
+            Some((range, step)) => (range, step.parse::<usize>().ok().filter(|s| *s > 0)?),
+            None => (item, 1),
+        };
+        let from_sunday: Vec<u32> = match range.split_once('-') {
+            _ if range == "*" => (0..=7).step_by(step).collect(),
+            Some((a, b)) => {
+                // Numbers as written (0-7, 7 being Sunday again); names in the week's order.
+                let number = |d: &str| d.parse::<u32>().ok().filter(|_| weekday(d).is_some());
+                let (a, b) = match (number(a), number(b)) {
+                    (Some(a), Some(b)) => (a, b),
+                    _ => (
+                        weekday(a)?.num_days_from_sunday(),
+                        weekday(b)?.num_days_from_sunday(),
+                    ),
+                };
+                (a..=b).step_by(step).collect()
+            }
+            None if step == 1 => vec![weekday(range)?.num_days_from_sunday()],
+            None => return None,
+        };
+        for d in from_sunday {
+            days[((d + 6) % 7) as usize] = true;
+        }
+    }
+    let chosen: Vec<usize> = (0..7).filter(|&d| days[d]).collect();
+    match chosen.as_slice() {
+        [] => None,
+        [_, _, _, _, _, _, _] => Some(Days::Every),
+        [one] => Some(Days::Text(format!("on {}", WEEKDAY_NAMES[*one].1))),
+        _ => Some(Days::Text(runs(&days, |d| WEEKDAY_NAMES[d].0))),
+    }
+}
+
+/// The months part: `Some(None)` for every month; `None` for a field it does not cover.
+fn describe_months(field: &str) -> Option<Option<Months>> {
+    if field == "*" {
+        return Some(None);
+    }
+    let month = |m: &str| -> Option<u32> {
+        m.parse().ok().filter(|m| (1..=12).contains(m)).or_else(|| {
+            let lower = m.to_ascii_lowercase();
+            MONTH_NAMES
+                .iter()
+                .position(|n| n.eq_ignore_ascii_case(&lower))
+                .map(|i| i as u32 + 1)
+        })
+    };
+    let mut months = [false; 12];
+    for item in field.split(',') {
+        let (range, step) = match item.split_once('/') {
+            Some((range, step)) => (range, step.parse::<usize>().ok().filter(|s| *s > 0)?),
+            None => (item, 1),
+        };
+        let (a, b) = match range.split_once('-') {
+            _ if range == "*" => (1, 12),
+            Some((a, b)) => (month(a)?, month(b)?),
+            None if step == 1 => (month(range)?, month(range)?),
+            None => (month(range)?, 12),
+        };
+        for m in (a..=b).step_by(step) {
+            months[m as usize - 1] = true;
+        }
+    }
+    let chosen: Vec<usize> = (0..12).filter(|&m| months[m]).collect();
+    match chosen.as_slice() {
+        [] => None,
+        [one] => Some(Some(Months::One(*one as u32 + 1))),
+        _ if chosen.len() == 12 => Some(None),
+        _ => Some(Some(Months::Some(runs(&months, |m| MONTH_NAMES[m])))),
+    }
+}
+
+/// Chosen items in order, runs of three or more as "first–last": "Mon–Fri", "Jan, Jul".
+fn runs(chosen: &[bool], name: impl Fn(usize) -> &'static str) -> String {
+    let mut parts = Vec::new();
+    let mut i = 0;
+    while i < chosen.len() {
+        if !chosen[i] {
+            i += 1;
+            continue;
+        }
+        let start = i;
+        while i + 1 < chosen.len() && chosen[i + 1] {
+            i += 1;
+        }
+        if i - start >= 2 {
+            parts.push(format!("{}\u{2013}{}", name(start), name(i)));
+        } else {
+            parts.extend((start..=i).map(|d| name(d).to_string()));
+        }
+        i += 1;
+    }
+    parts.join(", ")
+}
+
+fn ordinal(n: u32) -> String {
+    let suffix = match (n % 10, n % 100) {
+        (_, 11..=13) => "th",
+        (1, _) => "st",
+        (2, _) => "nd",
+        (3, _) => "rd",
+        _ => "th",
+    };
+    format!("{n}{suffix}")
+}
+
+/// "a", "a and b", "a, b and c".
+fn join_and(items: &[String]) -> String {
+    match items {
+        [] => String::new(),
+        [one] => one.clone(),
+        [rest @ .., last] => format!("{} and {last}", rest.join(", ")),
     }
 }
 
@@ -1920,6 +2272,83 @@ mod tests {
                 !err.contains("SUN,MON"),
                 "nothing of shiftd's translation: {err}"
             );
+        }
+    }
+
+    #[test]
+    fn describe_says_common_schedules_in_plain_language() {
+        let cases: &[(&str, &str)] = &[
+            ("cron(0 8 ? * MON-FRI *)", "08:00 Mon\u{2013}Fri"),
+            ("0 20 * * 1-5", "20:00 Mon\u{2013}Fri"),
+            ("0 8 ? * Mon-Fri", "08:00 Mon\u{2013}Fri"),
+            // EventBridge's 2-6 is Monday to Friday, crontab's Tuesday to Saturday.
+            ("cron(0 8 ? * 2-6 *)", "08:00 Mon\u{2013}Fri"),
+            ("0 8 * * 2-6", "08:00 Tue\u{2013}Sat"),
+            ("@daily", "00:00 every day"),
+            ("@midnight", "00:00 every day"),
+            ("@hourly", "every hour"),
+            ("@weekly", "00:00 on Sundays"),
+            ("@monthly", "00:00 on the 1st of the month"),
+            ("@yearly", "00:00 on Jan 1"),
+            (
+                "cron(0 9 ? * 2#1 *)",
+                "09:00 on the first Monday of the month",
+            ),
+            ("0 9 * * Mon#2", "09:00 on the second Monday of the month"),
+            ("30 18 L * ?", "18:30 on the last day of the month"),
+            ("0 18 LW * ?", "18:00 on the last weekday of the month"),
+            (
+                "0 7 15W * ?",
+                "07:00 on the weekday nearest the 15th of the month",
+            ),
+            (
+                "cron(0 17 ? * 6L *)",
+                "17:00 on the last Friday of the month",
+            ),
+            ("0 17 * * FriL", "17:00 on the last Friday of the month"),
+            ("cron(0 10 ? * L *)", "10:00 on Saturdays"),
+            ("*/15 * * * *", "every 15 minutes"),
+            ("* * * * *", "every minute"),
+            ("*/5 * * * * *", "every 5 seconds"),
+            ("30 * * * *", "every hour at :30"),
+            ("0 */2 * * *", "every 2 hours"),
+            (
+                "0 8-18 * * Mon-Fri",
+                "every hour from 08:00 to 18:00 Mon\u{2013}Fri",
+            ),
+            ("*/15 * * * Sat,Sun", "every 15 minutes Sat, Sun"),
+            ("0 8,20 * * *", "08:00 and 20:00 every day"),
+            ("30 0 12 * * *", "12:00:30 every day"),
+            ("0 8 * * 1,3,5", "08:00 Mon, Wed, Fri"),
+            ("0 8 * * 0,6", "08:00 Sat, Sun"),
+            ("0 8 * * */2", "08:00 Tue, Thu, Sat, Sun"),
+            ("0 8 * * 0-7", "08:00 every day"),
+            ("0 8 1,15 * *", "08:00 on the 1st and 15th of the month"),
+            ("0 8 22 * *", "08:00 on the 22nd of the month"),
+            ("0 8 1 Jan,Jul *", "08:00 on the 1st in Jan, Jul"),
+            ("0 8 25 12 *", "08:00 on Dec 25"),
+            (
+                "0 8 * Mar-May Mon-Fri",
+                "08:00 Mon\u{2013}Fri in Mar\u{2013}May",
+            ),
+            (
+                "cron(0 8 1 * ? 2027)",
+                "08:00 on the 1st of the month in 2027",
+            ),
+            ("cron(0 8 ? * MON-FRI 2027)", "08:00 Mon\u{2013}Fri in 2027"),
+            // Shapes it does not cover: the expression itself.
+            ("0 0 1 * Fri", "0 0 1 * Fri"),
+            ("0,30 8 * * *", "0,30 8 * * *"),
+            ("0 8 */2 * *", "0 8 */2 * *"),
+            ("*/10 8-18 * * *", "*/10 8-18 * * *"),
+            (
+                "cron(0 8 ? * MON-FRI 2026-2028)",
+                "cron(0 8 ? * MON-FRI 2026-2028)",
+            ),
+        ];
+        for (expr, want) in cases {
+            let got = CronSchedule::parse(expr).unwrap().describe();
+            assert_eq!(got, *want, "{expr}");
         }
     }
 
