@@ -2519,6 +2519,8 @@ stop = "0 21 * * *"
         let _ = crate::check::render(c, from);
         let (items, truncated) = crate::plan::upcoming(c, from, until, 50);
         let _ = crate::plan::render_text(c, &items, from, until, truncated);
+        let (items, truncated) = crate::plan::occurrences(c, from, until, 50, true);
+        let _ = crate::plan::render_text(c, &items, from, until, truncated);
         let delegate = crate::policy::Delegate::Account("123456789012".into());
         let _ = crate::policy::render(&crate::policy::documents(c, None, Some(&delegate)));
     }
