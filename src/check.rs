@@ -79,9 +79,16 @@ pub fn render(config: &Config, now: DateTime<Utc>) -> String {
                             t.format("%Y-%m-%dT%H:%M:%SZ")
                         )
                     });
+                // The summary beside the expression, unless it is the expression itself.
+                let summary = s.describe();
+                let summary = if summary == s.source() {
+                    String::new()
+                } else {
+                    format!("  ({summary})")
+                };
                 let _ = writeln!(
                     out,
-                    "    {:<5} {:<20} {}  next: {next}",
+                    "    {:<5} {:<20}{summary}  {}  next: {next}",
                     action.as_str(),
                     s.source(),
                     r.timezone

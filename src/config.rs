@@ -2825,6 +2825,8 @@ stop = "0 21 * * *"
         let _ = crate::check::render(c, from);
         let (items, truncated) = crate::plan::upcoming(c, from, until, 50);
         let _ = crate::plan::render_text(c, &items, from, until, truncated);
+        let (items, truncated) = crate::plan::occurrences(c, from, until, 50, true);
+        let _ = crate::plan::render_text(c, &items, from, until, truncated);
         let delegate = crate::policy::Delegate::Account("123456789012".into());
         let _ = crate::policy::render(&crate::policy::documents(c, None, Some(&delegate)));
     }
@@ -2840,6 +2842,7 @@ stop = "0 21 * * *"
 
     fn exercise_cron(expression: &str) {
         if let Ok(s) = CronSchedule::parse(expression) {
+            let _ = s.describe();
             let from: DateTime<Utc> = Utc.with_ymd_and_hms(2026, 10, 24, 22, 30, 0).unwrap();
             for zone in [
                 Tz::UTC,

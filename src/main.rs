@@ -118,6 +118,10 @@ enum Command {
         /// their state, and the override tags (shiftd:skip, shiftd:skip-until) in force
         #[arg(long)]
         instances: bool,
+        /// Also list the occurrences the rules' calendars (skip, only) leave out, marked with the
+        /// calendar that removed each
+        #[arg(long)]
+        show_skipped: bool,
     },
     /// Check the live setup: IMDS, identity, AssumeRole, instances, permissions (DryRun only)
     ///
@@ -207,7 +211,19 @@ fn main() -> ExitCode {
             json,
             limit,
             instances,
-        } => plan(&config, from, until, hours, json, limit, instances),
+            show_skipped,
+        } => plan(
+            &config,
+            from,
+            until,
+            hours,
+            json,
+            limit,
+            PlanExtras {
+                instances,
+                show_skipped,
+            },
+        ),
         Command::Doctor { config } => doctor(&config),
         Command::Apply {
             config,
@@ -413,6 +429,14 @@ fn load_or_exit(path: &std::path::Path) -> Result<Config, ExitCode> {
     Config::load(path).map_err(|e| config_error(&e))
 }
 
+/// What `plan` shows beyond the actions.
+struct PlanExtras {
+    /// `--instances`: each rule's selection described live.
+    instances: bool,
+    /// `--show-skipped`: the occurrences the rules' calendars leave out.
+    show_skipped: bool,
+}
+
 fn plan(
     path: &std::path::Path,
     from: Option<DateTime<Utc>>,
@@ -420,8 +444,12 @@ fn plan(
     hours: Option<u32>,
     json: bool,
     limit: usize,
-    instances: bool,
+    extras: PlanExtras,
 ) -> ExitCode {
+    let PlanExtras {
+        instances,
+        show_skipped,
+    } = extras;
     let config = match load_or_exit(path) {
         Ok(c) => c,
         Err(code) => return code,
@@ -438,7 +466,8 @@ fn plan(
         eprintln!("--until must be after --from");
         return ExitCode::from(2);
     }
-    let (mut items, truncated) = shiftd::plan::upcoming(&config, from, until, limit);
+    let (mut items, truncated) =
+        shiftd::plan::occurrences(&config, from, until, limit, show_skipped);
     if instances {
         if let Some(note) = logging::init(LogTarget::Stderr) {
             eprintln!("{note}");

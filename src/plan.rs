@@ -2,13 +2,14 @@
 //! line's time arguments (`--from`, `--until`). Reads only the
 //! configuration and uses the daemon's schedule code, so DST days show exactly what will happen.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt::Write;
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, NaiveDate, Utc};
 use serde::Serialize;
 
-use crate::config::{Action, Config};
+use crate::config::{Action, Config, Rule};
+use crate::schedule::CronSchedule;
 
 /// One scheduled action. Its JSON form is the documented, stable output of `shiftd plan --json`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -25,6 +26,12 @@ pub struct Upcoming {
     pub timezone: String,
     pub instance_ids: Vec<String>,
     pub tags: std::collections::BTreeMap<String, Vec<String>>,
+    /// The cron expression that fires (the first in the configuration, when several fire at once).
+    pub schedule: String,
+    /// With `--show-skipped`, on an occurrence the rule's calendars leave out: which one ("calendar
+    /// NAME" for a `skip` calendar holding the date, "not in calendar NAME" for `only`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub skipped: Option<String>,
     /// With `--instances`: what the selection matches now, described live.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub instances: Option<Vec<LiveInstance>>,
@@ -42,22 +49,47 @@ pub fn upcoming(
     until: DateTime<Utc>,
     limit: usize,
 ) -> (Vec<Upcoming>, bool) {
+    occurrences(config, from, until, limit, false)
+}
+
+/// [`upcoming`], and with `show_skipped` the occurrences the rules' calendars leave out too, each with
+/// `skipped` saying which calendar; `limit` counts both.
+pub fn occurrences(
+    config: &Config,
+    from: DateTime<Utc>,
+    until: DateTime<Utc>,
+    limit: usize,
+    show_skipped: bool,
+) -> (Vec<Upcoming>, bool) {
     let mut out = Vec::new();
+    let per_schedule = limit.saturating_add(1);
     for rule in &config.rules {
         let account_id = config
             .account(&rule.account)
             .map(|a| a.account_id.clone())
             .unwrap_or_default();
         for action in [Action::Start, Action::Stop] {
-            // Several expressions of one rule firing at the same instant are one action, as in the daemon.
-            let instants: BTreeSet<DateTime<Utc>> = rule
-                .schedules(action)
-                .iter()
-                .flat_map(|s| {
-                    s.firings_between(from, until, rule.timezone, limit.saturating_add(1))
-                })
-                .collect();
-            for t in instants {
+            // Several expressions of one rule firing at the same instant are one action, as in the daemon;
+            // the first of them is the one shown.
+            let mut instants: BTreeMap<DateTime<Utc>, (&CronSchedule, Option<String>)> =
+                BTreeMap::new();
+            for s in rule.schedules(action) {
+                for t in s.firings_between(from, until, rule.timezone, per_schedule) {
+                    instants.entry(t).or_insert((s, None));
+                }
+            }
+            let schedules = rule.schedules(action);
+            if show_skipped && schedules.iter().any(|s| s.days().is_some()) {
+                for s in schedules {
+                    let all = s.without_days();
+                    for t in all.firings_between(from, until, rule.timezone, per_schedule) {
+                        instants
+                            .entry(t)
+                            .or_insert_with(|| (s, Some(skipped_by(config, rule, t))));
+                    }
+                }
+            }
+            for (t, (schedule, skipped)) in instants {
                 let local = t.with_timezone(&rule.timezone);
                 out.push(Upcoming {
                     at: local.to_rfc3339(),
@@ -70,6 +102,8 @@ pub fn upcoming(
                     timezone: rule.timezone.name().to_string(),
                     instance_ids: rule.selection.instance_ids.clone(),
                     tags: rule.selection.tags.clone(),
+                    schedule: schedule.source().to_string(),
+                    skipped,
                     instances: None,
                     instant: t,
                     local: local.format("%Y-%m-%d %H:%M:%S %Z").to_string(),
@@ -81,6 +115,32 @@ pub fn upcoming(
     let truncated = out.len() > limit;
     out.truncate(limit);
     (out, truncated)
+}
+
+/// Which of the rule's calendars leaves out its occurrence at `t`: the first `skip` calendar holding
+/// the date ("calendar NAME"), or else the `only` calendars not holding it ("not in calendar NAME",
+/// "not in calendars A, B"). The date is the occurrence's local date, or the day before for a time in
+/// a DST gap across midnight, which fires on the next date.
+fn skipped_by(config: &Config, rule: &Rule, t: DateTime<Utc>) -> String {
+    let date = t.with_timezone(&rule.timezone).date_naive();
+    let holds = |name: &String, date: NaiveDate| {
+        config
+            .calendars
+            .get(name)
+            .is_some_and(|c| c.dates.contains(&date))
+    };
+    for date in [Some(date), date.pred_opt()].into_iter().flatten() {
+        if let Some(name) = rule.skip.iter().find(|name| holds(name, date)) {
+            return format!("calendar {name}");
+        }
+        if !rule.only.is_empty() && !rule.only.iter().any(|name| holds(name, date)) {
+            return match rule.only.as_slice() {
+                [one] => format!("not in calendar {one}"),
+                names => format!("not in calendars {}", names.join(", ")),
+            };
+        }
+    }
+    "calendar".to_string()
 }
 
 /// An instance a rule's selection matches now (`plan --instances`), or why a region could not be
@@ -108,7 +168,6 @@ pub async fn describe_live(
     connect: crate::aws::ConnectAws,
     clock: std::sync::Arc<dyn crate::clock::Clock>,
 ) {
-    use std::collections::BTreeMap;
     use std::sync::Arc;
     let rules: BTreeSet<&str> = items.iter().map(|i| i.rule.as_str()).collect();
     let aws = connect(&config.credentials, crate::daemon::first_region(config));
@@ -176,10 +235,16 @@ pub fn render_text(
     truncated: bool,
 ) -> String {
     let mut out = String::new();
+    let skipped = items.iter().filter(|u| u.skipped.is_some()).count();
     let _ = writeln!(
         out,
-        "{} action(s) from {} to {} (UTC){}",
-        items.len(),
+        "{} action(s){} from {} to {} (UTC){}",
+        items.len() - skipped,
+        if skipped > 0 {
+            format!(" and {skipped} occurrence(s) skipped by calendars")
+        } else {
+            String::new()
+        },
         from.format("%Y-%m-%d %H:%M"),
         until.format("%Y-%m-%d %H:%M"),
         if config.defaults.dry_run {
@@ -196,7 +261,7 @@ pub fn render_text(
             .expect("rule of this config");
         let _ = writeln!(
             out,
-            "{}  ({})  {:<5}  {}  {} ({})  {}  {}",
+            "{}  ({})  {:<5}  {}  {} ({})  {}  {}{}",
             u.local,
             u.instant.format("%Y-%m-%d %H:%M:%S UTC"),
             u.action,
@@ -204,7 +269,10 @@ pub fn render_text(
             u.account,
             u.account_id,
             u.regions.join(","),
-            rule.selection
+            rule.selection,
+            u.skipped
+                .as_ref()
+                .map_or(String::new(), |why| format!("  skipped ({why})"))
         );
     }
     if truncated {
@@ -213,6 +281,36 @@ pub fn render_text(
             "... cut at {} actions: narrow the window with --until or --hours, or raise --limit",
             items.len()
         );
+    }
+    // Each listed rule's expressions, in plain language.
+    let listed: BTreeSet<&str> = items.iter().map(|u| u.rule.as_str()).collect();
+    let rules: Vec<_> = config
+        .rules
+        .iter()
+        .filter(|r| listed.contains(r.name.as_str()))
+        .collect();
+    if !rules.is_empty() {
+        let _ = writeln!(out, "\nschedules:");
+    }
+    for rule in rules {
+        for action in [Action::Start, Action::Stop] {
+            for s in rule.schedules(action) {
+                let summary = s.describe();
+                let _ = writeln!(
+                    out,
+                    "  {}  {:<5}  {}  {}({})",
+                    rule.name,
+                    action.as_str(),
+                    s.source(),
+                    if summary == s.source() {
+                        String::new()
+                    } else {
+                        format!("{summary} ")
+                    },
+                    rule.timezone
+                );
+            }
+        }
     }
     let mut shown = BTreeSet::new();
     for u in items {
@@ -308,6 +406,81 @@ timezone = "America/New_York"
         );
         assert!(!cut);
         assert_eq!(items.len(), 4);
+    }
+
+    #[test]
+    fn show_skipped_lists_what_the_calendars_leave_out_and_says_which() {
+        let config = Config::parse(
+            Path::new("t.toml"),
+            r#"
+[accounts.a]
+role_arn = "arn:aws:iam::111111111111:role/r"
+regions = ["ap-northeast-1"]
+[calendars.holidays]
+dates = ["2027-01-12"]
+[calendars.patch-days]
+dates = ["2027-01-12", "2027-01-13", "2027-01-15"]
+[[rules]]
+name = "patch"
+account = "a"
+instances = ["i-01234567"]
+start = ["cron(0 8 ? * MON-FRI *)", "0 8 * * 1-5"]
+timezone = "Asia/Tokyo"
+skip = "holidays"
+only = "patch-days"
+"#,
+        )
+        .unwrap();
+        // Monday 2027-01-11 to Friday the 15th, 08:00 in Tokyo.
+        let (from, until) = (utc("2027-01-10T00:00:00Z"), utc("2027-01-15T12:00:00Z"));
+        let shown = |items: &[Upcoming]| -> Vec<(String, Option<String>)> {
+            items
+                .iter()
+                .map(|u| (u.at[..10].to_string(), u.skipped.clone()))
+                .collect()
+        };
+        let (items, _) = upcoming(&config, from, until, 100);
+        assert_eq!(
+            shown(&items),
+            vec![("2027-01-13".into(), None), ("2027-01-15".into(), None)]
+        );
+        let (items, cut) = occurrences(&config, from, until, 100, true);
+        assert!(!cut);
+        let not_patch = Some("not in calendar patch-days".to_string());
+        assert_eq!(
+            shown(&items),
+            vec![
+                ("2027-01-11".into(), not_patch.clone()),
+                // In both: the skip calendar is the one that removes it.
+                ("2027-01-12".into(), Some("calendar holidays".into())),
+                ("2027-01-13".into(), None),
+                ("2027-01-14".into(), not_patch),
+                ("2027-01-15".into(), None),
+            ]
+        );
+        // The two expressions fire together: one occurrence, shown with the first of them.
+        assert!(
+            items
+                .iter()
+                .all(|u| u.schedule == "cron(0 8 ? * MON-FRI *)")
+        );
+        let text = render_text(&config, &items, from, until, false);
+        assert!(
+            text.starts_with("2 action(s) and 3 occurrence(s) skipped by calendars from"),
+            "{text}"
+        );
+        assert!(
+            text.contains("start  patch  a (111111111111)  ap-northeast-1  ids [i-01234567]  skipped (calendar holidays)\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("\nschedules:\n  patch  start  cron(0 8 ? * MON-FRI *)  08:00 Mon\u{2013}Fri (Asia/Tokyo)\n  patch  start  0 8 * * 1-5  08:00 Mon\u{2013}Fri (Asia/Tokyo)\n"),
+            "{text}"
+        );
+        let json = serde_json::to_value(&items).unwrap();
+        assert_eq!(json[1]["skipped"], "calendar holidays");
+        assert!(json[2].get("skipped").is_none(), "{json:#}");
+        assert_eq!(json[2]["schedule"], "cron(0 8 ? * MON-FRI *)");
     }
 }
 

@@ -125,6 +125,172 @@ fn plan_and_check_leave_out_calendar_dates_of_an_eventbridge_rule() {
     assert!(text.contains("start cron(0 8 ? * MON-FRI *)"), "{text}");
 }
 
+/// (local time, action) of one rule's items; with `skipped`, the reason too.
+fn rule_items(items: &[Value], rule: &str) -> Vec<(String, String, Option<String>)> {
+    items
+        .iter()
+        .filter(|i| i["rule"] == rule)
+        .map(|i| {
+            (
+                i["at"].as_str().unwrap().to_string(),
+                i["action"].as_str().unwrap().to_string(),
+                i.get("skipped").map(|s| s.as_str().unwrap().to_string()),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn check_and_plan_cover_every_schedule_construct_and_show_skipped_occurrences() {
+    let config = fixture("plan-constructs.toml");
+    let out = shiftd(&["check", "--config", &config]);
+    let text = stdout(&out);
+    assert!(out.status.success(), "{text}");
+    for want in [
+        "start cron(0 8 ? * MON-FRI *)  (08:00 Mon\u{2013}Fri)  Asia/Tokyo  next: ",
+        "stop  0 20 * * 1-5          (20:00 Mon\u{2013}Fri)  Asia/Tokyo",
+        "start 30 18 L * ?           (18:30 on the last day of the month)",
+        "stop  0 18 LW * ?           (18:00 on the last weekday of the month)",
+        "start cron(0 9 ? * 3#2 *)   (09:00 on the second Tuesday of the month)",
+        "start 0 9 15W * ?           (09:00 on the weekday nearest the 15th of the month)",
+        "stop  @daily                (00:00 every day)",
+        "jp-holidays  2 date(s), first 2027-01-11, last 2027-02-11",
+        "skips the dates of jp-holidays",
+        "fires only on the dates of patch-days",
+    ] {
+        assert!(text.contains(want), "want {want}\n{text}");
+    }
+
+    let plan = |extra: &[&str]| {
+        let mut args = vec![
+            "plan",
+            "--config",
+            &config,
+            "--from",
+            "2027-01-01",
+            "--until",
+            "2027-02-01",
+        ];
+        args.extend_from_slice(extra);
+        let out = shiftd(&args);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout(&out)
+    };
+    let items: Vec<Value> = serde_json::from_str(&plan(&["--json"])).unwrap();
+    let jst = |day: &str, time: &str, action: &str| {
+        (format!("2027-{day}T{time}+09:00"), action.to_string(), None)
+    };
+    // L: Sunday the 31st; LW: Friday the 29th.
+    assert_eq!(
+        rule_items(&items, "month-end"),
+        vec![
+            jst("01-29", "18:00:00", "stop"),
+            jst("01-31", "18:30:00", "start")
+        ]
+    );
+    // Only on patch days: the second Tuesday (EventBridge's 3 is Tuesday) is one, the weekday nearest
+    // the 15th (Friday) is not; @daily fires on the two patch days only.
+    assert_eq!(
+        rule_items(&items, "patch"),
+        vec![
+            jst("01-12", "00:00:00", "stop"),
+            jst("01-12", "09:00:00", "start"),
+            jst("01-26", "00:00:00", "stop"),
+        ]
+    );
+    let office = rule_items(&items, "office-hours");
+    let starts: Vec<&str> = office
+        .iter()
+        .filter(|(_, action, _)| action == "start")
+        .map(|(at, _, _)| &at[5..10])
+        .collect();
+    // Weekdays at 08:00 but Monday the 11th (a holiday of the .ics file); Friday the 1st's is before
+    // the window, Monday 1 February's within it (23:00 UTC).
+    assert_eq!(
+        starts,
+        vec![
+            "01-04", "01-05", "01-06", "01-07", "01-08", "01-12", "01-13", "01-14", "01-15",
+            "01-18", "01-19", "01-20", "01-21", "01-22", "01-25", "01-26", "01-27", "01-28",
+            "01-29", "02-01"
+        ]
+    );
+    assert!(items.iter().all(|i| i.get("skipped").is_none()));
+    assert!(
+        items
+            .iter()
+            .filter(|i| i["rule"] == "patch" && i["action"] == "start")
+            .all(|i| i["schedule"] == "cron(0 9 ? * 3#2 *)"),
+        "{items:#?}"
+    );
+
+    let with_skipped: Vec<Value> =
+        serde_json::from_str(&plan(&["--json", "--show-skipped"])).unwrap();
+    // The same actions, and the skipped occurrences among them, in time order.
+    let kept: Vec<&Value> = with_skipped
+        .iter()
+        .filter(|i| i.get("skipped").is_none())
+        .collect();
+    assert_eq!(kept, items.iter().collect::<Vec<_>>());
+    let skipped = |rule: &str| -> Vec<(String, String, Option<String>)> {
+        rule_items(&with_skipped, rule)
+            .into_iter()
+            .filter(|(_, _, why)| why.is_some())
+            .collect()
+    };
+    let holiday = Some("calendar jp-holidays".to_string());
+    assert_eq!(
+        skipped("office-hours"),
+        vec![
+            (
+                "2027-01-11T08:00:00+09:00".into(),
+                "start".into(),
+                holiday.clone()
+            ),
+            ("2027-01-11T20:00:00+09:00".into(), "stop".into(), holiday),
+        ]
+    );
+    let patch = skipped("patch");
+    let not_patch = Some("not in calendar patch-days".to_string());
+    assert!(patch.contains(&(
+        "2027-01-15T09:00:00+09:00".into(),
+        "start".into(),
+        not_patch.clone()
+    )));
+    // @daily on every day from the 2nd to 1 February but the two patch days.
+    assert_eq!(
+        patch
+            .iter()
+            .filter(|(_, a, why)| a == "stop" && *why == not_patch)
+            .count(),
+        29,
+        "{patch:#?}"
+    );
+    assert!(skipped("month-end").is_empty());
+
+    let text = plan(&["--show-skipped"]);
+    assert!(
+        text.starts_with(
+            "45 action(s) and 32 occurrence(s) skipped by calendars from 2027-01-01 00:00"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains(
+            "2027-01-11 08:00:00 JST  (2027-01-10 23:00:00 UTC)  start  office-hours  jp (111111111111)  \
+             ap-northeast-1  ids [i-0123456789abcdef0]  skipped (calendar jp-holidays)\n"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("  patch  start  0 9 15W * ?  09:00 on the weekday nearest the 15th of the month (Asia/Tokyo)\n"),
+        "{text}"
+    );
+}
+
 #[test]
 fn plan_refuses_an_invalid_config_and_a_bad_time() {
     let out = shiftd(&[
