@@ -23,7 +23,8 @@
 //!
 //! Other knobs: SHIFTD_FLEET_SCENARIOS (e.g. "a,c"), SHIFTD_FLEET_AFTER_S [60] (the "after" memory
 //! sample), SHIFTD_FLEET_LEAD_S (seconds from spawn to the instant; default per scenario),
-//! SHIFTD_FLEET_TRANSITION_S [2] (how long pending/stopping last), SHIFTD_FLEET_TIMEOUT_S [600].
+//! SHIFTD_FLEET_TRANSITION_S [2] (how long pending/stopping last), SHIFTD_FLEET_TIMEOUT_S [180] (for
+//! READY, the roles, and the action's batches; figures are printed for what happened by then).
 //!
 //! Nothing here fails on the daemon's performance: it records what shiftd does, throttles and
 //! failures included. Under `cargo test --all-targets` (no `--bench` argument), or with
@@ -556,12 +557,14 @@ fn run(
             std::thread::sleep(wait.saturating_sub(Duration::from_millis(200)));
         }
         let cpu_before = cpu(pid);
+        let own_cpu_before = cpu(std::process::id());
         let mono_before = Instant::now();
         let done = wait_for(o.timeout, || {
             daemon.batches.lock().unwrap().len() >= s.accounts
         });
         let done_at = Instant::now();
         let cpu_after = cpu(pid);
+        let own_cpu = cpu(std::process::id()).saturating_sub(own_cpu_before);
         let batches = daemon.batches.lock().unwrap().clone();
         let (ok, failed) = batches
             .iter()
@@ -659,11 +662,41 @@ fn run(
         }
         let throttled: usize = by_action.values().map(|(_, t)| t).sum();
         f.add(n, "RequestLimitExceeded answers", throttled.to_string());
-        let acted: std::collections::HashSet<&String> = acts
+        let mut errors: BTreeMap<(&str, &str), usize> = BTreeMap::new();
+        for c in &calls {
+            if let Some(code) = c.error {
+                *errors.entry((c.action, code)).or_default() += 1;
+            }
+        }
+        f.add(
+            n,
+            "error answers by action and code",
+            if errors.is_empty() {
+                "none".to_string()
+            } else {
+                errors
+                    .iter()
+                    .map(|((a, code), k)| format!("{a} {code}: {k}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            },
+        );
+        let mut times_acted: std::collections::HashMap<&String, usize> =
+            std::collections::HashMap::new();
+        for id in acts
             .iter()
             .filter(|c| c.http_status == 200)
             .flat_map(|c| &c.ids)
-            .collect();
+        {
+            *times_acted.entry(id).or_default() += 1;
+        }
+        let acted = times_acted.keys().collect::<Vec<_>>();
+        let repeated = times_acted.values().filter(|k| **k > 1).count();
+        f.add(
+            n,
+            "instances in more than one accepted call",
+            repeated.to_string(),
+        );
         f.add(
             n,
             "instances acted on (accepted calls) / reported",
@@ -685,6 +718,11 @@ fn run(
                 secs(action_cpu),
                 action_cpu.as_secs_f64() * 1000.0 / instances.max(1) as f64
             ),
+        );
+        f.add(
+            n,
+            "CPU of the fake endpoint (and this bench) meanwhile",
+            secs(own_cpu),
         );
         let peak = sampler.peak_since(mono_before);
         let (_, hwm) = memory(pid).unwrap_or_default();
@@ -832,7 +870,7 @@ fn main() {
         ),
         timeout: Duration::from_secs(env_usize(
             "SHIFTD_FLEET_TIMEOUT_S",
-            if quick { 60 } else { 600 },
+            if quick { 60 } else { 180 },
         ) as u64),
         transition: Duration::from_secs(env_usize(
             "SHIFTD_FLEET_TRANSITION_S",
