@@ -712,7 +712,10 @@ fn run(
         let action_cpu = cpu_after.saturating_sub(cpu_before);
         f.add(
             n,
-            &format!("CPU of the {} (instant to last batch)", action.word()),
+            &format!(
+                "CPU of the {} (instant to last batch, or timeout)",
+                action.word()
+            ),
             format!(
                 "{} ({:.2} ms per instance)",
                 secs(action_cpu),
