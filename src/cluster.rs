@@ -113,8 +113,30 @@ pub trait ClaimTable: Send + Sync {
         owner: &str,
         lease_until: DateTime<Utc>,
     ) -> Result<bool, AwsError>;
-    /// Claims for occurrences at or after `since`, at most `limit`.
+    /// Claims for occurrences at or after `since`, at most `limit`, latest first.
     async fn recent(&self, since: DateTime<Utc>, limit: usize) -> Result<Vec<Claim>, AwsError>;
+    /// Creates the table (on-demand billing, the key shiftd needs, TTL on `expires_at`), or finds it.
+    async fn create_table(&self) -> Result<TableSetup, AwsError>;
+    /// What the table is: whether it exists with the right key.
+    async fn check_table(&self) -> Result<TableSetup, AwsError>;
+}
+
+/// The claim table's key attribute (a string: [`ClaimKey::id`]).
+pub const KEY_ATTRIBUTE: &str = "claim";
+/// The TTL attribute: epoch seconds, a week after the occurrence.
+pub const TTL_ATTRIBUTE: &str = "expires_at";
+/// How long the table keeps a claim after its occurrence.
+pub const KEEP_CLAIMS: Duration = Duration::from_secs(7 * 24 * 3600);
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum TableSetup {
+    Created,
+    /// It exists with the right key (and TTL on, when it could be told).
+    Exists,
+    /// It exists, but not as shiftd needs it: what is wrong.
+    WrongSchema(String),
+    /// It does not exist.
+    Missing,
 }
 
 /// What trying to claim came to.
@@ -456,6 +478,16 @@ impl ClaimTable for MemoryClaims {
         held.lease_until = lease_until;
         inner.writes += 1;
         Ok(true)
+    }
+
+    async fn create_table(&self) -> Result<TableSetup, AwsError> {
+        drop(self.check("dynamodb:CreateTable")?);
+        Ok(TableSetup::Exists)
+    }
+
+    async fn check_table(&self) -> Result<TableSetup, AwsError> {
+        drop(self.check("dynamodb:DescribeTable")?);
+        Ok(TableSetup::Exists)
     }
 
     async fn recent(&self, since: DateTime<Utc>, limit: usize) -> Result<Vec<Claim>, AwsError> {

@@ -125,7 +125,27 @@ pub struct Config {
     pub notify: Option<NotifyConfig>,
     /// `[metrics]`: where Prometheus metrics are served; off without the table.
     pub metrics: Option<MetricsConfig>,
+    /// `[cluster]`: the claim table several delegates share; shiftd runs on its own without it.
+    pub cluster: Option<ClusterConfig>,
 }
+
+/// `[cluster]`: where delegates claim occurrences, and how long a claim holds without news.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterConfig {
+    pub table: String,
+    pub region: String,
+    pub lease: Duration,
+}
+
+/// A claim holder has this long to report progress before another delegate may take over. At least
+/// twice the clock-skew tolerance on either side, so that a holder can act at all.
+pub const LEASE: DurationBounds = DurationBounds {
+    min: Duration::from_secs(60),
+    max: Duration::from_secs(600),
+    default: Duration::from_secs(60),
+    why: " (the holder stops calling Start/Stop 30s before its lease ends, and others take over 30s \
+          after, so that clocks 30s apart still act once)",
+};
 
 /// A `[calendars.NAME]` table: its `dates` and the dates of its `files`' events.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -441,6 +461,16 @@ struct RawConfig {
     notify: Option<Spanned<RawNotify>>,
     #[serde(default)]
     metrics: Option<Spanned<RawMetrics>>,
+    #[serde(default)]
+    cluster: Option<Spanned<RawCluster>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCluster {
+    table: Spanned<String>,
+    region: Spanned<String>,
+    lease: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -761,6 +791,9 @@ fn validate(path: &Path, raw: RawConfig, problems: &mut Problems) -> Config {
     let rules = validate_rules(raw.rules, &accounts, &calendars, &defaults, problems);
     let notify = raw.notify.and_then(|n| validate_notify(n, problems));
     let metrics = raw.metrics.and_then(|m| validate_metrics(m, problems));
+    let cluster = raw
+        .cluster
+        .map(|c| validate_cluster(c.into_inner(), problems));
     Config {
         path: path.to_path_buf(),
         defaults,
@@ -770,6 +803,33 @@ fn validate(path: &Path, raw: RawConfig, problems: &mut Problems) -> Config {
         calendars,
         notify,
         metrics,
+        cluster,
+    }
+}
+
+/// Checks `[cluster]`: a DynamoDB table name (3 to 255 of `[A-Za-z0-9_.-]`), a region, and the lease.
+fn validate_cluster(raw: RawCluster, problems: &mut Problems) -> ClusterConfig {
+    let table = raw.table.get_ref();
+    let valid_table = (3..=255).contains(&table.len())
+        && table
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c));
+    if !valid_table {
+        problems.report(
+            raw.table.span().start,
+            format!(
+                "cluster.table: {table:?} is not a DynamoDB table name: expected 3 to 255 letters, \
+                 digits, '_', '-' or '.'"
+            ),
+        );
+    }
+    check_region(&raw.region, problems);
+    let lease = check_duration(raw.lease.as_ref(), "cluster.lease", &LEASE, problems)
+        .unwrap_or(LEASE.default);
+    ClusterConfig {
+        table: table.clone(),
+        region: raw.region.into_inner(),
+        lease,
     }
 }
 

@@ -21,6 +21,7 @@ use tokio::task::{JoinHandle, JoinSet};
 
 use crate::aws::{Aws, ConnectAws};
 use crate::clock::{Clock, chrono_duration};
+use crate::cluster::Claimer;
 use crate::config::{Account, Config, ConfigError};
 use crate::credentials::{self, AccountCredentials, SessionSpec};
 use crate::executor::{self, AccountClients, BatchContext, ExecOptions, RegionClient};
@@ -103,6 +104,10 @@ struct Daemon {
     sink: Arc<dyn OutcomeSink>,
     record: Arc<dyn OccurrenceRecord>,
     session_name: String,
+    /// With `[cluster]`: how this delegate claims occurrences.
+    claims: Option<Claimer>,
+    /// This process's name in claims: `<delegate>/<random token>`.
+    claim_owner: String,
     accounts: BTreeMap<String, AccountRuntime>,
     inflight: JoinSet<BatchDone>,
     cancel: watch::Receiver<bool>,
@@ -338,14 +343,19 @@ impl Daemon {
             return;
         }
         self.enforce_after_batches = false;
-        self.next_enforce = mono + self.config.defaults.enforce_every;
-        self.enforce();
+        // Passes fall on wall-clock multiples of enforce_every, so that delegates of a cluster claim the
+        // same pass (their clocks agree within the skew tolerance).
+        let every = chrono_duration(self.config.defaults.enforce_every);
+        let now = self.clock.now();
+        let slot = enforce_slot(now, every);
+        self.next_enforce = mono + (slot + every - now).to_std().unwrap_or_default();
+        self.enforce(slot);
     }
 
     /// One enforce pass: per account, each enforcing rule's desired action (that of its latest
     /// occurrence) on its selection, with one describe per region. A rule whose latest occurrence is
     /// still in flight is left to that occurrence.
-    fn enforce(&mut self) {
+    fn enforce(&mut self, slot: DateTime<Utc>) {
         let now = self.clock.now();
         let mut by_account: BTreeMap<String, Vec<planner::Request>> = BTreeMap::new();
         for rule in self.config.rules.iter().filter(|r| r.enforce) {
@@ -393,10 +403,11 @@ impl Daemon {
                 on_dispatch: Arc::new(|| {}),
                 on_reported: Arc::new(|_| {}),
                 already_reported: Arc::new(BTreeSet::new()),
+                claims: self.claims.clone(),
             };
             let batch = AccountBatch {
                 account,
-                at: now,
+                at: slot,
                 requests,
             };
             self.enforcing += 1;
@@ -487,6 +498,7 @@ impl Daemon {
                     }
                 }),
                 already_reported: Arc::new(already),
+                claims: self.claims.clone(),
             };
             self.inflight
                 .spawn(run_batch(ctx, batch, keys, Trigger::Schedule));
@@ -614,6 +626,13 @@ impl Daemon {
             self.accounts.clear();
         }
         self.reconcile_accounts().await;
+        self.claims = claimer(
+            &self.config,
+            self.aws.as_ref(),
+            &self.claim_owner,
+            &self.clock,
+        )
+        .await;
         self.next_enforce = self.clock.monotonic();
         tracing::info!("configuration reloaded from {}", path.display());
         log_started(self);
@@ -676,6 +695,29 @@ async fn run_batch(
     }
 }
 
+/// The enforce pass `now` falls in: the latest wall-clock multiple of `every` (since the epoch).
+fn enforce_slot(now: DateTime<Utc>, every: chrono::Duration) -> DateTime<Utc> {
+    let every_ms = every.num_milliseconds().max(1);
+    let ms = now.timestamp_millis();
+    DateTime::from_timestamp_millis(ms - ms.rem_euclid(every_ms)).unwrap_or(now)
+}
+
+/// The claimer `[cluster]` asks for, if any.
+async fn claimer(
+    config: &Config,
+    aws: &dyn Aws,
+    owner: &str,
+    clock: &Arc<dyn Clock>,
+) -> Option<Claimer> {
+    let cluster = config.cluster.as_ref()?;
+    Some(Claimer {
+        table: aws.claim_table(&cluster.table, &cluster.region).await,
+        owner: owner.to_string(),
+        lease: cluster.lease,
+        clock: clock.clone(),
+    })
+}
+
 /// Where the delegate's own STS calls go: the first configured account's first region.
 pub(crate) fn first_region(config: &Config) -> &str {
     config
@@ -719,7 +761,10 @@ pub async fn run(
     } = deps;
     let config = Arc::new(load(&settings.config_path).await?);
     let aws = connect(&config.credentials, first_region(&config));
-    let session_name = credentials::session_name(&aws.delegate_name().await);
+    let delegate = aws.delegate_name().await;
+    let session_name = credentials::session_name(&delegate);
+    let claim_owner = format!("{delegate}/{:016x}", rand::random::<u64>());
+    let claims = claimer(&config, aws.as_ref(), &claim_owner, &clock).await;
     let (cancel_tx, cancel_rx) = watch::channel(false);
     let snapshot = match record.load() {
         Ok(s) => s,
@@ -729,7 +774,15 @@ pub async fn run(
         }
     };
     let now = clock.now();
-    let checked_until = resume_point(snapshot.checked_until, now);
+    let mut checked_until = resume_point(snapshot.checked_until, now);
+    // In a cluster, look back over the shortest catch-up window whatever the state says: an occurrence
+    // whose holder died is finished by whoever is alive, also by a delegate started after its instant
+    // (claims keep it from being done twice; within every rule's window, nothing is reported missed).
+    if claims.is_some()
+        && let Some(window) = config.rules.iter().map(|r| r.catch_up).min()
+    {
+        checked_until = checked_until.min(now - chrono_duration(window));
+    }
     // Saved by a clock that was ahead of this one: what it did after now comes round again.
     let snapshot = if snapshot.checked_until.is_some_and(|saved| saved > now) {
         if let Err(e) = record.rewind(now) {
@@ -750,6 +803,8 @@ pub async fn run(
         sink,
         record,
         session_name,
+        claims,
+        claim_owner,
         accounts: BTreeMap::new(),
         inflight: JoinSet::new(),
         cancel: cancel_rx,

@@ -14,6 +14,7 @@ use tokio::sync::watch;
 
 use crate::aws::{AwsError, Ec2};
 use crate::clock::Clock;
+use crate::cluster::{Acquired, ClaimKey, Claimer, Lease};
 use crate::config::{Account, Action, Selection, StopMode};
 use crate::credentials::AccountCredentials;
 use crate::outcome::{Outcome, OutcomeSink, ResultKind, Trigger};
@@ -67,6 +68,8 @@ pub struct BatchContext {
     /// What an earlier run of this batch (before a crash) already reported: neither acted on nor
     /// reported again.
     pub already_reported: Arc<BTreeSet<String>>,
+    /// With `[cluster]`: each request is claimed per region before it is acted on there.
+    pub claims: Option<Claimer>,
 }
 
 /// Called with the names (instance IDs, `selection:` names) whose results were logged.
@@ -371,6 +374,22 @@ async fn run_region(ctx: &BatchContext, batch: &AccountBatch, region: &str) -> R
     };
     let ec2 = client.ec2.as_ref();
 
+    // With a claim table: only what this delegate holds (claims are taken before the region's lock:
+    // waiting for another holder must not hold up other batches).
+    let (requests, leases, not_ours) = match &ctx.claims {
+        Some(claimer) => claim_requests(ctx, claimer, batch, &place, requests, &mut report).await,
+        None => (requests, Vec::new(), Vec::new()),
+    };
+    if requests.is_empty() {
+        report.flush();
+        return RegionResult {
+            outcomes: report.outcomes,
+            found: BTreeMap::new(),
+            unresolved: not_ours,
+            describe_errors: BTreeMap::new(),
+        };
+    }
+
     let guard = client.exclusive.lock().await;
     let resolved = if ctx.opts.trigger == Trigger::Enforce {
         resolve_at_once(ec2, &place, &requests, &mut report).await
@@ -381,7 +400,7 @@ async fn run_region(ctx: &BatchContext, batch: &AccountBatch, region: &str) -> R
     report.flush();
     let mut accepted = BTreeMap::new();
     for (action, targets) in std::mem::take(&mut plan.act) {
-        let ok = act(ctx, ec2, &place, action, targets, &mut report).await;
+        let ok = act(ctx, ec2, &place, action, targets, &leases, &mut report).await;
         accepted.insert(action, ok);
     }
     drop(guard);
@@ -390,7 +409,7 @@ async fn run_region(ctx: &BatchContext, batch: &AccountBatch, region: &str) -> R
         let ready = await_transitions(ctx, ec2, &place, action, targets, &mut report).await;
         report.flush();
         let _guard = client.exclusive.lock().await;
-        let ok = act(ctx, ec2, &place, action, ready, &mut report).await;
+        let ok = act(ctx, ec2, &place, action, ready, &leases, &mut report).await;
         accepted.entry(action).or_default().extend(ok);
     }
     for (action, targets) in std::mem::take(&mut plan.follow) {
@@ -402,12 +421,97 @@ async fn run_region(ctx: &BatchContext, batch: &AccountBatch, region: &str) -> R
         }
     }
     report.flush();
+    for lease in &leases {
+        let rule = lease.key().rule;
+        let results = report
+            .outcomes
+            .iter()
+            .filter(|o| o.rules.contains(&rule))
+            .map(|o| {
+                format!(
+                    "{}: {}: {}",
+                    o.instance_id.as_deref().unwrap_or("(selection)"),
+                    o.result,
+                    o.reason
+                )
+            })
+            .collect();
+        lease
+            .progress(crate::cluster::Progress::Done, results)
+            .await;
+    }
+    let mut unresolved = resolved.unresolved;
+    unresolved.extend(not_ours);
     RegionResult {
         outcomes: report.outcomes,
         found: resolved.found,
-        unresolved: resolved.unresolved,
+        unresolved,
         describe_errors: resolved.describe_errors,
     }
+}
+
+/// Claims each request in this region. Returns the requests this delegate holds, their leases, and the
+/// rules it does not act on here (carried out by another delegate: logged at debug; or not claimed:
+/// reported failed).
+async fn claim_requests<'r>(
+    ctx: &BatchContext,
+    claimer: &Claimer,
+    batch: &AccountBatch,
+    place: &Place<'_>,
+    requests: Vec<&'r Request>,
+    report: &mut Report,
+) -> (Vec<&'r Request>, Vec<Lease>, Vec<String>) {
+    let label = match ctx.opts.trigger {
+        Trigger::Schedule => "",
+        Trigger::Enforce => "enforce-",
+        Trigger::Manual => "manual-",
+    };
+    let attempts = requests.iter().map(|req| {
+        let key = ClaimKey {
+            rule: req.rule.clone(),
+            action: format!("{label}{}", req.action),
+            at: batch.at,
+            account: place.account.to_string(),
+            region: place.region.to_string(),
+        };
+        let deadline = batch.at + crate::clock::chrono_duration(req.catch_up);
+        claimer.acquire(key, deadline)
+    });
+    let acquired = futures::future::join_all(attempts).await;
+    let mut mine = Vec::new();
+    let mut leases = Vec::new();
+    let mut not_ours = Vec::new();
+    for (req, got) in requests.into_iter().zip(acquired) {
+        match got {
+            Acquired::Held(lease) => {
+                mine.push(req);
+                leases.push(lease);
+            }
+            Acquired::DoneBy(owner) => {
+                tracing::debug!(
+                    rule = %req.rule,
+                    account = place.account,
+                    region = place.region,
+                    "{} {} in {}/{}: carried out by {owner}",
+                    req.action,
+                    req.rule,
+                    place.account,
+                    place.region
+                );
+                not_ours.push(req.rule.clone());
+            }
+            Acquired::NotClaimed(why) => {
+                fail_request(
+                    report,
+                    place,
+                    req,
+                    &format!("not claimed: {why}; not acted on"),
+                );
+                not_ours.push(req.rule.clone());
+            }
+        }
+    }
+    (mine, leases, not_ours)
 }
 
 /// Describes each request's selection and merges the instances found by ID. Listed instances that
@@ -699,12 +803,18 @@ async fn act(
     place: &Place<'_>,
     action: Action,
     targets: Vec<Target>,
+    leases: &[Lease],
     report: &mut Report,
 ) -> Vec<Target> {
     if targets.is_empty() {
         return targets;
     }
     (ctx.on_dispatch)();
+    for lease in leases {
+        lease
+            .progress(crate::cluster::Progress::Dispatched, Vec::new())
+            .await;
+    }
     let mut accepted = Vec::new();
     let (hibernating, plain): (Vec<Target>, Vec<Target>) =
         targets.into_iter().partition(|t| t.hibernate);
@@ -717,7 +827,7 @@ async fn act(
             ec2,
             place,
             action,
-            hibernate,
+            (hibernate, leases),
             targets,
             report,
             &mut accepted,
@@ -744,7 +854,16 @@ async fn act(
                     t
                 })
                 .collect();
-            act_chunks(ec2, place, action, false, rest, report, &mut accepted).await;
+            act_chunks(
+                ec2,
+                place,
+                action,
+                (false, leases),
+                rest,
+                report,
+                &mut accepted,
+            )
+            .await;
         }
     }
     report.flush();
@@ -758,7 +877,7 @@ async fn act_chunks(
     ec2: &dyn Ec2,
     place: &Place<'_>,
     action: Action,
-    hibernate: bool,
+    (hibernate, leases): (bool, &[Lease]),
     targets: Vec<Target>,
     report: &mut Report,
     accepted: &mut Vec<Target>,
@@ -772,6 +891,20 @@ async fn act_chunks(
     let mut refused = Vec::new();
     for chunk in targets.chunks(IDS_PER_CALL) {
         report.flush();
+        // Under a claim, no call once its lease is (nearly) gone: another delegate may take over.
+        if leases.iter().any(|l| !l.may_act()) {
+            for t in chunk {
+                report.push(place.outcome(
+                    action,
+                    t.rules.clone(),
+                    Some(t.id.clone()),
+                    ResultKind::Failed,
+                    "not acted on: this delegate's claim lease ran out (the claim table could not be \
+                     reached to extend it); another delegate takes over once it has expired",
+                ));
+            }
+            continue;
+        }
         let ids: Vec<String> = chunk.iter().map(|t| t.id.clone()).collect();
         match bounded(operation, ec2.change_state(action, &ids, false, hibernate)).await {
             Ok(()) => accepted.extend(chunk.iter().cloned()),

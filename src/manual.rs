@@ -96,10 +96,28 @@ pub async fn apply(
         on_dispatch: Arc::new(|| {}),
         on_reported: Arc::new(|_| {}),
         already_reported: Arc::new(BTreeSet::new()),
+        claims: match &config.cluster {
+            Some(cluster) => Some(crate::cluster::Claimer {
+                table: aws.claim_table(&cluster.table, &cluster.region).await,
+                owner: format!(
+                    "{}/apply-{:08x}",
+                    aws.delegate_name().await,
+                    rand::random::<u32>()
+                ),
+                lease: cluster.lease,
+                clock: clock.clone(),
+            }),
+            None => None,
+        },
     };
+    // Claimed (with `[cluster]`) per minute: two operators applying the same rule in the same minute
+    // act once.
+    let now = clock.now();
     let batch = AccountBatch {
         account: account.name.clone(),
-        at: clock.now(),
+        at: now
+            - chrono::Duration::seconds(i64::from(chrono::Timelike::second(&now)))
+            - chrono::Duration::nanoseconds(i64::from(chrono::Timelike::nanosecond(&now))),
         requests: vec![Request::new(rule, action)],
     };
     Ok(executor::run_batch(ctx, batch).await)

@@ -179,6 +179,8 @@ pub struct Request {
     /// The rule's time zone: a `shiftd:skip-until` date is read in it.
     pub timezone: Tz,
     pub stop_mode: StopMode,
+    /// How late it may still be acted on (the end of its claim's window, with `[cluster]`).
+    pub catch_up: std::time::Duration,
 }
 
 impl Request {
@@ -191,6 +193,7 @@ impl Request {
             selection: rule.selection.clone(),
             timezone: rule.timezone,
             stop_mode: rule.stop_mode,
+            catch_up: rule.catch_up,
         }
     }
 }

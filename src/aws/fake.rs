@@ -106,6 +106,8 @@ struct World {
 pub struct FakeAws {
     world: Arc<Mutex<World>>,
     clock: Arc<dyn Clock>,
+    /// The claim table every daemon on this fake shares (`[cluster]`).
+    pub claims: crate::cluster::MemoryClaims,
 }
 
 /// The secret part of every session the fake issues starts with this, so tests can grep for leaks.
@@ -142,6 +144,7 @@ impl FakeAws {
                 published: Vec::new(),
             })),
             clock,
+            claims: Default::default(),
         }
     }
 
@@ -451,6 +454,14 @@ impl Aws for FakeAws {
             aws: self.clone(),
             region: region.to_string(),
         })
+    }
+
+    async fn claim_table(
+        &self,
+        _table: &str,
+        _region: &str,
+    ) -> Arc<dyn crate::cluster::ClaimTable> {
+        Arc::new(self.claims.clone())
     }
 }
 

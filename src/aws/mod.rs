@@ -210,6 +210,10 @@ pub trait Aws: Send + Sync {
     // --- alerts (`[notify] sns_topic_arn`) ---
     /// SNS on `region`'s endpoint, with the delegate's own credentials.
     async fn sns(&self, region: &str) -> Arc<dyn Sns>;
+
+    // --- high availability (`[cluster]`) ---
+    /// The claim table `table` in `region`, with the delegate's own credentials.
+    async fn claim_table(&self, table: &str, region: &str) -> Arc<dyn crate::cluster::ClaimTable>;
 }
 
 // ---------------------------------------------------------------------------------------------------------

@@ -250,6 +250,13 @@ impl Aws for SdkAws {
             client: aws_sdk_sns::Client::new(&self.sdk_config(region).await),
         })
     }
+
+    async fn claim_table(&self, table: &str, region: &str) -> Arc<dyn ClaimTable> {
+        Arc::new(SdkClaims {
+            client: aws_sdk_dynamodb::Client::new(&self.sdk_config(region).await),
+            table: table.to_string(),
+        })
+    }
 }
 
 /// The SDK's view of an account's credentials: always the newest, never ones about to expire.
@@ -532,5 +539,343 @@ impl Sns for SdkSns {
             .await
             .map_err(|e| aws_error("sns:Publish", &e))?;
         Ok(out.message_id().unwrap_or_default().to_string())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// DynamoDB, the claim table of `[cluster]`
+// ---------------------------------------------------------------------------------------------------------
+
+use crate::cluster::{
+    Claim, ClaimKey, ClaimTable, KEEP_CLAIMS, KEY_ATTRIBUTE, Progress, TTL_ATTRIBUTE, TableSetup,
+};
+use aws_sdk_dynamodb::types::AttributeValue as Av;
+
+pub(crate) struct SdkClaims {
+    pub(crate) client: aws_sdk_dynamodb::Client,
+    pub(crate) table: String,
+}
+
+fn millis(t: chrono::DateTime<chrono::Utc>) -> Av {
+    Av::N(t.timestamp_millis().to_string())
+}
+
+fn is_condition_failed(e: &AwsError) -> bool {
+    e.code() == Some("ConditionalCheckFailedException")
+}
+
+fn claim_item(c: &Claim) -> std::collections::HashMap<String, Av> {
+    let expires = c.key.at + crate::clock::chrono_duration(KEEP_CLAIMS);
+    std::collections::HashMap::from([
+        (KEY_ATTRIBUTE.to_string(), Av::S(c.key.id())),
+        ("rule".into(), Av::S(c.key.rule.clone())),
+        ("action".into(), Av::S(c.key.action.clone())),
+        (
+            "at".into(),
+            Av::S(c.key.at.format("%Y-%m-%dT%H:%M:%SZ").to_string()),
+        ),
+        ("account".into(), Av::S(c.key.account.clone())),
+        ("region".into(), Av::S(c.key.region.clone())),
+        ("owner".into(), Av::S(c.owner.clone())),
+        ("lease_until".into(), millis(c.lease_until)),
+        ("progress".into(), Av::S(c.progress.as_str().into())),
+        ("results".into(), Av::S(c.results.join("\n"))),
+        (
+            TTL_ATTRIBUTE.to_string(),
+            Av::N(expires.timestamp().to_string()),
+        ),
+    ])
+}
+
+fn claim_from(item: &std::collections::HashMap<String, Av>) -> Option<Claim> {
+    let s = |k: &str| item.get(k).and_then(|v| v.as_s().ok()).cloned();
+    let at = chrono::DateTime::parse_from_rfc3339(&s("at")?)
+        .ok()?
+        .with_timezone(&chrono::Utc);
+    let lease_ms: i64 = item.get("lease_until")?.as_n().ok()?.parse().ok()?;
+    Some(Claim {
+        key: ClaimKey {
+            rule: s("rule")?,
+            action: s("action")?,
+            at,
+            account: s("account")?,
+            region: s("region")?,
+        },
+        owner: s("owner")?,
+        lease_until: chrono::DateTime::from_timestamp_millis(lease_ms)?,
+        progress: Progress::parse(&s("progress")?)?,
+        results: s("results")
+            .unwrap_or_default()
+            .lines()
+            .map(String::from)
+            .collect(),
+    })
+}
+
+#[async_trait]
+impl ClaimTable for SdkClaims {
+    async fn create(&self, claim: &Claim) -> Result<Option<Claim>, AwsError> {
+        let put = self
+            .client
+            .put_item()
+            .table_name(&self.table)
+            .set_item(Some(claim_item(claim)))
+            .condition_expression("attribute_not_exists(#k)")
+            .expression_attribute_names("#k", KEY_ATTRIBUTE)
+            .send()
+            .await
+            .map_err(|e| aws_error("dynamodb:PutItem", &e));
+        match put {
+            Ok(_) => Ok(None),
+            Err(e) if is_condition_failed(&e) => match self.get(&claim.key).await? {
+                Some(held) => Ok(Some(held)),
+                // Deleted in between (TTL): try again later as if held by nobody known.
+                None => Err(AwsError::new(
+                    "dynamodb:GetItem",
+                    Some("ClaimVanished"),
+                    "the claim was there and is gone",
+                )),
+            },
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn get(&self, key: &ClaimKey) -> Result<Option<Claim>, AwsError> {
+        let out = self
+            .client
+            .get_item()
+            .table_name(&self.table)
+            .key(KEY_ATTRIBUTE, Av::S(key.id()))
+            .consistent_read(true)
+            .send()
+            .await
+            .map_err(|e| aws_error("dynamodb:GetItem", &e))?;
+        Ok(out.item().and_then(claim_from))
+    }
+
+    async fn take_over(
+        &self,
+        old: &Claim,
+        owner: &str,
+        lease_until: chrono::DateTime<chrono::Utc>,
+    ) -> Result<bool, AwsError> {
+        let r = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key(KEY_ATTRIBUTE, Av::S(old.key.id()))
+            .update_expression("SET #o = :o, lease_until = :l")
+            .condition_expression("lease_until = :old AND progress <> :done")
+            .expression_attribute_names("#o", "owner")
+            .expression_attribute_values(":o", Av::S(owner.into()))
+            .expression_attribute_values(":l", millis(lease_until))
+            .expression_attribute_values(":old", millis(old.lease_until))
+            .expression_attribute_values(":done", Av::S(Progress::Done.as_str().into()))
+            .send()
+            .await
+            .map_err(|e| aws_error("dynamodb:UpdateItem", &e));
+        match r {
+            Ok(_) => Ok(true),
+            Err(e) if is_condition_failed(&e) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn update(&self, claim: &Claim) -> Result<bool, AwsError> {
+        let r = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key(KEY_ATTRIBUTE, Av::S(claim.key.id()))
+            .update_expression("SET lease_until = :l, progress = :p, results = :r")
+            .condition_expression("#o = :o")
+            .expression_attribute_names("#o", "owner")
+            .expression_attribute_values(":o", Av::S(claim.owner.clone()))
+            .expression_attribute_values(":l", millis(claim.lease_until))
+            .expression_attribute_values(":p", Av::S(claim.progress.as_str().into()))
+            .expression_attribute_values(":r", Av::S(claim.results.join("\n")))
+            .send()
+            .await
+            .map_err(|e| aws_error("dynamodb:UpdateItem", &e));
+        match r {
+            Ok(_) => Ok(true),
+            Err(e) if is_condition_failed(&e) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn extend(
+        &self,
+        key: &ClaimKey,
+        owner: &str,
+        lease_until: chrono::DateTime<chrono::Utc>,
+    ) -> Result<bool, AwsError> {
+        let r = self
+            .client
+            .update_item()
+            .table_name(&self.table)
+            .key(KEY_ATTRIBUTE, Av::S(key.id()))
+            .update_expression("SET lease_until = :l")
+            .condition_expression("#o = :o AND progress <> :done")
+            .expression_attribute_names("#o", "owner")
+            .expression_attribute_values(":o", Av::S(owner.into()))
+            .expression_attribute_values(":l", millis(lease_until))
+            .expression_attribute_values(":done", Av::S(Progress::Done.as_str().into()))
+            .send()
+            .await
+            .map_err(|e| aws_error("dynamodb:UpdateItem", &e));
+        match r {
+            Ok(_) => Ok(true),
+            Err(e) if is_condition_failed(&e) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn recent(
+        &self,
+        since: chrono::DateTime<chrono::Utc>,
+        limit: usize,
+    ) -> Result<Vec<Claim>, AwsError> {
+        let mut pages = self
+            .client
+            .scan()
+            .table_name(&self.table)
+            .filter_expression("#at >= :since")
+            .expression_attribute_names("#at", "at")
+            .expression_attribute_values(
+                ":since",
+                Av::S(since.format("%Y-%m-%dT%H:%M:%SZ").to_string()),
+            )
+            .into_paginator()
+            .send();
+        let mut out = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| aws_error("dynamodb:Scan", &e))?;
+            out.extend(page.items().iter().filter_map(claim_from));
+            if out.len() > 100_000 {
+                break;
+            }
+        }
+        out.sort_by(|a, b| (b.key.at, &a.key).cmp(&(a.key.at, &b.key)));
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    async fn create_table(&self) -> Result<TableSetup, AwsError> {
+        use aws_sdk_dynamodb::types::{
+            AttributeDefinition, BillingMode, KeySchemaElement, KeyType, ScalarAttributeType,
+            TimeToLiveSpecification,
+        };
+        let created = self
+            .client
+            .create_table()
+            .table_name(&self.table)
+            .billing_mode(BillingMode::PayPerRequest)
+            .attribute_definitions(
+                AttributeDefinition::builder()
+                    .attribute_name(KEY_ATTRIBUTE)
+                    .attribute_type(ScalarAttributeType::S)
+                    .build()
+                    .expect("complete"),
+            )
+            .key_schema(
+                KeySchemaElement::builder()
+                    .attribute_name(KEY_ATTRIBUTE)
+                    .key_type(KeyType::Hash)
+                    .build()
+                    .expect("complete"),
+            )
+            .send()
+            .await
+            .map_err(|e| aws_error("dynamodb:CreateTable", &e));
+        let setup = match created {
+            Ok(_) => {
+                // Wait for it to be ACTIVE before TTL can be set (seconds in AWS).
+                for _ in 0..60 {
+                    let d = self
+                        .client
+                        .describe_table()
+                        .table_name(&self.table)
+                        .send()
+                        .await
+                        .map_err(|e| aws_error("dynamodb:DescribeTable", &e))?;
+                    if d.table().and_then(|t| t.table_status()).map(|s| s.as_str())
+                        == Some("ACTIVE")
+                    {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_secs(2)).await;
+                }
+                TableSetup::Created
+            }
+            Err(e) if e.code() == Some("ResourceInUseException") => {
+                match self.check_table().await? {
+                    TableSetup::Missing => TableSetup::Exists,
+                    other => other,
+                }
+            }
+            Err(e) => return Err(e),
+        };
+        if matches!(setup, TableSetup::WrongSchema(_)) {
+            return Ok(setup);
+        }
+        let ttl = self
+            .client
+            .update_time_to_live()
+            .table_name(&self.table)
+            .time_to_live_specification(
+                TimeToLiveSpecification::builder()
+                    .attribute_name(TTL_ATTRIBUTE)
+                    .enabled(true)
+                    .build()
+                    .expect("complete"),
+            )
+            .send()
+            .await
+            .map_err(|e| aws_error("dynamodb:UpdateTimeToLive", &e));
+        match ttl {
+            Ok(_) => Ok(setup),
+            // Already enabled: what we wanted.
+            Err(e) if e.code() == Some("ValidationException") => Ok(setup),
+            Err(e) => Err(e),
+        }
+    }
+
+    async fn check_table(&self) -> Result<TableSetup, AwsError> {
+        let d = self
+            .client
+            .describe_table()
+            .table_name(&self.table)
+            .send()
+            .await
+            .map_err(|e| aws_error("dynamodb:DescribeTable", &e));
+        let d = match d {
+            Ok(d) => d,
+            Err(e) if e.code() == Some("ResourceNotFoundException") => {
+                return Ok(TableSetup::Missing);
+            }
+            Err(e) => return Err(e),
+        };
+        let keys: Vec<(String, String)> = d
+            .table()
+            .map(|t| {
+                t.key_schema()
+                    .iter()
+                    .map(|k| {
+                        (
+                            k.attribute_name().to_string(),
+                            k.key_type().as_str().to_string(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        if keys == [(KEY_ATTRIBUTE.to_string(), "HASH".to_string())] {
+            Ok(TableSetup::Exists)
+        } else {
+            Ok(TableSetup::WrongSchema(format!(
+                "its key is {keys:?}; shiftd needs a string hash key {KEY_ATTRIBUTE:?} and nothing else"
+            )))
+        }
     }
 }

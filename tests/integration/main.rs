@@ -9,6 +9,7 @@ mod alerts;
 mod being_told;
 #[allow(clippy::disallowed_methods)]
 mod check;
+mod cluster;
 #[allow(clippy::disallowed_methods)]
 mod daemon;
 #[allow(clippy::disallowed_methods)]

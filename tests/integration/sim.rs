@@ -131,8 +131,29 @@ impl Sim {
         self.start_with(self.sink.clone())
     }
 
+    /// Another delegate of a cluster: its own state directory (a fresh one: its name, under the world's
+    /// directory) and its own clock, `skew_seconds` off the world's; same AWS, claims and outcomes.
+    pub fn start_delegate(&self, name: &str, skew_seconds: i64) -> Running {
+        let dir = self.dir.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let clock: Arc<dyn Clock> = Arc::new(SkewedClock {
+            inner: self.clock.clone(),
+            skew: chrono::Duration::seconds(skew_seconds),
+        });
+        self.start_full(self.sink.clone(), clock, &dir)
+    }
+
     /// As `start`, with outcomes going to `sink` (e.g. alerts wrapped around the recording sink).
     pub fn start_with(&self, sink: Arc<dyn OutcomeSink>) -> Running {
+        self.start_full(sink, self.clock.clone(), self.dir.path())
+    }
+
+    fn start_full(
+        &self,
+        sink: Arc<dyn OutcomeSink>,
+        clock: Arc<dyn Clock>,
+        state_dir: &std::path::Path,
+    ) -> Running {
         let (stop_tx, stop_rx) = oneshot::channel::<()>();
         let (reload_tx, reload_rx) = mpsc::unbounded_channel();
         let settings = daemon::Settings {
@@ -140,10 +161,10 @@ impl Sim {
             dry_run: false,
         };
         let deps = daemon::Deps {
-            clock: self.clock.clone(),
+            clock,
             aws: self.aws.connector(),
             outcomes: sink,
-            record: Arc::new(StateFile::in_dir(self.dir.path())),
+            record: Arc::new(StateFile::in_dir(state_dir)),
             reload: reload_rx,
             metrics: None,
         };
@@ -230,5 +251,20 @@ impl Running {
     /// The daemon's result when it ends by itself (e.g. an invalid config at start).
     pub async fn result(self) -> Result<(), RunError> {
         self.task.await.unwrap()
+    }
+}
+
+/// A delegate's clock, off the world's by `skew`.
+struct SkewedClock {
+    inner: Arc<SimulatedClock>,
+    skew: chrono::Duration,
+}
+
+impl Clock for SkewedClock {
+    fn now(&self) -> DateTime<Utc> {
+        self.inner.now() + self.skew
+    }
+    fn monotonic(&self) -> tokio::time::Instant {
+        self.inner.monotonic()
     }
 }
