@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use shiftd::aws::fake;
+use shiftd::aws::fake::{self, Fault};
 use shiftd::config::Action;
 use shiftd::outcome::ResultKind;
 
@@ -237,11 +237,14 @@ enforce = true
         ),
     ));
     let a = sim.start_delegate("a", 0);
-    let b = sim.start_delegate("b", 3);
+    let b = sim.start_delegate("b", 0);
     sim.advance(2 * MINUTE).await;
     for id in &ids {
         sim.aws.set_state(id, "stopped");
     }
+    // Both passes describe at once, and (EC2 being eventually consistent) both see them stopped.
+    sim.aws.fault(fake::DESCRIBE, 2, Fault::Delay(2 * SECOND));
+    sim.aws.set_stale_describes(10 * SECOND);
     sim.advance(5 * MINUTE).await;
     let starts: usize = sim
         .aws
