@@ -175,6 +175,9 @@ impl Daemon {
         }
         // Accounts left in `self.accounts` were removed or changed: dropping them stops their renewal.
         self.accounts = next;
+        if let Some(m) = &self.metrics {
+            m.forget_accounts_not_in(&config);
+        }
     }
 
     async fn start_account(&self, account: &Account, spec: SessionSpec) -> AccountRuntime {
@@ -661,7 +664,7 @@ impl OutcomeSink for QuietRepeats {
             let mut said = self.said.lock().expect("enforce_said lock");
             let what = format!("{}: {}", outcome.result, outcome.reason);
             match outcome.result {
-                ResultKind::Skipped | ResultKind::Failed => {
+                ResultKind::Skipped | ResultKind::Failed | ResultKind::DryRun => {
                     if said.get(id) == Some(&what) {
                         tracing::debug!(instance_id = %id, "enforce: still {what}");
                         return;

@@ -618,6 +618,17 @@ async fn resolve(
     }
 }
 
+/// Whether this process has not yet warned about this unreadable override value on this instance.
+fn first_warning(instance: &str, value: &str) -> bool {
+    static WARNED: std::sync::Mutex<BTreeSet<(String, String)>> =
+        std::sync::Mutex::new(BTreeSet::new());
+    let mut warned = WARNED.lock().unwrap_or_else(|e| e.into_inner());
+    if warned.len() > 100_000 {
+        warned.clear();
+    }
+    warned.insert((instance.to_string(), value.to_string()))
+}
+
 /// An enforce pass's resolve: one DescribeInstances (paginated) for the whole region, whatever the
 /// number of rules, each request's selection matched here. Listed instances not found are not
 /// reported (the scheduled occurrences do that); a region that cannot be described fails each request.
@@ -753,7 +764,8 @@ fn plan(
             Decision::Act | Decision::AwaitTransition(_) | Decision::Follow(_)
         );
         if would_act && let Some(held) = planner::override_in_force(&view.tags, now, zone) {
-            if held.unreadable {
+            // Warned once per instance and value by enforce passes (which see it every few minutes).
+            if held.unreadable && (!enforcing || first_warning(&p.instance_id, &held.value)) {
                 tracing::warn!(
                     account = place.account,
                     region = place.region,

@@ -552,9 +552,10 @@ fn doctor(path: &std::path::Path) -> ExitCode {
 }
 
 fn apply(path: &std::path::Path, rule: &str, action: ManualAction, dry_run: bool) -> ExitCode {
-    let config = match load_or_exit(path) {
+    // It acts: the file is held to what `run` holds it to (not writable by others).
+    let config = match Config::load_strict(path) {
         Ok(c) => c,
-        Err(code) => return code,
+        Err(e) => return config_error(&e),
     };
     logging::init_interactive();
     let action = match action {

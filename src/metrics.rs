@@ -184,6 +184,37 @@ impl Metrics {
         *previous = keys;
     }
 
+    /// Drops the per-account series of accounts the configuration no longer has (a stale expiry would
+    /// fire an expiry alert forever), and starts each configured account's failure counter at 0, so that
+    /// `increase()` sees its first failure.
+    pub fn forget_accounts_not_in(&self, config: &Config) {
+        for family in self.registry.gather() {
+            let name = family.name();
+            if name != "shiftd_credentials_expiry_timestamp_seconds"
+                && name != "shiftd_credential_renewal_failures_total"
+            {
+                continue;
+            }
+            for m in family.get_metric() {
+                let Some(account) = m
+                    .get_label()
+                    .iter()
+                    .find(|l| l.name() == "account")
+                    .map(|l| l.value().to_string())
+                else {
+                    continue;
+                };
+                if !config.accounts.contains_key(&account) {
+                    let _ = self.credentials_expiry.remove_label_values(&[&account]);
+                    let _ = self.renewal_failures.remove_label_values(&[&account]);
+                }
+            }
+        }
+        for account in config.accounts.keys() {
+            self.renewal_failures.with_label_values(&[account.as_str()]);
+        }
+    }
+
     /// The metrics in the Prometheus text format.
     pub fn render(&self) -> String {
         prometheus::TextEncoder::new()
@@ -227,6 +258,7 @@ impl OutcomeSink for MetricsSink {
     }
 
     fn configured(&self, config: &Config) {
+        self.metrics.forget_accounts_not_in(config);
         self.inner.configured(config);
     }
 }

@@ -1152,9 +1152,24 @@ fn eventbridge_years(field: &str) -> Result<Option<BTreeSet<i32>>, String> {
 /// the third or fifth, or a year last), a message suggesting the `cron(...)` form. Neither can be a
 /// valid bare expression: there the third field is the hour and the fifth the month.
 fn looks_like_eventbridge(fields: &[&str]) -> Option<String> {
-    let [_, _, third, _, fifth, last] = fields[..] else {
+    let [first, second, third, fourth, fifth, last] = fields[..] else {
         return None;
     };
+    // Quartz's form, seconds first, with `?` as its day-of-month and day-of-week numbers: read as
+    // crontab it would fire on other days (Quartz's day-of-week 1 is Sunday). Names mean the same in
+    // both, and so does `?` as the day-of-week.
+    if fourth == "?" && has_weekday_numbers(last) {
+        let hint = if first == "0" {
+            format!("\"cron({second} {third} {fourth} {fifth} {last} *)\"")
+        } else {
+            "cron(minute hour day-of-month month day-of-week year)".to_string()
+        };
+        return Some(format!(
+            "this looks like a Quartz expression (seconds minute hour day-of-month month day-of-week), \
+             where day-of-week 1 is Sunday: write it in EventBridge's form, {hint}, whose day numbers \
+             are Quartz's; bare expressions are crontab's (0 and 7 are Sunday, 1 is Monday)"
+        ));
+    }
     let year = |y: &str| y.len() == 4 && y.parse::<i32>().is_ok_and(|y| y >= YEARS.0);
     let year_like = year(last)
         || last
@@ -1163,12 +1178,32 @@ fn looks_like_eventbridge(fields: &[&str]) -> Option<String> {
     if third != "?" && fifth != "?" && !year_like {
         return None;
     }
+    // EventBridge needs exactly one `?`: put it where the expression has no restriction.
+    let mut suggested: Vec<&str> = fields.to_vec();
+    if third != "?" && fifth != "?" {
+        if fifth == "*" {
+            suggested[4] = "?";
+        } else if third == "*" {
+            suggested[2] = "?";
+        }
+    }
     Some(format!(
         "this looks like an EventBridge expression (minute hour day-of-month month day-of-week year): \
          write it with its wrapper, \"cron({})\", where day-of-week 1 is Sunday; bare expressions \
          are crontab's (minute hour day-of-month month day-of-week, optionally with seconds first)",
-        fields.join(" ")
+        suggested.join(" ")
     ))
+}
+
+/// Whether a day-of-week field names days by number (not the `k` of `d#k`): numbers mean other days
+/// in crontab and in Quartz/EventBridge, names the same.
+fn has_weekday_numbers(field: &str) -> bool {
+    let mut after_hash = false;
+    field.chars().any(|c| {
+        let hashed = after_hash;
+        after_hash = c == '#' || (after_hash && c.is_ascii_digit());
+        c.is_ascii_digit() && !hashed
+    })
 }
 
 /// Maps a local wall-clock time to the instant it fires at: the earlier of two occurrences, or the end of
@@ -2565,8 +2600,15 @@ mod tests {
             ),
             (
                 "0 8 * * 1 2027",
-                "write it with its wrapper, \"cron(0 8 * * 1 2027)\"",
+                "write it with its wrapper, \"cron(0 8 ? * 1 2027)\"",
             ),
+            (
+                "0 0 8 ? * 2-6",
+                "this looks like a Quartz expression (seconds minute hour day-of-month month \
+                 day-of-week), where day-of-week 1 is Sunday: write it in EventBridge's form, \
+                 \"cron(0 8 ? * 2-6 *)\"",
+            ),
+            ("0 0 8 ? * 1#2", "this looks like a Quartz expression"),
             (
                 "0 8 * * 1 2026-2030",
                 "this looks like an EventBridge expression",
@@ -3369,8 +3411,24 @@ mod differential {
     fn compare(expr: &Expr, zone: usize, near_change: bool, start: u32) -> Result<(), String> {
         let zone = ZONES[zone];
         let text = expr.render();
-        let schedule = CronSchedule::parse(&text)
-            .map_err(|e| format!("a valid expression refused: {text:?}: {e}"))?;
+        let fields: Vec<&str> = text.split_whitespace().collect();
+        let quartz_numbers =
+            fields.len() == 6 && fields[3] == "?" && has_weekday_numbers(fields[5]);
+        let schedule = match CronSchedule::parse(&text) {
+            Ok(s) if quartz_numbers => {
+                return Err(format!(
+                    "{text:?}: Quartz's seconds form with weekday numbers accepted ({s:?})"
+                ));
+            }
+            Ok(s) => s,
+            // Refused on purpose: read as crontab, its weekday numbers would mean other days.
+            Err(e)
+                if quartz_numbers && e.to_string().contains("looks like a Quartz expression") =>
+            {
+                return Ok(());
+            }
+            Err(e) => return Err(format!("a valid expression refused: {text:?}: {e}")),
+        };
         let year_2026 = Utc.with_ymd_and_hms(2026, 1, 1, 0, 0, 0).unwrap();
         let changes: Vec<DateTime<Utc>> =
             Offsets::over(zone, year_2026, year_2026 + Duration::days(365))

@@ -20,6 +20,7 @@ mod harness;
 mod lifecycle;
 #[allow(clippy::disallowed_methods)]
 mod operator;
+mod regressions;
 mod scenarios;
 #[allow(clippy::disallowed_methods)]
 mod secrets;
