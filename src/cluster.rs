@@ -503,3 +503,74 @@ impl ClaimTable for MemoryClaims {
         Ok(out)
     }
 }
+
+/// `shiftd cluster init`: creates (or finds) the table `[cluster]` names; what was done, or why not.
+pub async fn init(
+    config: &crate::config::Config,
+    connect: crate::aws::ConnectAws,
+) -> Result<String, String> {
+    let cluster = config.cluster.as_ref().ok_or("no [cluster] table")?;
+    let aws = connect(&config.credentials, &cluster.region);
+    let table = aws.claim_table(&cluster.table, &cluster.region).await;
+    match table.create_table().await {
+        Ok(TableSetup::Created) => Ok(format!(
+            "created {} in {}: on-demand, key {KEY_ATTRIBUTE:?}, TTL on {TTL_ATTRIBUTE:?}\n",
+            cluster.table, cluster.region
+        )),
+        Ok(TableSetup::Exists | TableSetup::Missing) => Ok(format!(
+            "{} in {} exists with the right key; TTL on {TTL_ATTRIBUTE:?}\n",
+            cluster.table, cluster.region
+        )),
+        Ok(TableSetup::WrongSchema(why)) => Err(format!(
+            "{} in {} exists but cannot hold claims: {why}: name another table in [cluster]",
+            cluster.table, cluster.region
+        )),
+        Err(e) => Err(format!(
+            "cannot create {} in {}: {e} (the delegate's role needs dynamodb:CreateTable, \
+             DescribeTable and UpdateTimeToLive on it: `shiftd policy` prints them)",
+            cluster.table, cluster.region
+        )),
+    }
+}
+
+/// `shiftd cluster status`: the claims of occurrences since `since`, latest first.
+pub async fn status(
+    config: &crate::config::Config,
+    connect: crate::aws::ConnectAws,
+    since: DateTime<Utc>,
+) -> Result<String, String> {
+    use std::fmt::Write;
+    let cluster = config.cluster.as_ref().ok_or("no [cluster] table")?;
+    let aws = connect(&config.credentials, &cluster.region);
+    let table = aws.claim_table(&cluster.table, &cluster.region).await;
+    let claims = table
+        .recent(since, 1000)
+        .await
+        .map_err(|e| format!("cannot read {}: {e}", cluster.table))?;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{} claim(s) since {} in {}",
+        claims.len(),
+        since.format("%Y-%m-%dT%H:%M:%SZ"),
+        cluster.table
+    );
+    for c in claims {
+        let _ = writeln!(
+            out,
+            "{}  {:<13} {:<20} {}/{}  {:<10} held by {} (lease until {})",
+            c.key.at.format("%Y-%m-%dT%H:%M:%SZ"),
+            c.key.action,
+            c.key.rule,
+            c.key.account,
+            c.key.region,
+            c.progress.as_str(),
+            c.owner,
+            c.lease_until.format("%H:%M:%SZ")
+        );
+        for r in &c.results {
+            let _ = writeln!(out, "    {r}");
+        }
+    }
+    Ok(out)
+}

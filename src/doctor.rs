@@ -72,6 +72,7 @@ pub async fn run(config: &Config, connect: ConnectAws, clock: Arc<dyn Clock>) ->
         return report;
     }
     let delegate = check_identity(&mut report, aws.as_ref(), first_region).await;
+    check_claim_table(&mut report, config, aws.as_ref(), &clock).await;
     let session_name = credentials::session_name(&aws.delegate_name().await);
     for account in config.accounts.values() {
         let spec = SessionSpec::new(
@@ -364,6 +365,76 @@ fn check_overrides(
             format!("{place}: rule {}: {} {}", rule.name, v.id, held.reason()),
             fix,
         );
+    }
+}
+
+/// `[cluster]`: the claim table exists with the right key and takes a conditional write (one made to
+/// fail its condition on a key that does not exist: it proves the permission and writes nothing).
+async fn check_claim_table(
+    report: &mut Report,
+    config: &Config,
+    aws: &dyn Aws,
+    clock: &Arc<dyn Clock>,
+) {
+    use crate::cluster::{ClaimKey, TableSetup};
+    let Some(cluster) = &config.cluster else {
+        return;
+    };
+    let place = format!("cluster table {} in {}", cluster.table, cluster.region);
+    let table = aws.claim_table(&cluster.table, &cluster.region).await;
+    match table.check_table().await {
+        Ok(TableSetup::Exists | TableSetup::Created) => {}
+        Ok(TableSetup::Missing) => {
+            report.line(
+                Verdict::Fail,
+                format!("{place}: does not exist"),
+                Some("create it: shiftd cluster init --config FILE".into()),
+            );
+            return;
+        }
+        Ok(TableSetup::WrongSchema(why)) => {
+            report.line(
+                Verdict::Fail,
+                format!("{place}: {why}"),
+                Some(
+                    "name another table in [cluster], and create it with shiftd cluster init"
+                        .into(),
+                ),
+            );
+            return;
+        }
+        Err(e) => {
+            report.line(
+                Verdict::Fail,
+                format!("{place}: DescribeTable failed: {e}"),
+                Some("`shiftd policy` prints the delegate's DynamoDB statement".into()),
+            );
+            return;
+        }
+    }
+    let probe = ClaimKey {
+        rule: "shiftd-doctor-probe".into(),
+        action: "probe".into(),
+        at: clock.now(),
+        account: "-".into(),
+        region: cluster.region.clone(),
+    };
+    match table.extend(&probe, "shiftd-doctor", clock.now()).await {
+        Ok(false) => report.line(
+            Verdict::Ok,
+            format!("{place}: exists with the right key and takes conditional writes"),
+            None,
+        ),
+        Ok(true) => report.line(
+            Verdict::Warn,
+            format!("{place}: a conditional write that should have failed its condition succeeded"),
+            None,
+        ),
+        Err(e) => report.line(
+            Verdict::Fail,
+            format!("{place}: a conditional UpdateItem failed: {e}"),
+            Some("`shiftd policy` prints the delegate's DynamoDB statement".into()),
+        ),
     }
 }
 

@@ -157,6 +157,15 @@ enum Command {
         #[arg(long)]
         dry_run: bool,
     },
+    /// High availability: the claim table several delegates share ([cluster])
+    ///
+    /// `init` creates the table the configuration's [cluster] names (on-demand billing, the key
+    /// shiftd needs, TTL on expires_at), or finds it; `status` lists recent claims: each occurrence per
+    /// account and region, its holder, progress and results.
+    Cluster {
+        #[command(subcommand)]
+        command: ClusterCommand,
+    },
     /// Print the IAM policies the configuration needs
     ///
     /// Per target account the role's trust policy (with --delegate-account or --delegate-role) and
@@ -178,6 +187,25 @@ enum Command {
         /// Print one JSON array of {title, notes, document}
         #[arg(long)]
         json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Create the claim table (exit 0 when it exists with the right key already)
+    Init {
+        /// Configuration file
+        #[arg(long, short, value_name = "PATH", default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+    },
+    /// List recent occurrences: holder, progress and results
+    Status {
+        /// Configuration file
+        #[arg(long, short, value_name = "PATH", default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// How far back, in hours
+        #[arg(long, value_name = "N", default_value_t = 24)]
+        hours: u32,
     },
 }
 
@@ -231,6 +259,7 @@ fn main() -> ExitCode {
             action,
             dry_run,
         } => apply(&config, &rule, action, dry_run),
+        Command::Cluster { command } => cluster(command),
         Command::Policy {
             config,
             account,
@@ -605,6 +634,50 @@ fn apply(path: &std::path::Path, rule: &str, action: ManualAction, dry_run: bool
             } else {
                 ExitCode::FAILURE
             }
+        }
+    }
+}
+
+fn cluster(command: ClusterCommand) -> ExitCode {
+    let path = match &command {
+        ClusterCommand::Init { config } | ClusterCommand::Status { config, .. } => config.clone(),
+    };
+    let config = match Config::load_strict(&path) {
+        Ok(c) => c,
+        Err(e) => return config_error(&e),
+    };
+    if config.cluster.is_none() {
+        eprintln!(
+            "{}: no [cluster] table: add one (table, region, lease) to run several delegates",
+            path.display()
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let connect: shiftd::aws::ConnectAws = Arc::new(shiftd::aws::sdk::connect);
+    let result = runtime.block_on(async {
+        match command {
+            ClusterCommand::Init { .. } => shiftd::cluster::init(&config, connect).await,
+            ClusterCommand::Status { hours, .. } => {
+                let since = SystemClock.now() - chrono::Duration::hours(i64::from(hours));
+                shiftd::cluster::status(&config, connect, since).await
+            }
+        }
+    });
+    match result {
+        Ok(text) => output(&text),
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -268,6 +268,12 @@ pub fn documents(
             .expect("a policy's statements")
             .push(statement);
     }
+    if let Some(statement) = claim_table_statement(config) {
+        delegate.json["Statement"]
+            .as_array_mut()
+            .expect("a policy's statements")
+            .push(statement);
+    }
     out.push(delegate);
     out
 }
@@ -281,6 +287,26 @@ fn sns_statement(config: &Config) -> Option<Value> {
         "Effect": "Allow",
         "Action": "sns:Publish",
         "Resource": arn,
+    }))
+}
+
+/// `[cluster]`: the delegate claims occurrences in exactly that table (and `shiftd cluster init`
+/// creates it), with its own credentials. The table is in the delegate's account, whatever its ID.
+fn claim_table_statement(config: &Config) -> Option<Value> {
+    let cluster = config.cluster.as_ref()?;
+    Some(json!({
+        "Sid": "ShiftdClaimTable",
+        "Effect": "Allow",
+        "Action": [
+            "dynamodb:PutItem",
+            "dynamodb:GetItem",
+            "dynamodb:UpdateItem",
+            "dynamodb:Scan",
+            "dynamodb:DescribeTable",
+            "dynamodb:CreateTable",
+            "dynamodb:UpdateTimeToLive",
+        ],
+        "Resource": format!("arn:aws:dynamodb:{}:*:table/{}", cluster.region, cluster.table),
     }))
 }
 
@@ -437,6 +463,29 @@ mod tests {
                 .len(),
             1,
             "no SNS permission without a topic"
+        );
+    }
+
+    #[test]
+    fn a_cluster_lets_the_delegate_use_its_claim_table_only() {
+        let base = "[accounts.a]\nrole_arn = \"arn:aws:iam::111111111111:role/r\"\nregions = [\"eu-west-1\"]\n";
+        let with = Config::parse(
+            Path::new("t.toml"),
+            &format!("{base}[cluster]\ntable = \"shiftd-claims\"\nregion = \"eu-west-1\"\n"),
+        )
+        .unwrap();
+        let docs = documents(&with, None, None);
+        let statements = &docs.last().unwrap().json["Statement"];
+        assert_eq!(statements[1]["Sid"], "ShiftdClaimTable");
+        assert_eq!(
+            statements[1]["Resource"],
+            "arn:aws:dynamodb:eu-west-1:*:table/shiftd-claims"
+        );
+        assert!(
+            statements[1]["Action"]
+                .as_array()
+                .unwrap()
+                .contains(&json!("dynamodb:PutItem"))
         );
     }
 

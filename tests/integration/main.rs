@@ -15,6 +15,8 @@ mod daemon;
 #[allow(clippy::disallowed_methods)]
 mod faults;
 #[allow(clippy::disallowed_methods)]
+mod ha;
+#[allow(clippy::disallowed_methods)]
 mod harness;
 #[allow(clippy::disallowed_methods)]
 mod lifecycle;
