@@ -52,6 +52,28 @@ pub fn render(config: &Config, now: DateTime<Utc>) -> String {
         };
         let _ = writeln!(out, "  {}  {} date(s){span}", c.name, c.dates.len());
     }
+    if let Some(n) = &config.notify {
+        let mut to = Vec::new();
+        if let Some(url) = &n.webhook_url {
+            to.push(format!("webhook {url}"));
+        }
+        if let Some(topic) = &n.sns_topic_arn {
+            to.push(format!("SNS {topic}"));
+        }
+        let _ = writeln!(out, "alerts: {}", to.join(", "));
+    }
+    if let Some(m) = &config.metrics {
+        let _ = writeln!(out, "metrics: http://{}/metrics", m.listen);
+    }
+    if let Some(c) = &config.cluster {
+        let _ = writeln!(
+            out,
+            "cluster: claim table {} in {} (lease {})",
+            c.table,
+            c.region,
+            humantime::format_duration(c.lease)
+        );
+    }
     let _ = writeln!(out, "rules ({}):", config.rules.len());
     for r in &config.rules {
         let _ = writeln!(
@@ -68,6 +90,21 @@ pub fn render(config: &Config, now: DateTime<Utc>) -> String {
         if !r.only.is_empty() {
             let _ = writeln!(out, "    fires only on the dates of {}", r.only.join(", "));
         }
+        let mut how = Vec::new();
+        if r.enforce {
+            how.push(format!(
+                "enforces the latest occurrence's state every {}",
+                humantime::format_duration(config.defaults.enforce_every)
+            ));
+        }
+        if r.stop_mode == crate::config::StopMode::Hibernate {
+            how.push("hibernates where it can".to_string());
+        }
+        how.push(format!(
+            "catches up to {} late",
+            humantime::format_duration(r.catch_up)
+        ));
+        let _ = writeln!(out, "    {}", how.join("; "));
         for action in [Action::Start, Action::Stop] {
             for s in r.schedules(action) {
                 let next = s

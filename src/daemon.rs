@@ -22,7 +22,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use crate::aws::{Aws, ConnectAws};
 use crate::clock::{Clock, chrono_duration};
 use crate::cluster::Claimer;
-use crate::config::{Account, Config, ConfigError};
+use crate::config::{Account, Action, Config, ConfigError};
 use crate::credentials::{self, AccountCredentials, SessionSpec};
 use crate::executor::{self, AccountClients, BatchContext, ExecOptions, RegionClient};
 use crate::notify::ServiceManager;
@@ -374,10 +374,18 @@ impl Daemon {
             if self.open.contains(&key) || at > self.checked_until {
                 continue;
             }
+            let next = [Action::Start, Action::Stop]
+                .into_iter()
+                .flat_map(|a| rule.schedules(a))
+                .filter_map(|s| s.next_after(now, rule.timezone))
+                .min();
             by_account
                 .entry(rule.account.clone())
                 .or_default()
-                .push(planner::Request::new(rule, action));
+                .push(planner::Request {
+                    valid_until: next,
+                    ..planner::Request::new(rule, action)
+                });
         }
         for (account, requests) in by_account {
             let Some(rt) = self.accounts.get(&account) else {

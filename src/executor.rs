@@ -781,6 +781,18 @@ fn plan(
             report.push(record(ResultKind::Skipped, held.reason()));
             continue;
         }
+        // A pass whose describe took it past the rule's next occurrence: that occurrence decides now.
+        if enforcing
+            && request_of(&p.rules)
+                .and_then(|r| r.valid_until)
+                .is_some_and(|until| now >= until)
+        {
+            tracing::debug!(
+                instance_id = %p.instance_id,
+                "enforce: the rule's next occurrence came while the pass described; not acted on"
+            );
+            continue;
+        }
         if enforcing {
             match &p.decision {
                 // In the desired state, or on its way there or back: nothing to enforce.

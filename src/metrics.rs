@@ -185,8 +185,8 @@ impl Metrics {
     }
 
     /// Drops the per-account series of accounts the configuration no longer has (a stale expiry would
-    /// fire an expiry alert forever), and starts each configured account's failure counter at 0, so that
-    /// `increase()` sees its first failure.
+    /// fire an expiry alert forever), and starts each configured account's failure counter and each
+    /// rule's missed counter at 0, so that `increase()` sees their first event.
     pub fn forget_accounts_not_in(&self, config: &Config) {
         for family in self.registry.gather() {
             let name = family.name();
@@ -212,6 +212,15 @@ impl Metrics {
         }
         for account in config.accounts.keys() {
             self.renewal_failures.with_label_values(&[account.as_str()]);
+        }
+        // And each rule's missed counter, so that `increase()` sees the first miss too.
+        for rule in &config.rules {
+            for action in [Action::Start, Action::Stop] {
+                if !rule.schedules(action).is_empty() {
+                    self.missed
+                        .with_label_values(&[rule.name.as_str(), action.as_str()]);
+                }
+            }
         }
     }
 

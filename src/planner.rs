@@ -181,6 +181,9 @@ pub struct Request {
     pub stop_mode: StopMode,
     /// How late it may still be acted on (the end of its claim's window, with `[cluster]`).
     pub catch_up: std::time::Duration,
+    /// For an enforce pass: the rule's next occurrence, from which the desired state may differ (the
+    /// pass acts on nothing decided after it).
+    pub valid_until: Option<DateTime<Utc>>,
 }
 
 impl Request {
@@ -194,6 +197,7 @@ impl Request {
             timezone: rule.timezone,
             stop_mode: rule.stop_mode,
             catch_up: rule.catch_up,
+            valid_until: None,
         }
     }
 }

@@ -1073,6 +1073,17 @@ fn eventbridge_day_of_week(field: &str) -> Result<String, String> {
                 Some((range, step)) => (range, Some(step)),
                 None => (item, None),
             };
+            // With a step, names become crontab's numbers: the range is then numeric throughout
+            // (the parser takes no name in a stepped range).
+            let day = |item: &str, d: &str| -> Result<String, String> {
+                match (
+                    step,
+                    d.parse::<u32>().is_err().then(|| weekday(d)).flatten(),
+                ) {
+                    (Some(_), Some(w)) => Ok(w.num_days_from_sunday().to_string()),
+                    _ => day(item, d),
+                }
+            };
             let range = match (range, range.split_once('-')) {
                 ("*", _) if step.is_some() => "0-6".to_string(),
                 ("*", _) => "*".to_string(),
@@ -2436,6 +2447,19 @@ mod tests {
                 "Asia/Tokyo",
                 week,
                 &["12-02", "12-04"],
+            ),
+            // Names with steps: Monday, Wednesday, Friday.
+            (
+                "cron(0 8 ? * MON/2 *)",
+                "Asia/Tokyo",
+                week,
+                &["11-30", "12-02", "12-04"],
+            ),
+            (
+                "cron(0 8 ? * MON-FRI/2 *)",
+                "Asia/Tokyo",
+                week,
+                &["11-30", "12-02", "12-04"],
             ),
             // dL and d#k in EventBridge's numbers: 6L is the last Friday, 2#1 the first Monday.
             ("cron(0 8 ? * 6L *)", "Europe/Berlin", december, &["12-25"]),

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use shiftd::aws::fake::{self, Fault};
 use shiftd::daemon;
 use shiftd::metrics::Metrics;
 use shiftd::outcome::{ResultKind, Trigger};
@@ -182,5 +183,40 @@ fn apply_refuses_a_world_writable_configuration_as_check_does() {
         "apply went ahead with a world-writable config:\n{}{}",
         String::from_utf8_lossy(&apply.stdout),
         String::from_utf8_lossy(&apply.stderr)
+    );
+}
+/// Was: an enforce pass decides on the desired state when it starts and acts on it whenever the
+/// describe answers. A describe that is slow across the rule's 20:00 stop makes the pass START an
+/// instance after 20:00, when the desired state is already `stopped` (the scheduled stop then waits
+/// for it to finish pending and stops it again).
+#[tokio::test(start_paused = true)]
+async fn enforce_does_not_start_an_instance_after_the_stop_instant() {
+    let sim = Sim::new("2026-12-01T19:59:00Z");
+    let ids = sim
+        .aws
+        .add_instances(TARGET, REGION, 1, "running", &[("Schedule", "office")]);
+    sim.write_config(&config(
+        "enforce_every = \"10s\"",
+        &office("enforce = true"),
+    ));
+    let daemon = sim.start();
+    sim.advance_to("2026-12-01T19:59:45Z").await;
+    // Stopped by hand; the next pass's describe takes 20 s (a large fleet, throttling retries).
+    sim.aws.set_state(&ids[0], "stopped");
+    sim.aws
+        .fault(fake::DESCRIBE, 1, Fault::Delay(Duration::from_secs(20)));
+    sim.advance_to("2026-12-01T20:10:00Z").await;
+    daemon.stop().await;
+    let stop_at = crate::sim::t("2026-12-01T20:00:00Z");
+    let late_starts: Vec<_> = sim
+        .aws
+        .calls_of(fake::START)
+        .into_iter()
+        .filter(|c| c.at >= stop_at)
+        .collect();
+    assert!(
+        late_starts.is_empty(),
+        "StartInstances after the 20:00 stop (desired state: stopped): {late_starts:#?}\n{:#?}",
+        sim.outcomes_for(&ids[0])
     );
 }
