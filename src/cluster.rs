@@ -145,6 +145,9 @@ pub enum Acquired {
     Held(Lease),
     /// Another delegate carried it out.
     DoneBy(String),
+    /// Another delegate holds it and is still at it past this delegate's catch-up window: its to
+    /// finish and report.
+    HeldBy(String),
     /// It could not be claimed (the table cannot be reached, or the window closed while another delegate
     /// held it): not acted on.
     NotClaimed(String),
@@ -165,14 +168,26 @@ impl Claimer {
     pub async fn acquire(&self, key: ClaimKey, deadline: DateTime<Utc>) -> Acquired {
         let mut attempt = 0u32;
         let mut last_error = String::new();
+        let mut last_held: Option<Claim> = None;
         loop {
             let now = self.clock.now();
             if now > deadline {
-                return Acquired::NotClaimed(if last_error.is_empty() {
-                    "another delegate held it past the catch-up window without finishing".into()
-                } else {
-                    format!("claim table unreachable: {last_error}")
-                });
+                if !last_error.is_empty() {
+                    return Acquired::NotClaimed(format!("claim table unreachable: {last_error}"));
+                }
+                return match last_held {
+                    // Someone is still at it (a long verification): theirs to finish and report.
+                    Some(held) if now <= held.lease_until + chrono_duration(SKEW_TOLERANCE) => {
+                        Acquired::HeldBy(held.owner)
+                    }
+                    Some(held) => Acquired::NotClaimed(format!(
+                        "its holder {} stopped extending its lease ({}) and the catch-up window \
+                         closed before another delegate could take over",
+                        held.owner,
+                        held.lease_until.to_rfc3339()
+                    )),
+                    None => Acquired::NotClaimed("the catch-up window closed".into()),
+                };
             }
             let mine = Claim {
                 key: key.clone(),
@@ -183,7 +198,10 @@ impl Claimer {
             };
             let held = match self.table.create(&mine).await {
                 Ok(None) => return Acquired::Held(self.lease_for(mine)),
-                Ok(Some(held)) => held,
+                Ok(Some(held)) => {
+                    last_held = Some(held.clone());
+                    held
+                }
                 Err(e) => {
                     last_error = e.to_string();
                     tracing::warn!(claim = %key.id(), error = %e, "cannot claim: {e}; retrying");

@@ -487,12 +487,12 @@ async fn claim_requests<'r>(
                 mine.push(req);
                 leases.push(lease);
             }
-            Acquired::DoneBy(owner) => {
+            Acquired::DoneBy(owner) | Acquired::HeldBy(owner) => {
                 tracing::debug!(
                     rule = %req.rule,
                     account = place.account,
                     region = place.region,
-                    "{} {} in {}/{}: carried out by {owner}",
+                    "{} {} in {}/{}: carried out (or still being carried out) by {owner}",
                     req.action,
                     req.rule,
                     place.account,

@@ -69,6 +69,7 @@ async fn three_delegates_one_config_act_once_per_occurrence() {
     sim.advance(5 * MINUTE).await;
     assert_each_stopped_once(&sim, &ids);
     sim.assert_one_each(&ids, Action::Stop, ResultKind::Ok);
+    assert_eq!(sim.outcomes().len(), 6, "nothing but the holder's results");
     let claims = sim.aws.claims.claims();
     assert_eq!(
         claims.len(),
@@ -187,6 +188,14 @@ async fn a_ten_minute_verification_keeps_its_claim() {
     sim.advance(15 * MINUTE).await;
     assert_each_stopped_once(&sim, &ids);
     sim.assert_one_each(&ids, Action::Stop, ResultKind::Ok);
+    // The other delegate's window (catch_up 5m) closed while the holder was still following: it says
+    // nothing (the holder reports), and reports no failure.
+    let failed: Vec<_> = sim
+        .outcomes()
+        .into_iter()
+        .filter(|o| o.result != ResultKind::Ok)
+        .collect();
+    assert!(failed.is_empty(), "{failed:#?}");
     assert!(
         !sim.logs.text().contains("took over"),
         "{}",
