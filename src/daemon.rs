@@ -24,7 +24,7 @@ use crate::clock::{Clock, chrono_duration};
 use crate::cluster::Claimer;
 use crate::config::{Account, Action, Config, ConfigError};
 use crate::credentials::{self, AccountCredentials, SessionSpec};
-use crate::executor::{self, AccountClients, BatchContext, ExecOptions, RegionClient};
+use crate::executor::{self, AccountClients, BatchContext, ExecOptions};
 use crate::notify::ServiceManager;
 use crate::outcome::{Outcome, OutcomeSink, ResultKind, Trigger};
 use crate::planner::{self, AccountBatch, Firing, Missed};
@@ -185,16 +185,6 @@ impl Daemon {
         if let Some(m) = &self.metrics {
             credentials = credentials.observed_by(m.clone());
         }
-        let mut regions = BTreeMap::new();
-        for region in &account.regions {
-            regions.insert(
-                region.clone(),
-                RegionClient {
-                    ec2: self.aws.ec2(region, Arc::new(credentials.clone())).await,
-                    exclusive: Default::default(),
-                },
-            );
-        }
         let sts = self.aws.sts(&account.regions[0]).await;
         let refresher = tokio::spawn(credentials::keep_fresh(
             sts,
@@ -203,11 +193,9 @@ impl Daemon {
         ));
         AccountRuntime {
             spec,
-            clients: Arc::new(AccountClients {
-                account: account.clone(),
-                credentials,
-                regions,
-            }),
+            clients: Arc::new(
+                AccountClients::connect(self.aws.as_ref(), account, credentials).await,
+            ),
             refresher,
         }
     }
@@ -511,8 +499,7 @@ impl Daemon {
                 already_reported: Arc::new(already),
                 claims: self.claims.clone(),
             };
-            self.inflight
-                .spawn(run_batch(ctx, batch, keys, Trigger::Schedule));
+            self.inflight.spawn(run_batch(ctx, batch, keys));
         }
     }
 
@@ -692,17 +679,13 @@ impl OutcomeSink for QuietRepeats {
     }
 }
 
-async fn run_batch(
-    ctx: BatchContext,
-    batch: AccountBatch,
-    keys: Vec<OccurrenceKey>,
-    trigger: Trigger,
-) -> BatchDone {
+/// A scheduled batch: the occurrences it carries out, and every outcome.
+async fn run_batch(ctx: BatchContext, batch: AccountBatch, keys: Vec<OccurrenceKey>) -> BatchDone {
     let outcomes = executor::run_batch(ctx, batch).await;
     BatchDone {
         keys,
         outcomes,
-        trigger,
+        trigger: Trigger::Schedule,
     }
 }
 
@@ -714,7 +697,7 @@ fn enforce_slot(now: DateTime<Utc>, every: chrono::Duration) -> DateTime<Utc> {
 }
 
 /// The claimer `[cluster]` asks for, if any.
-async fn claimer(
+pub(crate) async fn claimer(
     config: &Config,
     aws: &dyn Aws,
     owner: &str,

@@ -42,6 +42,31 @@ pub struct AccountClients {
     pub regions: BTreeMap<String, RegionClient>,
 }
 
+impl AccountClients {
+    /// EC2 in each of `account`'s regions, signing with `credentials` (always the newest).
+    pub async fn connect(
+        aws: &dyn crate::aws::Aws,
+        account: &Account,
+        credentials: AccountCredentials,
+    ) -> Self {
+        let mut regions = BTreeMap::new();
+        for region in &account.regions {
+            regions.insert(
+                region.clone(),
+                RegionClient {
+                    ec2: aws.ec2(region, Arc::new(credentials.clone())).await,
+                    exclusive: Default::default(),
+                },
+            );
+        }
+        AccountClients {
+            account: account.clone(),
+            credentials,
+            regions,
+        }
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct ExecOptions {
     pub dry_run: bool,

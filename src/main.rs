@@ -349,15 +349,8 @@ fn run(config_path: PathBuf, dry_run: bool, log: LogTarget, state_dir: PathBuf) 
             (Arc::new(MemoryRecord::default()), None)
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::error!("cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
     let result: Result<(), RunFailure> = runtime.block_on(async {
         let signals = Signals::new([SIGHUP, SIGTERM, SIGINT]).map_err(RunFailure::Signals)?;
@@ -501,15 +494,8 @@ fn plan(
         if let Some(note) = logging::init(LogTarget::Stderr) {
             eprintln!("{note}");
         }
-        let runtime = match tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(r) => r,
-            Err(e) => {
-                eprintln!("cannot start the async runtime: {e}");
-                return ExitCode::FAILURE;
-            }
+        let Some(runtime) = runtime() else {
+            return ExitCode::FAILURE;
         };
         runtime.block_on(shiftd::plan::describe_live(
             &config,
@@ -533,6 +519,22 @@ fn plan(
     }
 }
 
+/// The async runtime of a command that talks to AWS; `None` (said on stderr and in the log) when it
+/// cannot be started.
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            tracing::error!("cannot start the async runtime: {e}");
+            None
+        }
+    }
+}
+
 /// Writes a command's output to stdout. A reader that went away (`shiftd plan | head`) ends the
 /// command quietly, as it does for other Unix tools; any other write error is reported.
 fn output(text: &str) -> ExitCode {
@@ -553,15 +555,8 @@ fn doctor(path: &std::path::Path) -> ExitCode {
         Ok(c) => c,
         Err(code) => return code,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
     let report = runtime.block_on(shiftd::doctor::run(
         &config,
@@ -591,15 +586,8 @@ fn apply(path: &std::path::Path, rule: &str, action: ManualAction, dry_run: bool
         ManualAction::Start => Action::Start,
         ManualAction::Stop => Action::Stop,
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
     let outcomes = runtime.block_on(shiftd::manual::apply(
         &config,
@@ -653,15 +641,8 @@ fn cluster(command: ClusterCommand) -> ExitCode {
         );
         return ExitCode::from(EXIT_CONFIG);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
     let connect: shiftd::aws::ConnectAws = Arc::new(shiftd::aws::sdk::connect);
     let result = runtime.block_on(async {

@@ -2,14 +2,14 @@
 //! (the same describe, decisions, override tags, chunked calls, verification and logging), each
 //! outcome logged with `SHIFTD_REASON=manual`.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeSet;
 use std::sync::Arc;
 
 use crate::aws::{Aws, ConnectAws};
 use crate::clock::Clock;
 use crate::config::{Account, Action, Config};
 use crate::credentials::{self, AccountCredentials, SessionSpec};
-use crate::executor::{self, AccountClients, BatchContext, ExecOptions, RegionClient};
+use crate::executor::{self, AccountClients, BatchContext, ExecOptions};
 use crate::outcome::{Outcome, OutcomeSink, ResultKind, Trigger};
 use crate::planner::{AccountBatch, Request};
 
@@ -66,21 +66,7 @@ pub async fn apply(
     if let Some(e) = store.last_error() {
         tracing::error!(account = %account.name, "cannot assume the role: {e}");
     }
-    let mut regions = BTreeMap::new();
-    for region in &rule.regions {
-        regions.insert(
-            region.clone(),
-            RegionClient {
-                ec2: aws.ec2(region, Arc::new(store.clone())).await,
-                exclusive: Default::default(),
-            },
-        );
-    }
-    let clients = Arc::new(AccountClients {
-        account: account.clone(),
-        credentials: store,
-        regions,
-    });
+    let clients = Arc::new(AccountClients::connect(aws.as_ref(), account, store).await);
     let (_cancel_tx, cancel) = tokio::sync::watch::channel(false);
     let ctx = BatchContext {
         clients,
@@ -96,19 +82,17 @@ pub async fn apply(
         on_dispatch: Arc::new(|| {}),
         on_reported: Arc::new(|_| {}),
         already_reported: Arc::new(BTreeSet::new()),
-        claims: match &config.cluster {
-            Some(cluster) => Some(crate::cluster::Claimer {
-                table: aws.claim_table(&cluster.table, &cluster.region).await,
-                owner: format!(
-                    "{}/apply-{:08x}",
-                    aws.delegate_name().await,
-                    rand::random::<u32>()
-                ),
-                lease: cluster.lease,
-                clock: clock.clone(),
-            }),
-            None => None,
-        },
+        claims: crate::daemon::claimer(
+            config,
+            aws.as_ref(),
+            &format!(
+                "{}/apply-{:08x}",
+                aws.delegate_name().await,
+                rand::random::<u32>()
+            ),
+            &clock,
+        )
+        .await,
     };
     // Claimed (with `[cluster]`) per minute: two operators applying the same rule in the same minute
     // act once.

@@ -564,6 +564,15 @@ fn is_condition_failed(e: &AwsError) -> bool {
     e.code() == Some("ConditionalCheckFailedException")
 }
 
+/// A conditional write's answer: whether its condition held (and it was made).
+fn conditional<T>(r: Result<T, AwsError>) -> Result<bool, AwsError> {
+    match r {
+        Ok(_) => Ok(true),
+        Err(e) if is_condition_failed(&e) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 fn claim_item(c: &Claim) -> std::collections::HashMap<String, Av> {
     let expires = c.key.at + crate::clock::chrono_duration(KEEP_CLAIMS);
     std::collections::HashMap::from([
@@ -674,11 +683,7 @@ impl ClaimTable for SdkClaims {
             .send()
             .await
             .map_err(|e| aws_error("dynamodb:UpdateItem", &e));
-        match r {
-            Ok(_) => Ok(true),
-            Err(e) if is_condition_failed(&e) => Ok(false),
-            Err(e) => Err(e),
-        }
+        conditional(r)
     }
 
     async fn update(&self, claim: &Claim) -> Result<bool, AwsError> {
@@ -697,11 +702,7 @@ impl ClaimTable for SdkClaims {
             .send()
             .await
             .map_err(|e| aws_error("dynamodb:UpdateItem", &e));
-        match r {
-            Ok(_) => Ok(true),
-            Err(e) if is_condition_failed(&e) => Ok(false),
-            Err(e) => Err(e),
-        }
+        conditional(r)
     }
 
     async fn extend(
@@ -724,11 +725,7 @@ impl ClaimTable for SdkClaims {
             .send()
             .await
             .map_err(|e| aws_error("dynamodb:UpdateItem", &e));
-        match r {
-            Ok(_) => Ok(true),
-            Err(e) if is_condition_failed(&e) => Ok(false),
-            Err(e) => Err(e),
-        }
+        conditional(r)
     }
 
     async fn recent(
