@@ -41,7 +41,7 @@ stop = "*/3 * * * * *"
         Duration::from_secs(30),
     );
     let entries = daemon.entries();
-    let pid = daemon.pid();
+    let (pid, started) = (daemon.pid(), daemon.started);
     assert!(daemon.stop().success(), "SIGTERM ends shiftd with exit 0");
 
     // The instances in the target account changed state; the delegate account's did not.
@@ -123,7 +123,7 @@ stop = "*/3 * * * * *"
     );
 
     // No key material anywhere in what shiftd logged.
-    for e in journal_entries(pid) {
+    for e in journal_entries(pid, started) {
         for (k, v) in &e {
             assert!(
                 !v.contains("ASIA") && !v.contains("AKIA"),

@@ -7,7 +7,7 @@ use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use serde_json::Value;
 
@@ -343,8 +343,14 @@ pub fn entries_for<'a>(entries: &'a [Entry], instance: &str) -> Vec<&'a Entry> {
         .collect()
 }
 
-/// journald entries of one process, as field maps.
-pub fn journal_entries(pid: u32) -> Vec<BTreeMap<String, String>> {
+/// journald entries of one process started at `started` (or later), as field maps. The start time
+/// matters: PIDs wrap (at 32768 here), and an earlier process with the same PID, whose entries the
+/// journal keeps, must not be read as this one's.
+pub fn journal_entries(pid: u32, started: SystemTime) -> Vec<BTreeMap<String, String>> {
+    let since_us = started
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_micros();
     let out = Command::new("journalctl")
         .args(["-o", "json", "--no-pager", "--all", &format!("_PID={pid}")])
         .output()
@@ -352,6 +358,12 @@ pub fn journal_entries(pid: u32) -> Vec<BTreeMap<String, String>> {
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter_map(|l| serde_json::from_str::<BTreeMap<String, Value>>(l).ok())
+        .filter(|m| {
+            m.get("__REALTIME_TIMESTAMP")
+                .and_then(Value::as_str)
+                .and_then(|t| t.parse::<u128>().ok())
+                .is_some_and(|t| t >= since_us)
+        })
         .map(|m| {
             m.into_iter()
                 .map(|(k, v)| (k, v.as_str().map_or_else(|| v.to_string(), String::from)))
@@ -366,6 +378,8 @@ pub struct Shiftd {
     _dir: tempfile::TempDir,
     pub config: PathBuf,
     log: PathBuf,
+    /// Taken just before the spawn: the journal is read from here on.
+    pub started: SystemTime,
 }
 
 impl Shiftd {
@@ -399,6 +413,7 @@ impl Shiftd {
         )
         .unwrap();
         let log = dir.path().join("stderr.log");
+        let started = SystemTime::now();
         let child = Command::new(env!("CARGO_BIN_EXE_shiftd"))
             .args(["run", "--log", "journald", "--config"])
             .arg(&config_path)
@@ -416,6 +431,7 @@ impl Shiftd {
             _dir: dir,
             config: config_path,
             log,
+            started,
         }
     }
 
@@ -424,7 +440,7 @@ impl Shiftd {
     }
 
     pub fn entries(&self) -> Vec<BTreeMap<String, String>> {
-        journal_entries(self.pid())
+        journal_entries(self.pid(), self.started)
     }
 
     /// Action entries (those with SHIFTD_ACTION).

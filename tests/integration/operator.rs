@@ -892,6 +892,7 @@ fn run_apply(fake: &FakeAws, config: &str, args: &[&str]) -> (Option<i32>, Strin
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("shiftd.toml");
     std::fs::write(&path, config).unwrap();
+    let started = std::time::SystemTime::now();
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_shiftd"))
         .args(["apply", "--config", path.to_str().unwrap()])
         .args(args)
@@ -905,7 +906,7 @@ fn run_apply(fake: &FakeAws, config: &str, args: &[&str]) -> (Option<i32>, Strin
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned() + &stdout(&out);
     let mut entries = Vec::new();
     wait_until("apply's journal entries", Duration::from_secs(10), || {
-        entries = journal_entries(pid)
+        entries = journal_entries(pid, started)
             .into_iter()
             .filter(|e| e.contains_key("SHIFTD_RESULT"))
             .collect();

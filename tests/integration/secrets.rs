@@ -93,7 +93,7 @@ start = "0 0 3 1 1 *"
 
     // shiftd run: the renewal fails and retries with backoff (from 1 s).
     let daemon = Shiftd::spawn(&fake, &config, &[]);
-    let pid = daemon.pid();
+    let (pid, started) = (daemon.pid(), daemon.started);
     // The harness writes the daemon's stderr next to its configuration, in a directory removed with
     // it: second links keep both (and what shiftd writes until it exits) for after the stop.
     let keep = tempfile::tempdir().unwrap();
@@ -115,7 +115,7 @@ start = "0 0 3 1 1 *"
         "shiftd run's stderr",
         &std::fs::read_to_string(&stderr_path).unwrap(),
     );
-    let entries = journal_entries(pid);
+    let entries = journal_entries(pid, started);
     for e in &entries {
         for (name, value) in e {
             assert_no_secrets(&format!("journal field {name}"), value);
