@@ -18,6 +18,7 @@ use aws_credential_types::provider::error::CredentialsError;
 use aws_credential_types::provider::{self, ProvideCredentials, SharedCredentialsProvider};
 use aws_sdk_ec2::operation::RequestId;
 use aws_sdk_ec2::types::{Filter, InstanceStateName};
+use aws_sdk_ec2::config::SharedHttpClient;
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 
 use super::{
@@ -128,9 +129,31 @@ pub fn connect(source: &CredentialSource, region: &str) -> Arc<dyn Aws> {
     Arc::new(SdkAws::new(source, region))
 }
 
+/// The SDK's default HTTPS client (hyper 1, rustls with aws-lc, the system's roots, `HTTPS_PROXY` and
+/// `NO_PROXY` from the environment), built once. Connectors are made per connector settings (timeouts)
+/// and cached inside it, so every client with the same settings shares one pool.
+fn shared_https_client() -> SharedHttpClient {
+    use aws_smithy_http_client::proxy::ProxyConfig;
+    use aws_smithy_http_client::tls::{self, rustls_provider::CryptoMode};
+    use aws_smithy_http_client::{Builder, ConnectorBuilder};
+    Builder::new().build_with_connector_fn(|settings, components| {
+        let mut connector =
+            ConnectorBuilder::default().tls_provider(tls::Provider::Rustls(CryptoMode::AwsLc));
+        connector.set_connector_settings(settings.cloned());
+        if let Some(components) = components {
+            connector.set_sleep_impl(components.sleep_impl());
+        }
+        connector.set_proxy_config(Some(ProxyConfig::from_env()));
+        connector.build()
+    })
+}
+
 /// Where the delegate's own credentials come from, and the per-region SDK configuration built on them.
 pub struct SdkAws {
     base: SharedCredentialsProvider,
+    /// Shared by every SDK client: one connection pool and one TLS configuration (with its parsed
+    /// root certificates) for the process, instead of one per client, that is per account and region.
+    http: SharedHttpClient,
     source: CredentialSource,
     configs: tokio::sync::Mutex<BTreeMap<String, SdkConfig>>,
 }
@@ -154,6 +177,7 @@ impl SdkAws {
         };
         Self {
             base,
+            http: shared_https_client(),
             source: source.clone(),
             configs: Default::default(),
         }
@@ -167,6 +191,7 @@ impl SdkAws {
         let config = aws_config::defaults(BehaviorVersion::latest())
             .region(Region::new(region.to_string()))
             .credentials_provider(self.base.clone())
+            .http_client(self.http.clone())
             .timeout_config(
                 TimeoutConfig::builder()
                     .operation_timeout(OPERATION_TIMEOUT)
