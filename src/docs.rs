@@ -89,7 +89,7 @@ The configuration; see
 .IR /etc/default/shiftd ", " /etc/sysconfig/shiftd
 The service's environment (see ENVIRONMENT).
 .TP
-.I /var/lib/shiftd/state.json
+.IR /var/lib/shiftd/state.json ", " /var/lib/shiftd/state.N.log
 What
 .B run
 keeps across restarts.

@@ -9,9 +9,13 @@
 //!   wanted state are reported skipped) or, past its window, reported failed.
 //! - the occurrences recently done, so that a wall clock stepped back does not repeat them.
 //!
-//! [`OccurrenceRecord`] is the interface; [`StateFile`] keeps it in `<state dir>/state.json`, replaced
-//! atomically (write, fsync, rename) at every change. It holds no secrets. [`MemoryRecord`] keeps it in
-//! memory only (no state directory).
+//! [`OccurrenceRecord`] is the interface; [`StateFile`] keeps it in `<state dir>/state.json`, a
+//! snapshot replaced atomically (write, fsync, rename), and `state.<N>.log`, the changes made since
+//! that snapshot, one JSON line each, appended and synced at every change. The snapshot is rewritten
+//! (and the log started afresh) when the log has grown, so a change costs its own size, not the size of
+//! everything in progress: a 40,000-instance action records each result once, instead of rewriting
+//! every result so far at each step. It holds no secrets. [`MemoryRecord`] keeps it in memory only (no
+//! state directory).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
@@ -37,7 +41,12 @@ pub const REMEMBER_DONE: Duration = Duration::from_secs(6 * 3600);
 /// At most this many done occurrences are remembered.
 const REMEMBER_DONE_MAX: usize = 2_000;
 
-const FORMAT_VERSION: u32 = 2;
+/// 3: the snapshot names its log (`log`). 1 and 2 (no log) are still read.
+const FORMAT_VERSION: u32 = 3;
+/// The log is folded into a new snapshot once it is this long...
+const COMPACT_LOG_BYTES: u64 = 4 << 20;
+/// ...or, when nothing is in progress (the snapshot is small then), this long.
+const COMPACT_IDLE_LOG_BYTES: u64 = 64 << 10;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -170,6 +179,58 @@ struct StateDoc {
     occurrences: Vec<OpenDoc>,
     #[serde(default)]
     done: Vec<OccurrenceKey>,
+    /// The generation of the log that continues this snapshot: `state.<log>.log`.
+    #[serde(default)]
+    log: u64,
+}
+
+/// One change, as a line of the log.
+#[derive(Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case", deny_unknown_fields)]
+enum LogEntry {
+    Begin {
+        checked_until: String,
+        due: Vec<OccurrenceKey>,
+    },
+    Dispatched {
+        keys: Vec<OccurrenceKey>,
+    },
+    Reported {
+        keys: Vec<OccurrenceKey>,
+        targets: Vec<String>,
+    },
+    Done {
+        keys: Vec<OccurrenceKey>,
+    },
+    Rewind {
+        checked_until: String,
+    },
+}
+
+fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true)
+}
+
+fn apply_entry(s: &mut Snapshot, entry: LogEntry) -> Result<(), String> {
+    let time = |t: &str| {
+        DateTime::parse_from_rfc3339(t)
+            .map(|t| t.with_timezone(&Utc))
+            .map_err(|e| format!("checked_until: {e}"))
+    };
+    match entry {
+        LogEntry::Begin { checked_until, due } => {
+            apply_begin(s, time(&checked_until)?, &due);
+        }
+        LogEntry::Dispatched { keys } => {
+            apply_dispatched(s, &keys);
+        }
+        LogEntry::Reported { keys, targets } => {
+            apply_reported(s, &keys, &targets);
+        }
+        LogEntry::Done { keys } => apply_done(s, &keys),
+        LogEntry::Rewind { checked_until } => apply_rewind(s, time(&checked_until)?),
+    }
+    Ok(())
 }
 
 #[derive(Serialize, Deserialize)]
@@ -295,17 +356,38 @@ impl OccurrenceRecord for MemoryRecord {
     }
 }
 
-/// `<dir>/state.json`.
+/// `<dir>/state.json` and its log.
 pub struct StateFile {
     path: PathBuf,
-    snapshot: Mutex<Option<Snapshot>>,
+    inner: Mutex<Option<Loaded>>,
+}
+
+/// The record as last read or written, and the log it is continued in.
+struct Loaded {
+    snapshot: Snapshot,
+    generation: u64,
+    /// The open log (created at the first change after a snapshot) and its length.
+    log: Option<File>,
+    log_bytes: u64,
+}
+
+impl Loaded {
+    /// Nothing recorded (or nothing readable): the first change writes a snapshot.
+    fn fresh() -> Self {
+        Self {
+            snapshot: Snapshot::default(),
+            generation: 0,
+            log: None,
+            log_bytes: u64::MAX,
+        }
+    }
 }
 
 impl StateFile {
     pub fn in_dir(dir: &Path) -> Self {
         Self {
             path: dir.join("state.json"),
-            snapshot: Mutex::new(None),
+            inner: Mutex::new(None),
         }
     }
 
@@ -313,28 +395,39 @@ impl StateFile {
         &self.path
     }
 
-    fn read(&self) -> Result<Snapshot, StateError> {
+    fn log_path(&self, generation: u64) -> PathBuf {
+        self.path.with_file_name(format!("state.{generation}.log"))
+    }
+
+    fn io(&self, path: &Path) -> impl Fn(std::io::Error) -> StateError {
+        let path = path.to_path_buf();
+        move |source| StateError::Io {
+            path: path.clone(),
+            source,
+        }
+    }
+
+    /// The snapshot and its log replayed. A last line cut short (a crash while appending) is dropped
+    /// (and cut off the file, so that what is appended next starts a line); any other line that does
+    /// not read makes the record invalid.
+    fn read(&self) -> Result<Loaded, StateError> {
         let text = match std::fs::read_to_string(&self.path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Snapshot::default()),
-            Err(source) => {
-                return Err(StateError::Io {
-                    path: self.path.clone(),
-                    source,
-                });
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Loaded::fresh()),
+            Err(source) => return Err(self.io(&self.path)(source)),
         };
-        let invalid = |reason: String| StateError::Invalid {
-            path: self.path.clone(),
+        let invalid = |path: &Path, reason: String| StateError::Invalid {
+            path: path.to_path_buf(),
             reason,
         };
-        let doc: StateDoc = serde_json::from_str(&text).map_err(|e| invalid(e.to_string()))?;
-        if doc.version != FORMAT_VERSION && doc.version != 1 {
-            return Err(invalid(format!("format version {}", doc.version)));
+        let doc: StateDoc =
+            serde_json::from_str(&text).map_err(|e| invalid(&self.path, e.to_string()))?;
+        if !(1..=FORMAT_VERSION).contains(&doc.version) {
+            return Err(invalid(&self.path, format!("format version {}", doc.version)));
         }
         let at = DateTime::parse_from_rfc3339(&doc.checked_until)
-            .map_err(|e| invalid(format!("checked_until: {e}")))?;
-        Ok(Snapshot {
+            .map_err(|e| invalid(&self.path, format!("checked_until: {e}")))?;
+        let mut snapshot = Snapshot {
             checked_until: Some(at.with_timezone(&Utc)),
             open: doc
                 .occurrences
@@ -348,21 +441,66 @@ impl StateFile {
                 .map(|o| (o.key, o.reported.into_iter().collect()))
                 .collect(),
             done: doc.done.into_iter().collect(),
+        };
+        let generation = doc.log;
+        let log_path = self.log_path(generation);
+        let log_text = match std::fs::read(&log_path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(source) => return Err(self.io(&log_path)(source)),
+        };
+        // Up to the end of the last line that reads.
+        let mut good = 0usize;
+        let mut lines = log_text.split_inclusive(|b| *b == b'\n').peekable();
+        while let Some(line) = lines.next() {
+            let last = lines.peek().is_none();
+            let parsed = std::str::from_utf8(line)
+                .map_err(|e| e.to_string())
+                .and_then(|l| serde_json::from_str::<LogEntry>(l).map_err(|e| e.to_string()))
+                .and_then(|entry| apply_entry(&mut snapshot, entry));
+            match parsed {
+                Ok(()) if line.ends_with(b"\n") => good += line.len(),
+                Ok(()) | Err(_) if last => break,
+                Err(reason) => {
+                    return Err(invalid(
+                        &log_path,
+                        format!("line {}: {reason}", log_text[..good].split(|b| *b == b'\n').count()),
+                    ));
+                }
+                Ok(()) => unreachable!("only the last line lacks a newline"),
+            }
+        }
+        let log = if log_text.is_empty() {
+            None
+        } else {
+            let f = std::fs::OpenOptions::new()
+                .append(true)
+                .open(&log_path)
+                .map_err(self.io(&log_path))?;
+            if good < log_text.len() {
+                f.set_len(good as u64).map_err(self.io(&log_path))?;
+                f.sync_all().map_err(self.io(&log_path))?;
+            }
+            Some(f)
+        };
+        Ok(Loaded {
+            snapshot,
+            generation,
+            log,
+            log_bytes: good as u64,
         })
     }
 
-    /// Replaces the file atomically (write a sibling, sync, rename, sync the directory).
-    fn write(&self, s: &Snapshot) -> Result<(), StateError> {
-        let io = |source| StateError::Io {
-            path: self.path.clone(),
-            source,
-        };
+    /// Replaces the snapshot atomically (write a sibling, sync, rename, sync the directory), naming
+    /// `generation`'s log as its continuation; then removes the log it replaces.
+    fn write_snapshot(&self, s: &Snapshot, generation: u64) -> Result<(), StateError> {
+        let io = self.io(&self.path);
         let Some(checked_until) = s.checked_until else {
             return Ok(());
         };
         let doc = StateDoc {
             version: FORMAT_VERSION,
-            checked_until: checked_until.to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+            checked_until: rfc3339(checked_until),
             occurrences: s
                 .open
                 .iter()
@@ -377,70 +515,140 @@ impl StateFile {
                 })
                 .collect(),
             done: s.done.iter().cloned().collect(),
+            log: generation,
         };
         let tmp = self.path.with_extension("json.tmp");
-        let mut f = File::create(&tmp).map_err(io)?;
+        let mut f = File::create(&tmp).map_err(&io)?;
         f.write_all(
             serde_json::to_string(&doc)
                 .expect("serialisable")
                 .as_bytes(),
         )
-        .map_err(io)?;
-        f.sync_all().map_err(io)?;
-        std::fs::rename(&tmp, &self.path).map_err(io)?;
+        .map_err(&io)?;
+        f.sync_all().map_err(&io)?;
+        std::fs::rename(&tmp, &self.path).map_err(&io)?;
         if let Some(dir) = self.path.parent()
             && let Ok(d) = File::open(dir)
         {
             let _ = d.sync_all();
         }
+        // The log the snapshot now includes; a crash before this leaves a file nothing reads.
+        if generation > 0 {
+            let _ = std::fs::remove_file(self.log_path(generation - 1));
+        }
         Ok(())
     }
 
-    /// Applies `change` to the snapshot and writes it when `change` says it changed anything.
-    fn update(&self, change: impl FnOnce(&mut Snapshot) -> bool) -> Result<(), StateError> {
-        let mut guard = self.snapshot.lock().expect("state lock");
+    /// Applies `change` to the record; when it says it changed anything, makes that durable: `entry`
+    /// appended to the log, or a new snapshot when the log has grown.
+    fn update(
+        &self,
+        change: impl FnOnce(&mut Snapshot) -> bool,
+        entry: impl FnOnce() -> LogEntry,
+    ) -> Result<(), StateError> {
+        let mut guard = self.inner.lock().expect("state lock");
         if guard.is_none() {
-            *guard = Some(self.read().unwrap_or_default());
+            // Unreadable: replaced by the next snapshot (the error was reported by `load`).
+            *guard = Some(self.read().unwrap_or_else(|_| Loaded::fresh()));
         }
-        let s = guard.as_mut().expect("loaded");
-        if change(s) {
-            self.write(s)?;
+        let loaded = guard.as_mut().expect("loaded");
+        if !change(&mut loaded.snapshot) {
+            return Ok(());
         }
+        let limit = if loaded.snapshot.open.is_empty() {
+            COMPACT_IDLE_LOG_BYTES
+        } else {
+            COMPACT_LOG_BYTES
+        };
+        if loaded.snapshot.checked_until.is_none() {
+            return Ok(());
+        }
+        if loaded.log_bytes >= limit {
+            let next = loaded.generation + 1;
+            self.write_snapshot(&loaded.snapshot, next)?;
+            loaded.generation = next;
+            loaded.log = None;
+            loaded.log_bytes = 0;
+            return Ok(());
+        }
+        let log_path = self.log_path(loaded.generation);
+        if loaded.log.is_none() {
+            let f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log_path)
+                .map_err(self.io(&log_path))?;
+            loaded.log = Some(f);
+        }
+        let mut line = serde_json::to_vec(&entry()).expect("serialisable");
+        line.push(b'\n');
+        let log = loaded.log.as_mut().expect("opened");
+        log.write_all(&line).map_err(self.io(&log_path))?;
+        log.sync_data().map_err(self.io(&log_path))?;
+        loaded.log_bytes += line.len() as u64;
         Ok(())
     }
 }
 
 impl OccurrenceRecord for StateFile {
     fn load(&self) -> Result<Snapshot, StateError> {
-        let s = self.read()?;
-        *self.snapshot.lock().expect("state lock") = Some(s.clone());
+        let loaded = self.read()?;
+        let s = loaded.snapshot.clone();
+        *self.inner.lock().expect("state lock") = Some(loaded);
         Ok(s)
     }
 
     fn begin(&self, checked_until: DateTime<Utc>, due: &[OccurrenceKey]) -> Result<(), StateError> {
-        self.update(|s| apply_begin(s, checked_until, due))
+        self.update(
+            |s| apply_begin(s, checked_until, due),
+            || LogEntry::Begin {
+                checked_until: rfc3339(checked_until),
+                due: due.to_vec(),
+            },
+        )
     }
 
     fn dispatched(&self, keys: &[OccurrenceKey]) -> Result<(), StateError> {
-        self.update(|s| apply_dispatched(s, keys))
+        self.update(
+            |s| apply_dispatched(s, keys),
+            || LogEntry::Dispatched {
+                keys: keys.to_vec(),
+            },
+        )
     }
 
     fn reported(&self, keys: &[OccurrenceKey], targets: &[String]) -> Result<(), StateError> {
-        self.update(|s| apply_reported(s, keys, targets))
+        self.update(
+            |s| apply_reported(s, keys, targets),
+            || LogEntry::Reported {
+                keys: keys.to_vec(),
+                targets: targets.to_vec(),
+            },
+        )
     }
 
     fn done(&self, keys: &[OccurrenceKey]) -> Result<(), StateError> {
-        self.update(|s| {
-            apply_done(s, keys);
-            true
-        })
+        self.update(
+            |s| {
+                apply_done(s, keys);
+                true
+            },
+            || LogEntry::Done {
+                keys: keys.to_vec(),
+            },
+        )
     }
 
     fn rewind(&self, checked_until: DateTime<Utc>) -> Result<(), StateError> {
-        self.update(|s| {
-            apply_rewind(s, checked_until);
-            true
-        })
+        self.update(
+            |s| {
+                apply_rewind(s, checked_until);
+                true
+            },
+            || LogEntry::Rewind {
+                checked_until: rfc3339(checked_until),
+            },
+        )
     }
 }
 
@@ -606,7 +814,7 @@ mod tests {
         assert!(err.contains("not a shiftd state file"), "{err}");
         std::fs::write(
             file.path(),
-            "{\"version\": 3, \"checked_until\": \"2026-12-01T20:00:05Z\"}",
+            "{\"version\": 4, \"checked_until\": \"2026-12-01T20:00:05Z\"}",
         )
         .unwrap();
         assert!(
@@ -621,6 +829,79 @@ mod tests {
         .unwrap();
         let v1 = StateFile::in_dir(dir.path()).load().unwrap();
         assert_eq!(v1.checked_until, Some(t("2026-12-01T20:00:05Z")));
+    }
+
+    #[test]
+    fn changes_go_to_the_log_and_are_folded_into_the_snapshot_once_it_has_grown() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = StateFile::in_dir(dir.path());
+        let at = t("2026-12-01T20:00:05Z");
+        let keys: Vec<OccurrenceKey> = (0..200)
+            .map(|i| key(&format!("r{i}"), "2026-12-01T20:00:00Z"))
+            .collect();
+        file.begin(at, &keys).unwrap();
+        let snapshot_len = std::fs::metadata(file.path()).unwrap().len();
+        // 200 x 1,000 results: the snapshot is not rewritten for each (it would be megabytes each time).
+        let mut written = 0;
+        for k in &keys {
+            let ids: Vec<String> = (0..1000).map(|i| format!("i-{i:017x}")).collect();
+            file.reported(std::slice::from_ref(k), &ids).unwrap();
+            written += ids.len();
+        }
+        let logs: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|n| n.ends_with(".log"))
+            .collect();
+        assert_eq!(logs.len(), 1, "one log at a time: {logs:?}");
+        let again = StateFile::in_dir(dir.path()).load().unwrap();
+        let kept: usize = again.reported.values().map(BTreeSet::len).sum();
+        assert_eq!(kept, written, "every result survives, snapshot and log together");
+        assert!(
+            std::fs::metadata(file.path()).unwrap().len() > snapshot_len,
+            "the log was folded into the snapshot once it passed its limit"
+        );
+        file.done(&keys).unwrap();
+        let again = StateFile::in_dir(dir.path()).load().unwrap();
+        assert!(again.open.is_empty() && again.reported.is_empty());
+        assert_eq!(again.done.len(), 200);
+    }
+
+    #[test]
+    fn a_log_line_cut_short_by_a_crash_is_dropped_and_the_next_change_starts_a_new_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = StateFile::in_dir(dir.path());
+        let k = key("r1", "2026-12-01T20:00:00Z");
+        file.begin(t("2026-12-01T20:00:05Z"), std::slice::from_ref(&k))
+            .unwrap();
+        file.reported(std::slice::from_ref(&k), &["i-1".to_string()])
+            .unwrap();
+        let log = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|e| e == "log"))
+            .expect("a log");
+        // A crash in the middle of the next append.
+        let mut f = std::fs::OpenOptions::new().append(true).open(&log).unwrap();
+        f.write_all(br#"{"op":"reported","keys":[{"ru"#).unwrap();
+        drop(f);
+        let after_crash = StateFile::in_dir(dir.path());
+        let s = after_crash.load().unwrap();
+        assert_eq!(s.reported[&k].len(), 1, "the complete line is kept");
+        after_crash
+            .reported(std::slice::from_ref(&k), &["i-2".to_string()])
+            .unwrap();
+        let s = StateFile::in_dir(dir.path()).load().unwrap();
+        assert_eq!(
+            s.reported[&k].iter().collect::<Vec<_>>(),
+            ["i-1", "i-2"],
+            "the change after the crash reads back"
+        );
+        // A damaged line that is not the last is not silently skipped.
+        let text = std::fs::read_to_string(&log).unwrap();
+        std::fs::write(&log, format!("garbage\n{text}")).unwrap();
+        let err = StateFile::in_dir(dir.path()).load().unwrap_err().to_string();
+        assert!(err.contains("line 1"), "{err}");
     }
 
     #[test]
