@@ -151,6 +151,16 @@ impl AccountCredentials {
         usable(held.local_expiry, now).then(|| held.credentials.clone())
     }
 
+    /// Whether usable credentials exist now (`usable_now` without copying them).
+    pub fn is_usable_now(&self) -> bool {
+        let now = self.clock.system_time();
+        let state = self.state.borrow();
+        state
+            .held
+            .as_ref()
+            .is_some_and(|held| usable(held.local_expiry, now))
+    }
+
     /// When the current credentials stop being usable (their local expiry less the signing margin).
     pub fn usable_until(&self) -> Option<SystemTime> {
         let state = self.state.borrow();
@@ -183,7 +193,7 @@ impl AccountCredentials {
         let mut rx = self.state.subscribe();
         let wait = async {
             loop {
-                if self.usable_now().is_some() {
+                if self.is_usable_now() {
                     return;
                 }
                 // Wake on a renewal, or re-check every second (credentials can also just expire).

@@ -9,7 +9,7 @@
 //! Everything outside comes in through [`Deps`]: the clock, AWS, where outcomes go and the occurrence
 //! record. The binary passes the real ones; the scenario tests pass fakes and run on paused time.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -204,7 +204,7 @@ impl Daemon {
         let waiting: Vec<(String, String)> = self
             .accounts
             .iter()
-            .filter(|(_, rt)| rt.clients.credentials.usable_now().is_none())
+            .filter(|(_, rt)| !rt.clients.credentials.is_usable_now())
             .map(|(name, rt)| (name.clone(), rt.clients.credentials.why_unusable()))
             .collect();
         crate::status::line(&self.config, now, self.dry_run(), &waiting)
@@ -448,12 +448,29 @@ impl Daemon {
             return;
         }
         let at = due.iter().map(|f| f.at).max().expect("not empty");
+        // Keys by account, found once (a thousand rules due at one instant are a thousand batches).
+        let account_of: HashMap<&str, &str> = self
+            .config
+            .rules
+            .iter()
+            .map(|r| (r.name.as_str(), r.account.as_str()))
+            .collect();
+        let mut keys_by_account: BTreeMap<String, Vec<OccurrenceKey>> = BTreeMap::new();
+        for f in due {
+            if let Some(account) = account_of.get(f.rule.as_str()) {
+                keys_by_account
+                    .entry(account.to_string())
+                    .or_default()
+                    .push(OccurrenceKey {
+                        rule: f.rule.clone(),
+                        action: f.action,
+                        at: f.at,
+                        account: account.to_string(),
+                    });
+            }
+        }
         for batch in planner::batches(&self.config, due, at) {
-            let keys: Vec<OccurrenceKey> = due
-                .iter()
-                .filter_map(|f| self.key(f))
-                .filter(|k| k.account == batch.account)
-                .collect();
+            let keys = keys_by_account.remove(&batch.account).unwrap_or_default();
             let Some(rt) = self.accounts.get(&batch.account) else {
                 continue;
             };
@@ -839,7 +856,7 @@ pub async fn run(
         let waiting = daemon
             .accounts
             .values()
-            .any(|rt| rt.clients.credentials.usable_now().is_none());
+            .any(|rt| !rt.clients.credentials.is_usable_now());
         let cap = if waiting {
             max_sleep.min(CREDENTIALS_STATUS_EVERY)
         } else {
