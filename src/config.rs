@@ -80,6 +80,15 @@ pub const ENFORCE_EVERY: DurationBounds = DurationBounds {
     why: " (each check costs one DescribeInstances per account and region)",
 };
 
+/// How long before an occurrence's instant its selection is resolved (describe, plan), so that the
+/// Start/Stop call leaves at the instant.
+pub const RESOLVE_AHEAD: DurationBounds = DurationBounds {
+    min: Duration::ZERO,
+    max: Duration::from_secs(60),
+    default: Duration::from_secs(5),
+    why: " (the selection is described this long before the instant; 0s describes at the instant)",
+};
+
 // ---------------------------------------------------------------------------------------------------------
 // The validated model
 // ---------------------------------------------------------------------------------------------------------
@@ -168,6 +177,8 @@ pub struct Defaults {
     pub enforce_every: Duration,
     /// The default of the rules' `catch_up`.
     pub catch_up: Duration,
+    /// How long before each instant its selection is resolved.
+    pub resolve_ahead: Duration,
 }
 
 /// How a rule stops its instances.
@@ -491,6 +502,7 @@ struct RawDefaults {
     credentials_wait: Option<Spanned<String>>,
     enforce_every: Option<Spanned<String>>,
     catch_up: Option<Spanned<String>>,
+    resolve_ahead: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -960,6 +972,12 @@ fn validate_defaults(d: &RawDefaults, problems: &mut Problems) -> Defaults {
         problems,
     );
     let catch_up = check_duration(d.catch_up.as_ref(), "catch_up", &CATCH_UP, problems);
+    let resolve_ahead = check_duration(
+        d.resolve_ahead.as_ref(),
+        "resolve_ahead",
+        &RESOLVE_AHEAD,
+        problems,
+    );
     if let (Some(refresh), Some(session)) = (refresh_before_expiry, session_duration) {
         check_refresh_fits_session(d, refresh, session, problems);
     }
@@ -972,6 +990,7 @@ fn validate_defaults(d: &RawDefaults, problems: &mut Problems) -> Defaults {
         credentials_wait: credentials_wait.unwrap_or(CREDENTIALS_WAIT.default),
         enforce_every: enforce_every.unwrap_or(ENFORCE_EVERY.default),
         catch_up: catch_up.unwrap_or(CATCH_UP.default),
+        resolve_ahead: resolve_ahead.unwrap_or(RESOLVE_AHEAD.default),
     }
 }
 
@@ -2203,6 +2222,10 @@ BEGIN:VEVENT\r\nDTSTART;VALUE=DATE:20270429\r\nDTEND;VALUE=DATE:20270501\r\nEND:
             (
                 format!("[defaults]\nenforce_every = \"5s\"\n{MINIMAL}"),
                 "2:17: enforce_every: \"5s\" is out of range: expected 10s to 1day",
+            ),
+            (
+                format!("[defaults]\nresolve_ahead = \"2m\"\n{MINIMAL}"),
+                "2:17: resolve_ahead: \"2m\" is out of range: expected 0s to 1m",
             ),
             (
                 format!("{MINIMAL}enforce = \"yes\"\n"),

@@ -132,6 +132,22 @@ struct Daemon {
     /// said again only when it changes.
     enforce_said: Arc<std::sync::Mutex<BTreeMap<String, String>>>,
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// Results reported since the heap was last given back (see `release_memory`).
+    results_since_release: usize,
+}
+
+/// After this many results, once no batch is in flight, freed heap is given back to the system.
+const RELEASE_MEMORY_AFTER: usize = 1_000;
+
+/// Gives freed heap memory back to the system. glibc keeps what a large action freed in its arenas,
+/// so without this the process keeps its peak size (1 GiB after a 40,000-instance stop, measured)
+/// until it exits.
+fn release_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim takes no pointer; it only returns the allocator's own free pages.
+    unsafe {
+        libc::malloc_trim(0);
+    }
 }
 
 impl Daemon {
@@ -251,7 +267,9 @@ impl Daemon {
                 );
             }
         }
-        if now < self.checked_until - chrono::Duration::seconds(1) {
+        // Up to `resolve_ahead` past now is normal: the next instant's selection is being resolved.
+        let ahead = chrono_duration(self.config.defaults.resolve_ahead);
+        if now + ahead < self.checked_until - chrono::Duration::seconds(1) {
             tracing::warn!(
                 "the clock is now {} before the last instant handled ({}): occurrences in between that \
                  were done will not be repeated; the others run at their time",
@@ -273,7 +291,8 @@ impl Daemon {
         let now = self.clock.now();
         self.follow_clock(now, self.clock.monotonic());
         let from = self.checked_until;
-        let work = planner::due_between(&self.config, from, now);
+        let until = self.resolve_until(now);
+        let work = planner::due_ahead(&self.config, from, now, until);
         report_missed(self.sink.as_ref(), &self.config, &work.missed, now);
         let due: Vec<Firing> = work
             .due
@@ -292,7 +311,7 @@ impl Daemon {
                 !done
             })
             .collect();
-        self.checked_until = self.checked_until.max(now);
+        self.checked_until = self.checked_until.max(until);
         let keys: Vec<OccurrenceKey> = due.iter().filter_map(|f| self.key(f)).collect();
         // Durable before anything is done: a crash from here on resumes these after the restart. A
         // quiet pass needs no write: no occurrence lies between the last write and now, so resuming
@@ -320,6 +339,34 @@ impl Daemon {
         for group in by_at.into_values() {
             self.dispatch(&group, None, &BTreeMap::new());
         }
+    }
+
+    /// How far a pass at `now` takes in: up to now, and the next instant when it is at most
+    /// `resolve_ahead` away (its batches resolve their selections now and act at the instant). One
+    /// instant at a time, so that a rule firing every second is not several occurrences at once.
+    fn resolve_until(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+        match self.next_instant(now) {
+            Some((next, resolve_at)) if resolve_at <= now => next,
+            _ => now,
+        }
+    }
+
+    /// The next instant not yet taken in, and when a pass takes it in: `resolve_ahead` before it, or at
+    /// the instant itself while an earlier occurrence is still in flight (its batches first see what it
+    /// did: a rule firing more often than `resolve_ahead` gets no head start).
+    fn next_instant(&self, now: DateTime<Utc>) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
+        let next = planner::next_due(&self.config, now.max(self.checked_until))?;
+        let ahead = chrono_duration(self.config.defaults.resolve_ahead);
+        if self.open.is_empty() {
+            Some((next, next - ahead))
+        } else {
+            Some((next, next))
+        }
+    }
+
+    /// When the next pass is due (batches ending wake the loop as well).
+    fn next_pass(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.next_instant(now).map(|(_, resolve_at)| resolve_at)
     }
 
     /// Starts an enforce pass when one is due: every `enforce_every`, at start-up, after a reload and
@@ -602,27 +649,32 @@ impl Daemon {
                 trigger,
             }) => {
                 log_batch_done(&outcomes);
+                self.results_since_release += outcomes.len();
                 if !outcomes.is_empty() {
                     self.sink.batch_done(&outcomes);
                 }
                 if trigger == Trigger::Enforce {
                     self.enforcing = self.enforcing.saturating_sub(1);
-                    return;
-                }
-                let r = self.record.done(&keys);
-                self.recorded("recording done occurrences", r);
-                for k in keys {
-                    self.open.remove(&k);
-                    self.done.insert(k);
-                }
-                // Remembered as long as the record remembers them.
-                if let Some(latest) = self.done.iter().map(|k| k.at).max() {
-                    let horizon = latest - chrono_duration(state::REMEMBER_DONE);
-                    self.done.retain(|k| k.at >= horizon);
+                } else {
+                    let r = self.record.done(&keys);
+                    self.recorded("recording done occurrences", r);
+                    for k in keys {
+                        self.open.remove(&k);
+                        self.done.insert(k);
+                    }
+                    // Remembered as long as the record remembers them.
+                    if let Some(latest) = self.done.iter().map(|k| k.at).max() {
+                        let horizon = latest - chrono_duration(state::REMEMBER_DONE);
+                        self.done.retain(|k| k.at >= horizon);
+                    }
                 }
             }
             Err(e) if e.is_cancelled() => {}
             Err(e) => tracing::error!("an action batch crashed: {e}"),
+        }
+        if self.inflight.is_empty() && self.results_since_release >= RELEASE_MEMORY_AFTER {
+            self.results_since_release = 0;
+            release_memory();
         }
     }
 
@@ -829,6 +881,7 @@ pub async fn run(
         enforce_after_batches: false,
         enforcing: 0,
         enforce_said: Default::default(),
+        results_since_release: 0,
         metrics,
     };
     daemon.sink.configured(&daemon.config);
@@ -872,7 +925,8 @@ pub async fn run(
         } else {
             cap
         };
-        let sleep_for = planner::next_due(&daemon.config, now)
+        let sleep_for = daemon
+            .next_pass(now)
             .map(|n| (n - now).to_std().unwrap_or_default())
             .unwrap_or(cap)
             .min(cap);

@@ -122,6 +122,9 @@ struct Report {
     already: Arc<BTreeSet<String>>,
     unflushed: Vec<String>,
     on_reported: OnReported,
+    /// While the batch works ahead of its instant: outcomes decided then (skipped, failed describes),
+    /// logged at the instant.
+    held: Option<Vec<Outcome>>,
 }
 
 impl Report {
@@ -132,10 +135,15 @@ impl Report {
             already: ctx.already_reported.clone(),
             unflushed: Vec::new(),
             on_reported: ctx.on_reported.clone(),
+            held: None,
         }
     }
 
     fn push(&mut self, o: Outcome) {
+        if let Some(held) = &mut self.held {
+            held.push(o);
+            return;
+        }
         let name = reported_name(&o);
         if self.already.contains(&name) {
             return;
@@ -145,7 +153,22 @@ impl Report {
         self.unflushed.push(name);
     }
 
+    /// Holds outcomes back (ahead of the instant) until `release`.
+    fn hold(&mut self) {
+        self.held.get_or_insert_with(Vec::new);
+    }
+
+    /// Reports what was held back.
+    fn release(&mut self) {
+        for o in self.held.take().unwrap_or_default() {
+            self.push(o);
+        }
+    }
+
     fn flush(&mut self) {
+        if self.held.is_some() {
+            return;
+        }
         if !self.unflushed.is_empty() {
             (self.on_reported)(&std::mem::take(&mut self.unflushed));
         }
@@ -416,12 +439,25 @@ async fn run_region(ctx: &BatchContext, batch: &AccountBatch, region: &str) -> R
     }
 
     let guard = client.exclusive.lock().await;
+    // Ahead of the instant (`resolve_ahead`): what is decided now is reported at the instant.
+    if batch.at > ctx.clock.now() {
+        report.hold();
+    }
     let resolved = if ctx.opts.trigger == Trigger::Enforce {
         resolve_at_once(ec2, &place, &requests, &mut report).await
     } else {
         resolve(ec2, &place, &requests, &mut report).await
     };
-    let mut plan = plan(ctx, &place, &requests, &resolved.selected, &mut report);
+    let mut plan = plan(
+        ctx,
+        &place,
+        (&requests, batch.at),
+        &resolved.selected,
+        &mut report,
+    );
+    // Resolved ahead of the instant: the calls leave at the instant itself.
+    wait_for_instant(ctx.clock.as_ref(), batch.at).await;
+    report.release();
     report.flush();
     let mut accepted = BTreeMap::new();
     for (action, targets) in std::mem::take(&mut plan.act) {
@@ -472,6 +508,21 @@ async fn run_region(ctx: &BatchContext, batch: &AccountBatch, region: &str) -> R
         found: resolved.found,
         unresolved,
         describe_errors: resolved.describe_errors,
+    }
+}
+
+/// Returns once the wall clock reads `at` (at once when it is past). Slept in steps that re-read the
+/// clock, so that a clock stepped forward meanwhile does not delay the action, and one stepped back does
+/// not make it early.
+async fn wait_for_instant(clock: &dyn Clock, at: chrono::DateTime<chrono::Utc>) {
+    loop {
+        let Ok(left) = (at - clock.now()).to_std() else {
+            return;
+        };
+        if left.is_zero() {
+            return;
+        }
+        tokio::time::sleep(left.min(Duration::from_secs(1))).await;
     }
 }
 
@@ -725,13 +776,15 @@ async fn resolve_at_once(
 fn plan(
     ctx: &BatchContext,
     place: &Place,
-    requests: &[&Request],
+    (requests, at): (&[&Request], chrono::DateTime<chrono::Utc>),
     selected: &[Selected],
     report: &mut Report,
 ) -> RegionPlan {
     let dry_run = ctx.opts.dry_run;
     let enforcing = ctx.opts.trigger == Trigger::Enforce;
-    let now = ctx.clock.now();
+    // Planned ahead of the instant (`resolve_ahead`), the plan is for the instant: an override tag that
+    // ends between now and then no longer holds.
+    let now = ctx.clock.now().max(at);
     let views: BTreeMap<&str, &InstanceView> = selected
         .iter()
         .map(|s| (s.instance.id.as_str(), &s.instance))

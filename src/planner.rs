@@ -86,8 +86,21 @@ pub struct DueWork {
 /// [`MISSED_COUNT_CAP`] steps of counting per rule and action whatever the window: the latest occurrence
 /// is found searching back from `now`, not forward from `after`.
 pub fn due_between(config: &Config, after: DateTime<Utc>, now: DateTime<Utc>) -> DueWork {
+    due_ahead(config, after, now, now)
+}
+
+/// As [`due_between`] over `(after, until]`, with `until` at or after `now`: occurrences after `now`
+/// (at most `until`, a little ahead) are due, so that their selection is resolved before their instant.
+/// How late an occurrence is, against its `catch_up`, is always measured from `now`.
+pub fn due_ahead(
+    config: &Config,
+    after: DateTime<Utc>,
+    now: DateTime<Utc>,
+    until: DateTime<Utc>,
+) -> DueWork {
     let mut work = DueWork::default();
-    if now <= after {
+    let until = until.max(now);
+    if until <= after {
         return work;
     }
     for rule in &config.rules {
@@ -102,7 +115,7 @@ pub fn due_between(config: &Config, after: DateTime<Utc>, now: DateTime<Utc>) ->
                     .filter_map(|s| s.latest_in(Some(after), until, zone))
                     .max()
             };
-            let Some(latest) = latest_in(now) else {
+            let Some(latest) = latest_in(until) else {
                 continue;
             };
             let last_missed = if now - latest <= tolerance {

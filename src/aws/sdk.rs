@@ -16,9 +16,9 @@ use aws_config::{BehaviorVersion, Region, SdkConfig};
 use aws_credential_types::Credentials;
 use aws_credential_types::provider::error::CredentialsError;
 use aws_credential_types::provider::{self, ProvideCredentials, SharedCredentialsProvider};
+use aws_sdk_ec2::config::SharedHttpClient;
 use aws_sdk_ec2::operation::RequestId;
 use aws_sdk_ec2::types::{Filter, InstanceStateName};
-use aws_sdk_ec2::config::SharedHttpClient;
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 
 use super::{
@@ -30,6 +30,9 @@ use crate::planner::InstanceView;
 /// Every AWS call is bounded, so a hung endpoint cannot stall an action or a shutdown.
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(60);
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(20);
+/// Idle connections kept per endpoint, and for how long.
+const POOL_IDLE_PER_HOST: usize = 16;
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 /// EC2 accepts at most 200 values in one filter.
 const FILTER_VALUES_MAX: usize = 200;
 /// DescribeInstances page size: each page is its own request (and its own attempt timeout).
@@ -144,6 +147,10 @@ fn shared_https_client() -> SharedHttpClient {
             connector.set_sleep_impl(components.sleep_impl());
         }
         connector.set_proxy_config(Some(ProxyConfig::from_env()));
+        // After a burst (a thousand accounts acting at one instant) the pool keeps a few connections
+        // per endpoint, not one per request that was in flight, each with its buffers.
+        connector.set_pool_max_idle_per_host(Some(POOL_IDLE_PER_HOST));
+        connector.set_pool_idle_timeout(Some(Some(POOL_IDLE_TIMEOUT)));
         connector.build()
     })
 }
@@ -156,6 +163,11 @@ pub struct SdkAws {
     http: SharedHttpClient,
     source: CredentialSource,
     configs: tokio::sync::Mutex<BTreeMap<String, SdkConfig>>,
+    /// One EC2 client per region for every account, and one STS client per region: an account's
+    /// credentials go with each of its calls (`SdkEc2`), so a thousand accounts cost a thousand small
+    /// handles, not a thousand SDK clients per region.
+    ec2_clients: tokio::sync::Mutex<BTreeMap<String, aws_sdk_ec2::Client>>,
+    sts_clients: tokio::sync::Mutex<BTreeMap<String, aws_sdk_sts::Client>>,
 }
 
 impl SdkAws {
@@ -180,6 +192,8 @@ impl SdkAws {
             http: shared_https_client(),
             source: source.clone(),
             configs: Default::default(),
+            ec2_clients: Default::default(),
+            sts_clients: Default::default(),
         }
     }
 
@@ -212,18 +226,38 @@ impl Aws for SdkAws {
     }
 
     async fn sts(&self, region: &str) -> Arc<dyn Sts> {
-        Arc::new(SdkSts {
-            client: aws_sdk_sts::Client::new(&self.sdk_config(region).await),
-        })
+        let config = self.sdk_config(region).await;
+        let client = self
+            .sts_clients
+            .lock()
+            .await
+            .entry(region.to_string())
+            .or_insert_with(|| aws_sdk_sts::Client::new(&config))
+            .clone();
+        Arc::new(SdkSts { client })
     }
 
     async fn ec2(&self, region: &str, credentials: Arc<dyn SigningCredentials>) -> Arc<dyn Ec2> {
-        let config = aws_sdk_ec2::config::Builder::from(&self.sdk_config(region).await)
-            .credentials_provider(AssumedRoleProvider(credentials))
-            .identity_cache(IdentityCache::no_cache())
-            .build();
+        let config = self.sdk_config(region).await;
+        let client = self
+            .ec2_clients
+            .lock()
+            .await
+            .entry(region.to_string())
+            .or_insert_with(|| {
+                // No credentials of its own: a call without an account's credentials fails, rather than
+                // acting with the delegate's own.
+                aws_sdk_ec2::Client::from_conf(
+                    aws_sdk_ec2::config::Builder::from(&config)
+                        .credentials_provider(NoAccountCredentials)
+                        .identity_cache(IdentityCache::no_cache())
+                        .build(),
+                )
+            })
+            .clone();
         Arc::new(SdkEc2 {
-            client: aws_sdk_ec2::Client::from_conf(config),
+            client,
+            credentials: SharedCredentialsProvider::new(AssumedRoleProvider(credentials)),
         })
     }
 
@@ -325,6 +359,21 @@ impl ProvideCredentials for AssumedRoleProvider {
     }
 }
 
+/// The shared EC2 clients' own credentials: none. Every call carries its account's.
+#[derive(Debug)]
+struct NoAccountCredentials;
+
+impl ProvideCredentials for NoAccountCredentials {
+    fn provide_credentials<'a>(&'a self) -> provider::future::ProvideCredentials<'a>
+    where
+        Self: 'a,
+    {
+        provider::future::ProvideCredentials::ready(Err(CredentialsError::not_loaded(
+            "an EC2 call without an account's credentials (a bug in shiftd)",
+        )))
+    }
+}
+
 struct SdkSts {
     client: aws_sdk_sts::Client,
 }
@@ -383,8 +432,11 @@ impl Sts for SdkSts {
     }
 }
 
+/// EC2 in one region, for one account: the region's shared client, and the account's credentials,
+/// given with each call.
 struct SdkEc2 {
     client: aws_sdk_ec2::Client,
+    credentials: SharedCredentialsProvider,
 }
 
 fn filter(name: &str, values: &[String]) -> Filter {
@@ -395,18 +447,27 @@ fn filter(name: &str, values: &[String]) -> Filter {
 }
 
 impl SdkEc2 {
+    /// What each call adds to the shared client's configuration: this account's credentials.
+    fn account(&self) -> aws_sdk_ec2::config::Builder {
+        aws_sdk_ec2::config::Builder::default().credentials_provider(self.credentials.clone())
+    }
+
     /// DescribeInstances with `filters`, page by page (each page its own request, retried by the SDK).
     async fn describe_filtered(&self, filters: Vec<Filter>) -> Result<Vec<InstanceView>, AwsError> {
-        let mut pages = self
-            .client
-            .describe_instances()
-            .set_filters(Some(filters))
-            .max_results(DESCRIBE_PAGE)
-            .into_paginator()
-            .send();
         let mut out = Vec::new();
-        while let Some(page) = pages.next().await {
-            let page = page.map_err(|e| aws_error("ec2:DescribeInstances", &e))?;
+        let mut next_token: Option<String> = None;
+        loop {
+            let page = self
+                .client
+                .describe_instances()
+                .set_filters(Some(filters.clone()))
+                .max_results(DESCRIBE_PAGE)
+                .set_next_token(next_token.take())
+                .customize()
+                .config_override(self.account())
+                .send()
+                .await
+                .map_err(|e| aws_error("ec2:DescribeInstances", &e))?;
             for instance in page.reservations().iter().flat_map(|r| r.instances()) {
                 let Some(id) = instance.instance_id() else {
                     continue;
@@ -440,8 +501,11 @@ impl SdkEc2 {
                     hibernation_configured,
                 });
             }
+            match page.next_token() {
+                Some(t) if !t.is_empty() => next_token = Some(t.to_string()),
+                _ => return Ok(out),
+            }
         }
-        Ok(out)
     }
 }
 
@@ -494,6 +558,8 @@ impl Ec2 for SdkEc2 {
                 .start_instances()
                 .set_instance_ids(ids)
                 .dry_run(dry_run)
+                .customize()
+                .config_override(self.account())
                 .send()
                 .await
                 .map(drop)
@@ -504,6 +570,8 @@ impl Ec2 for SdkEc2 {
                 .set_instance_ids(ids)
                 .set_hibernate(hibernate.then_some(true))
                 .dry_run(dry_run)
+                .customize()
+                .config_override(self.account())
                 .send()
                 .await
                 .map(drop)
@@ -521,20 +589,25 @@ impl Ec2 for SdkEc2 {
     }
 
     async fn count_instance_status(&self) -> Result<usize, AwsError> {
-        let mut pages = self
-            .client
-            .describe_instance_status()
-            .include_all_instances(true)
-            .into_paginator()
-            .send();
         let mut n = 0;
-        while let Some(page) = pages.next().await {
-            n += page
-                .map_err(|e| aws_error("ec2:DescribeInstanceStatus", &e))?
-                .instance_statuses()
-                .len();
+        let mut next_token: Option<String> = None;
+        loop {
+            let page = self
+                .client
+                .describe_instance_status()
+                .include_all_instances(true)
+                .set_next_token(next_token.take())
+                .customize()
+                .config_override(self.account())
+                .send()
+                .await
+                .map_err(|e| aws_error("ec2:DescribeInstanceStatus", &e))?;
+            n += page.instance_statuses().len();
+            match page.next_token() {
+                Some(t) if !t.is_empty() => next_token = Some(t.to_string()),
+                _ => return Ok(n),
+            }
         }
-        Ok(n)
     }
 }
 

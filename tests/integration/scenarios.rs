@@ -859,3 +859,77 @@ regions = ["{REGION}", "us-east-1"]
     );
     daemon.stop().await;
 }
+
+/// `resolve_ahead` (default 5s): the selection is described ahead of the instant, the Start/Stop call
+/// leaves at the instant itself, what was decided ahead is reported at the instant, and an override
+/// tag is judged for the instant (one that ends in between no longer holds). With "0s", the describe
+/// happens at the instant.
+#[tokio::test(start_paused = true)]
+async fn selections_are_resolved_ahead_and_the_call_leaves_at_the_instant() {
+    for (ahead, describe_lead) in [
+        ("", 5),
+        ("resolve_ahead = \"20s\"", 20),
+        ("resolve_ahead = \"0s\"", 0),
+    ] {
+        let sim = Sim::new("2026-12-01T19:58:00Z");
+        let ids = sim
+            .aws
+            .add_instances(TARGET, REGION, 3, "running", &[("Schedule", "office")]);
+        // Stopped already: reported skipped, at the instant.
+        sim.aws.set_state(&ids[1], "stopped");
+        // Held until two seconds before the instant: acted on.
+        sim.aws.modify(&ids[2], |i| {
+            i.tags.insert(
+                "shiftd:skip-until".to_string(),
+                "2026-12-01T19:59:58Z".to_string(),
+            );
+        });
+        sim.write_config(&config(
+            ahead,
+            r#"
+[[rules]]
+name = "office"
+account = "account1"
+tags = { Schedule = "office" }
+stop = "0 20 * * *"
+"#,
+        ));
+        let daemon = sim.start();
+        sim.advance_to("2026-12-01T20:05:00Z").await;
+        let instant = crate::sim::t("2026-12-01T20:00:00Z");
+        let calls = sim.aws.calls();
+        let describe = calls
+            .iter()
+            .find(|c| c.operation == fake::DESCRIBE)
+            .expect("a describe");
+        assert_eq!(
+            describe.at,
+            instant - chrono::Duration::seconds(describe_lead),
+            "{ahead:?}: the selection is described that long ahead"
+        );
+        let stops: Vec<_> = calls.iter().filter(|c| c.operation == fake::STOP).collect();
+        assert_eq!(stops.len(), 1, "{ahead:?}: {stops:?}");
+        assert_eq!(
+            stops[0].at, instant,
+            "{ahead:?}: the call leaves at the instant"
+        );
+        assert_eq!(
+            stops[0].ids,
+            [ids[0].clone(), ids[2].clone()],
+            "{ahead:?}: the override ending before the instant no longer holds"
+        );
+        for (when, o) in sim.sink.outcomes_at() {
+            assert!(
+                when >= instant,
+                "{ahead:?}: reported before the instant: {o:?}"
+            );
+        }
+        assert_eq!(
+            sim.outcomes_for(&ids[1])[0].result,
+            ResultKind::Skipped,
+            "{ahead:?}"
+        );
+        assert_eq!(sim.aws.states(&ids), ["stopped"; 3], "{ahead:?}");
+        daemon.stop().await;
+    }
+}
