@@ -136,6 +136,9 @@ struct Daemon {
     results_since_release: usize,
 }
 
+/// How often STATUS= is rewritten while batches are in flight.
+const STATUS_EVERY_WHILE_BUSY: Duration = Duration::from_secs(1);
+
 /// After this many results, once no batch is in flight, freed heap is given back to the system.
 const RELEASE_MEMORY_AFTER: usize = 1_000;
 
@@ -895,14 +898,23 @@ pub async fn run(
     let max_sleep = service.max_sleep().map_or(MAX_SLEEP, |w| w.min(MAX_SLEEP));
     tokio::pin!(shutdown);
 
+    // STATUS= and the next-action metrics cost a look at every rule's next occurrences: while batches
+    // end one after another (a thousand accounts acting at one instant), at most once a second.
+    let mut last_status: Option<tokio::time::Instant> = None;
     loop {
         daemon.tick();
         daemon.maybe_enforce();
         let now = daemon.clock.now();
-        if let Some(m) = &daemon.metrics {
-            m.set_next_actions(&daemon.config, now);
+        let mono = daemon.clock.monotonic();
+        if daemon.inflight.is_empty()
+            || last_status.is_none_or(|t| mono.duration_since(t) >= STATUS_EVERY_WHILE_BUSY)
+        {
+            last_status = Some(mono);
+            if let Some(m) = &daemon.metrics {
+                m.set_next_actions(&daemon.config, now);
+            }
+            service.status(&daemon.status_line(now));
         }
-        service.status(&daemon.status_line(now));
         // From the scheduling loop itself: a hung loop stops the pings and systemd restarts shiftd.
         service.watchdog();
         // While an account waits for credentials, wake often enough that STATUS= shows when they came.
