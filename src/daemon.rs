@@ -132,6 +132,8 @@ struct Daemon {
     /// said again only when it changes.
     enforce_said: Arc<std::sync::Mutex<BTreeMap<String, String>>>,
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// The process's pacing of AWS calls (in-flight cap, EC2 bucket models, the STS rate).
+    pacer: Arc<crate::pacing::Pacer>,
 }
 
 impl Daemon {
@@ -190,11 +192,18 @@ impl Daemon {
             sts,
             spec.clone(),
             credentials.clone(),
+            self.pacer.clone(),
         ));
         AccountRuntime {
             spec,
             clients: Arc::new(
-                AccountClients::connect(self.aws.as_ref(), account, credentials).await,
+                AccountClients::connect_paced(
+                    self.aws.as_ref(),
+                    account,
+                    credentials,
+                    self.pacer.clone(),
+                )
+                .await,
             ),
             refresher,
         }
@@ -207,7 +216,10 @@ impl Daemon {
             .filter(|(_, rt)| rt.clients.credentials.usable_now().is_none())
             .map(|(name, rt)| (name.clone(), rt.clients.credentials.why_unusable()))
             .collect();
-        crate::status::line(&self.config, now, self.dry_run(), &waiting)
+        crate::status::with_progress(
+            crate::status::line(&self.config, now, self.dry_run(), &waiting),
+            &self.pacer.progress(),
+        )
     }
 
     /// Writes to the durable record; a failure is logged once (and again once it works again).
@@ -813,6 +825,7 @@ pub async fn run(
         enforcing: 0,
         enforce_said: Default::default(),
         metrics,
+        pacer: Default::default(),
     };
     daemon.sink.configured(&daemon.config);
     daemon.reconcile_accounts().await;
@@ -835,11 +848,13 @@ pub async fn run(
         service.status(&daemon.status_line(now));
         // From the scheduling loop itself: a hung loop stops the pings and systemd restarts shiftd.
         service.watchdog();
-        // While an account waits for credentials, wake often enough that STATUS= shows when they came.
+        // While an account waits for credentials, wake often enough that STATUS= shows when they came;
+        // while a batch is paced, often enough that it shows its progress.
         let waiting = daemon
             .accounts
             .values()
-            .any(|rt| rt.clients.credentials.usable_now().is_none());
+            .any(|rt| rt.clients.credentials.usable_now().is_none())
+            || !daemon.pacer.progress().is_empty();
         let cap = if waiting {
             max_sleep.min(CREDENTIALS_STATUS_EVERY)
         } else {
