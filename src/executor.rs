@@ -19,7 +19,7 @@ use crate::cluster::{Acquired, ClaimKey, Claimer, Lease};
 use crate::config::{Account, Action, Selection, StopMode};
 use crate::credentials::AccountCredentials;
 use crate::outcome::{Outcome, OutcomeSink, ResultKind, Trigger};
-use crate::pacing::{PacedEc2, Pacer, Plan, RegionBuckets};
+use crate::pacing::{PacedEc2, Pacer, Plan, RegionBuckets, SharedBuckets};
 use crate::planner::{self, AccountBatch, Decision, InstanceView, Progress, Request, Selected};
 
 /// No single AWS call may take longer than this, whatever the client below does (the SDK's own
@@ -32,7 +32,7 @@ pub struct RegionClient {
     /// Paced ([`PacedEc2`]): every call takes a place in the process's in-flight cap.
     pub ec2: Arc<dyn Ec2>,
     /// The model of EC2's token buckets of the account and region (shared with `ec2`).
-    pub buckets: Arc<std::sync::Mutex<RegionBuckets>>,
+    pub buckets: SharedBuckets,
     /// Held while a batch resolves its selection and acts, so that batches due close together for the
     /// same account and region see each other's effects instead of acting twice.
     pub exclusive: Arc<tokio::sync::Mutex<()>>,

@@ -306,6 +306,9 @@ impl RegionBuckets {
     }
 }
 
+/// One account and region's bucket model, shared by its clients.
+pub type SharedBuckets = Arc<Mutex<RegionBuckets>>;
+
 /// A place in the in-flight cap: one of the process's and one of the account's. Dropped when the
 /// call is done.
 pub struct Slot {
@@ -357,7 +360,7 @@ pub struct Pacer {
     per_account: usize,
     accounts: Mutex<HashMap<String, Arc<Semaphore>>>,
     limits: Ec2Limits,
-    places: Mutex<HashMap<(String, String), Arc<Mutex<RegionBuckets>>>>,
+    places: Mutex<HashMap<(String, String), SharedBuckets>>,
     sts: Mutex<TokenBucket>,
     progress: Mutex<BTreeMap<u64, Progress>>,
     next_progress: AtomicU64,
@@ -413,7 +416,7 @@ impl Pacer {
     }
 
     /// The bucket model of one AWS account (its 12 digits) and region, shared by every client there.
-    pub fn place(&self, account_id: &str, region: &str) -> Arc<Mutex<RegionBuckets>> {
+    pub fn place(&self, account_id: &str, region: &str) -> SharedBuckets {
         lock(&self.places)
             .entry((account_id.to_string(), region.to_string()))
             .or_insert_with(|| Arc::new(Mutex::new(RegionBuckets::new(self.limits))))
@@ -472,7 +475,7 @@ impl Drop for ProgressGuard {
 pub struct PacedEc2 {
     pub inner: Arc<dyn Ec2>,
     pub pacer: Arc<Pacer>,
-    pub buckets: Arc<Mutex<RegionBuckets>>,
+    pub buckets: SharedBuckets,
     /// The account's name in the configuration (its share of the cap).
     pub account: String,
     pub clock: Arc<dyn Clock>,
@@ -559,9 +562,15 @@ mod tests {
         Duration::from_secs_f64(s)
     }
 
+    /// Any instant will do: the model only compares the instants it is given.
+    #[allow(clippy::disallowed_methods)]
+    fn origin() -> Instant {
+        Instant::now()
+    }
+
     #[test]
     fn a_bucket_refills_at_its_rate_up_to_its_capacity() {
-        let t0 = Instant::now();
+        let t0 = origin();
         let rate = Rate {
             capacity: 10.0,
             per_second: 2.0,
@@ -584,7 +593,7 @@ mod tests {
 
     #[test]
     fn waits_and_reservations_are_measured_from_the_refill_rate() {
-        let t0 = Instant::now();
+        let t0 = origin();
         let rate = Rate {
             capacity: 1000.0,
             per_second: 2.0,
@@ -608,7 +617,7 @@ mod tests {
 
     #[test]
     fn five_thousand_starts_go_out_as_a_thousand_then_as_the_bucket_refills() {
-        let t0 = Instant::now();
+        let t0 = origin();
         let mut b = RegionBuckets::new(Ec2Limits::default());
         // (seconds after t0, IDs waiting, exact, expected plan)
         let cases = [
@@ -645,7 +654,7 @@ mod tests {
 
     #[test]
     fn stops_are_bound_by_the_request_bucket_once_the_resource_bucket_allows_full_calls() {
-        let t0 = Instant::now();
+        let t0 = origin();
         let mut b = RegionBuckets::new(Ec2Limits::default());
         let mut sent = 0;
         // 50 one-instance stops: the request bucket's 50 tokens.
@@ -669,7 +678,7 @@ mod tests {
 
     #[test]
     fn a_throttled_answer_empties_the_model_and_holds_the_place_back_longer_each_time() {
-        let t0 = Instant::now();
+        let t0 = origin();
         let mut b = RegionBuckets::new(Ec2Limits::default());
         // (jitter, expected pause)
         let cases = [(1.0, 1.0), (1.0, 2.0), (0.0, 2.0), (1.0, 8.0)];
