@@ -350,8 +350,11 @@ fn cron_at(at: DateTime<Utc>) -> String {
 }
 
 fn config(s: &Scenario, instant: DateTime<Utc>) -> String {
+    // catch_up bounds how long a paced batch may go on sending (5,000 starts take 2,000 s at the
+    // StartInstances resource bucket's 2 per second).
     let mut text = String::from(
-        "[defaults]\ntimezone = \"UTC\"\nverify_timeout = \"2m\"\ncredentials_wait = \"2m\"\n\n",
+        "[defaults]\ntimezone = \"UTC\"\nverify_timeout = \"2m\"\ncredentials_wait = \"2m\"\n\
+         catch_up = \"1h\"\n\n",
     );
     let regions: Vec<String> = REGIONS[..s.regions]
         .iter()
