@@ -1053,6 +1053,8 @@ async fn act_chunks(
     let mut in_flight = futures::stream::FuturesUnordered::new();
     let mut refused = Vec::new();
     let mut sent = 0;
+    // IDs in the calls in flight.
+    let mut sending = 0;
     let mut throttled = 0u32;
     let mut last_throttle: Option<AwsError> = None;
     let mut progress = None;
@@ -1095,6 +1097,7 @@ async fn act_chunks(
                         },
                     };
                     let ids: Vec<String> = call.targets.iter().map(|t| t.id.clone()).collect();
+                    sending += ids.len();
                     in_flight.push(async move {
                         let result =
                             bounded(operation, ec2.change_state(action, &ids, false, hibernate))
@@ -1119,7 +1122,7 @@ async fn act_chunks(
                 action = action.as_str(),
                 "{action}: {} of {total} instance(s) in {}/{} sent; the rest ({waiting}) go as EC2's \
                  token buckets refill (paced to EC2's rate limits)",
-                crate::pacing::thousands(sent + in_flight.len()),
+                crate::pacing::thousands(sent + sending),
                 place.account,
                 place.region,
             );
@@ -1138,6 +1141,7 @@ async fn act_chunks(
         tokio::select! {
             Some((mut call, result)) = futures::StreamExt::next(&mut in_flight), if !in_flight.is_empty() => {
                 let now = ctx.clock.monotonic();
+                sending -= call.targets.len();
                 match result {
                     Ok(()) => {
                         model().accepted();
@@ -1201,10 +1205,14 @@ async fn act_chunks(
                 give_up.clone().unwrap_or_else(|| {
                     format!(
                         "not {}, throttled: EC2's rate limits for {operation} in this account and region \
-                         did not allow it before {} (the end of the rule's catch_up window; {} throttled \
-                         answer(s){})",
+                         did not allow it before {} ({}; {} throttled answer(s){})",
                         done_word(action),
                         how.until(t).to_rfc3339(),
+                        if ctx.opts.trigger == Trigger::Enforce {
+                            "the rule's next occurrence"
+                        } else {
+                            "the end of the rule's catch_up window"
+                        },
                         throttled,
                         last_throttle
                             .as_ref()
