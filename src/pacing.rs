@@ -43,6 +43,9 @@ pub const STS_RATE: Rate = Rate {
     capacity: 50.0,
     per_second: 50.0,
 };
+/// The model keeps this much refill in hand: EC2 takes a call's tokens when the call arrives, a little
+/// after shiftd planned it, and that delay varies from call to call (at 2 tokens a second, half a token).
+pub const MARGIN: Duration = Duration::from_millis(250);
 /// DescribeInstances pages are of this many instances (the SDK wrapper's page size): a describe that
 /// returned more took more than one request, and more than one token.
 const DESCRIBE_PAGE: usize = 500;
@@ -254,14 +257,19 @@ impl RegionBuckets {
         } else {
             want.min(self.min_chunk(action))
         };
-        let request_wait = self.mutate.wait_for(now, 1.0);
-        let resource_wait = self.resource(action).wait_for(now, floor as f64);
+        let margin = |b: &TokenBucket| b.rate.per_second * MARGIN.as_secs_f64();
+        let request_margin = margin(&self.mutate);
+        let resource_margin = margin(self.resource(action));
+        let request_wait = self.mutate.wait_for(now, 1.0 + request_margin);
+        let resource_wait = self
+            .resource(action)
+            .wait_for(now, floor as f64 + resource_margin);
         let wait = request_wait.max(resource_wait);
         if !wait.is_zero() {
             // Never zero: a wait of a few nanoseconds must not be read as "go".
             return Plan::Wait(wait.max(Duration::from_millis(1)));
         }
-        let there = (self.resource(action).available(now) + 1e-9)
+        let there = (self.resource(action).available(now) - resource_margin + 1e-9)
             .floor()
             .max(0.0) as usize;
         let n = if exact { want } else { want.min(there) };
@@ -273,7 +281,9 @@ impl RegionBuckets {
     /// A describe's turn: takes its token, returns how long to wait before the call.
     pub fn describe_turn(&mut self, now: Instant) -> Duration {
         let held = self.held(now).unwrap_or_default();
-        self.describe.reserve(now, 1.0).max(held)
+        let wait = self.describe.reserve(now, 1.0);
+        let wait = if wait.is_zero() { wait } else { wait + MARGIN };
+        wait.max(held)
     }
 
     /// A describe took `requests` requests in all (pages): the ones beyond the first are charged now.
@@ -630,17 +640,19 @@ mod tests {
             (0.0, 4400, false, Plan::Send(100)),
             (0.0, 4300, false, Plan::Send(100)),
             (0.0, 4200, false, Plan::Send(100)),
-            (0.0, 4100, false, Plan::Send(100)),
-            // The resource bucket is empty: wait for 20 tokens (10 s at 2/s), not 1.
-            (0.0, 4000, false, Plan::Wait(secs(10.0))),
-            (4.0, 4000, false, Plan::Wait(secs(6.0))),
-            (10.0, 4000, false, Plan::Send(20)),
+            // Half a token (250 ms of refill) kept in hand.
+            (0.0, 4100, false, Plan::Send(99)),
+            // The resource bucket is nearly empty (1 token): wait for 20 (and the half in hand) at 2/s,
+            // not for 1.
+            (0.0, 4001, false, Plan::Wait(secs(9.75))),
+            (4.0, 4001, false, Plan::Wait(secs(5.75))),
+            (9.75, 4001, false, Plan::Send(20)),
             // A bigger wait brings a bigger call.
-            (40.0, 3980, false, Plan::Send(60)),
+            (40.0, 3981, false, Plan::Send(60)),
             // Fewer waiting than the minimum: they go as soon as there are tokens for them.
             (41.0, 2, false, Plan::Send(2)),
             // A retry of a 100-ID call waits for 100 tokens.
-            (41.0, 100, true, Plan::Wait(secs(50.0))),
+            (41.0, 100, true, Plan::Wait(secs(49.75))),
             (91.0, 100, true, Plan::Send(100)),
         ];
         for (at, want, exact, plan) in cases {
@@ -657,18 +669,22 @@ mod tests {
         let t0 = origin();
         let mut b = RegionBuckets::new(Ec2Limits::default());
         let mut sent = 0;
-        // 50 one-instance stops: the request bucket's 50 tokens.
+        // 48 one-instance stops: the request bucket's 50 tokens, 1.25 (250 ms of refill) kept in hand.
         while let Plan::Send(n) = b.plan(t0, Action::Stop, 1, false) {
             sent += n;
         }
-        assert_eq!(sent, 50);
+        assert_eq!(sent, 48);
         assert_eq!(
             b.plan(t0, Action::Stop, 1, false),
-            Plan::Wait(secs(0.2)),
+            Plan::Wait(secs(0.05)),
             "5 requests per second"
         );
         assert_eq!(
-            b.plan(t0, Action::Start, 1, false),
+            b.plan(t0 + secs(0.05), Action::Stop, 1, false),
+            Plan::Send(1)
+        );
+        assert_eq!(
+            b.plan(t0 + secs(0.05), Action::Start, 1, false),
             Plan::Wait(secs(0.2)),
             "starts share the request bucket"
         );
@@ -694,8 +710,8 @@ mod tests {
         // Once the pause is over, the emptied bucket still decides.
         assert_eq!(
             b.plan(now, Action::Start, 100, true),
-            Plan::Wait(secs(42.0)),
-            "100 tokens, refilled at 2/s since the last drain (8 s ago)"
+            Plan::Wait(secs(42.25)),
+            "100 tokens and the half in hand, refilled at 2/s since the last drain (8 s ago)"
         );
         b.accepted();
         assert_eq!(b.throttled(now, None, 1.0), secs(1.0), "the streak ended");

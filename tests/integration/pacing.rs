@@ -66,9 +66,9 @@ start = "0 8 * * *"
             .map(|c| c.ids.len())
             .sum()
     };
-    // The resource bucket's 1,000 at once (accepted: the fake refuses nothing)...
+    // The resource bucket's 1,000 at once (less the half token in hand; the fake refuses nothing)...
     sim.advance_to("2026-12-01T08:00:05Z").await;
-    assert_eq!(sent(&sim), 1000, "{}", sim.logs.text());
+    assert!((999..=1000).contains(&sent(&sim)), "{}", sim.logs.text());
     assert!(
         sim.logs.text().contains("paced to EC2's rate limits"),
         "{}",
