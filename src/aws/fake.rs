@@ -6,7 +6,9 @@
 //!   for a while after a change;
 //! - EC2's whole-call errors: `IncorrectInstanceState`, `InsufficientInstanceCapacity`,
 //!   `InvalidInstanceID.NotFound`, `UnauthorizedOperation`, and `RequestLimitExceeded` from per-account,
-//!   per-region token buckets;
+//!   per-region token buckets (one per operation, or EC2's own request and resource buckets:
+//!   `throttle_like_ec2`);
+//! - calls that take time (`set_call_latency`), and the most ever in flight, in all and per account;
 //! - STS sessions that expire (on STS's own clock, which may be skewed), `AccessDenied`, throttling;
 //! - scripted faults on any operation: an error, a delay, a hang;
 //! - a log of every call, with the instant it was made.
