@@ -27,10 +27,22 @@ pub fn usable(expiry: SystemTime, now: SystemTime) -> bool {
     expiry > now + SIGNING_MARGIN
 }
 
-/// When to renew credentials issued at `issued` that expire at `expiry`: `before` ahead of expiry, but
-/// not sooner than 30 s after issue (a role whose maximum session is shorter than configured).
-pub fn renew_at(issued: SystemTime, expiry: SystemTime, before: Duration) -> SystemTime {
-    let wanted = expiry.checked_sub(before).unwrap_or(issued);
+/// The renewals of many accounts are spread over up to this long (and at most half of
+/// `refresh_before_expiry`), so that they do not all call STS at the same instant an hour later.
+pub const RENEWAL_SPREAD: Duration = Duration::from_secs(300);
+
+/// When to renew credentials issued at `issued` that expire at `expiry`: `before` ahead of expiry, and
+/// earlier by `jitter` (in [0, 1)) of the spread (min(`before` / 2, [`RENEWAL_SPREAD`])), never later;
+/// but not sooner than 30 s after issue (a role whose maximum session is shorter than configured).
+pub fn renew_at(
+    issued: SystemTime,
+    expiry: SystemTime,
+    before: Duration,
+    jitter: f64,
+) -> SystemTime {
+    let spread = (before / 2).min(RENEWAL_SPREAD);
+    let early = before + spread.mul_f64(jitter.clamp(0.0, 1.0));
+    let wanted = expiry.checked_sub(early).unwrap_or(issued);
     wanted.max(issued + Duration::from_secs(30))
 }
 
@@ -317,7 +329,12 @@ pub async fn renew_once(
                 );
             }
             let issued_local = sent.min(received);
-            let next = renew_at(issued_local, local_expiry, spec.refresh_before_expiry);
+            let next = renew_at(
+                issued_local,
+                local_expiry,
+                spec.refresh_before_expiry,
+                rand::random(),
+            );
             tracing::info!(
                 account = store.account(),
                 role_arn = %spec.role_arn,
@@ -339,12 +356,24 @@ pub async fn renew_once(
     }
 }
 
-/// Keeps `store` filled with fresh credentials for `spec`, forever (abort the task to stop it).
-pub async fn keep_fresh(sts: Arc<dyn Sts>, spec: SessionSpec, store: AccountCredentials) {
+/// Keeps `store` filled with fresh credentials for `spec`, forever (abort the task to stop it). Each
+/// AssumeRole waits for its turn at `pacer` (the process's STS rate and in-flight cap).
+pub async fn keep_fresh(
+    sts: Arc<dyn Sts>,
+    spec: SessionSpec,
+    store: AccountCredentials,
+    pacer: Arc<crate::pacing::Pacer>,
+) {
     let clock = store.clock().clone();
     let mut attempt: u32 = 0;
     loop {
-        match renew_once(sts.as_ref(), &spec, &store).await {
+        let renewed = {
+            let _slot = pacer
+                .assume_role_turn(store.account(), clock.as_ref())
+                .await;
+            renew_once(sts.as_ref(), &spec, &store).await
+        };
+        match renewed {
             Ok(next) => {
                 attempt = 0;
                 let wait = next.duration_since(clock.system_time()).unwrap_or_default();
@@ -393,17 +422,24 @@ mod tests {
     #[test]
     fn renewal_and_usability_table() {
         let min = 60;
-        // (issued, expiry, before, expected renewal)
+        // (issued, expiry, before, jitter, expected renewal)
         let cases = [
-            (0, 60 * min, 10 * min, 50 * min),
-            (0, 15 * min, 10 * min, 5 * min),
+            (0, 60 * min, 10 * min, 0.0, 50 * min),
+            (0, 15 * min, 10 * min, 0.0, 5 * min),
+            // Spread: up to half of `before` earlier, at most 5 minutes.
+            (0, 60 * min, 10 * min, 0.5, 50 * min - 150),
+            (0, 60 * min, 10 * min, 1.0, 45 * min),
+            (0, 60 * min, 30 * min, 1.0, 25 * min),
+            (0, 60 * min, 2 * min, 1.0, 57 * min),
             // The role granted less than asked: never renew sooner than 30 s after issue.
-            (0, 5 * min, 10 * min, 30),
+            (0, 5 * min, 10 * min, 0.0, 30),
+            (0, 11 * min, 10 * min, 1.0, 30),
         ];
-        for (issued, expiry, before, want) in cases {
+        for (issued, expiry, before, jitter, want) in cases {
             assert_eq!(
-                renew_at(t(issued), t(expiry), Duration::from_secs(before)),
-                t(want)
+                renew_at(t(issued), t(expiry), Duration::from_secs(before), jitter),
+                t(want),
+                "{issued} {expiry} {before} {jitter}"
             );
         }
         assert!(usable(t(1000), t(900)));

@@ -134,6 +134,8 @@ struct Daemon {
     metrics: Option<Arc<crate::metrics::Metrics>>,
     /// Results reported since the heap was last given back (see `release_memory`).
     results_since_release: usize,
+    /// The process's pacing of AWS calls (in-flight cap, EC2 bucket models, the STS rate).
+    pacer: Arc<crate::pacing::Pacer>,
 }
 
 /// How often STATUS= is rewritten while batches are in flight.
@@ -209,11 +211,18 @@ impl Daemon {
             sts,
             spec.clone(),
             credentials.clone(),
+            self.pacer.clone(),
         ));
         AccountRuntime {
             spec,
             clients: Arc::new(
-                AccountClients::connect(self.aws.as_ref(), account, credentials).await,
+                AccountClients::connect_paced(
+                    self.aws.as_ref(),
+                    account,
+                    credentials,
+                    self.pacer.clone(),
+                )
+                .await,
             ),
             refresher,
         }
@@ -226,7 +235,10 @@ impl Daemon {
             .filter(|(_, rt)| !rt.clients.credentials.is_usable_now())
             .map(|(name, rt)| (name.clone(), rt.clients.credentials.why_unusable()))
             .collect();
-        crate::status::line(&self.config, now, self.dry_run(), &waiting)
+        crate::status::with_progress(
+            crate::status::line(&self.config, now, self.dry_run(), &waiting),
+            &self.pacer.progress(),
+        )
     }
 
     /// Writes to the durable record; a failure is logged once (and again once it works again).
@@ -886,6 +898,7 @@ pub async fn run(
         enforce_said: Default::default(),
         results_since_release: 0,
         metrics,
+        pacer: Default::default(),
     };
     daemon.sink.configured(&daemon.config);
     daemon.reconcile_accounts().await;
@@ -920,11 +933,13 @@ pub async fn run(
         }
         // From the scheduling loop itself: a hung loop stops the pings and systemd restarts shiftd.
         service.watchdog();
-        // While an account waits for credentials, wake often enough that STATUS= shows when they came.
+        // While an account waits for credentials, wake often enough that STATUS= shows when they came;
+        // while a batch is paced, often enough that it shows its progress.
         let waiting = daemon
             .accounts
             .values()
-            .any(|rt| !rt.clients.credentials.is_usable_now());
+            .any(|rt| !rt.clients.credentials.is_usable_now())
+            || !daemon.pacer.progress().is_empty();
         let cap = if waiting {
             max_sleep.min(CREDENTIALS_STATUS_EVERY)
         } else {

@@ -10,6 +10,7 @@ use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::{DateTime, Utc};
 use tokio::sync::watch;
 
 use crate::aws::{AwsError, Ec2};
@@ -18,10 +19,9 @@ use crate::cluster::{Acquired, ClaimKey, Claimer, Lease};
 use crate::config::{Account, Action, Selection, StopMode};
 use crate::credentials::AccountCredentials;
 use crate::outcome::{Outcome, OutcomeSink, ResultKind, Trigger};
+use crate::pacing::{PacedEc2, Pacer, Plan, RegionBuckets, SharedBuckets};
 use crate::planner::{self, AccountBatch, Decision, InstanceView, Progress, Request, Selected};
 
-/// StartInstances/StopInstances calls carry at most this many IDs.
-const IDS_PER_CALL: usize = 100;
 /// No single AWS call may take longer than this, whatever the client below does (the SDK's own
 /// operation timeout, 60 s, normally fires first).
 const CALL_TIMEOUT: Duration = Duration::from_secs(90);
@@ -29,7 +29,10 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(90);
 /// EC2 in one region of an account, and the lock batches take there.
 #[derive(Clone)]
 pub struct RegionClient {
+    /// Paced ([`PacedEc2`]): every call takes a place in the process's in-flight cap.
     pub ec2: Arc<dyn Ec2>,
+    /// The model of EC2's token buckets of the account and region (shared with `ec2`).
+    pub buckets: SharedBuckets,
     /// Held while a batch resolves its selection and acts, so that batches due close together for the
     /// same account and region see each other's effects instead of acting twice.
     pub exclusive: Arc<tokio::sync::Mutex<()>>,
@@ -40,21 +43,43 @@ pub struct AccountClients {
     pub account: Account,
     pub credentials: AccountCredentials,
     pub regions: BTreeMap<String, RegionClient>,
+    /// The process's pacing (in-flight cap, bucket models, progress of paced batches).
+    pub pacer: Arc<Pacer>,
 }
 
 impl AccountClients {
-    /// EC2 in each of `account`'s regions, signing with `credentials` (always the newest).
+    /// EC2 in each of `account`'s regions, signing with `credentials` (always the newest), paced on
+    /// its own (one command's run).
     pub async fn connect(
         aws: &dyn crate::aws::Aws,
         account: &Account,
         credentials: AccountCredentials,
     ) -> Self {
+        Self::connect_paced(aws, account, credentials, Arc::new(Pacer::default())).await
+    }
+
+    /// As [`Self::connect`], paced by the process-wide `pacer` (the daemon's, shared by every account).
+    pub async fn connect_paced(
+        aws: &dyn crate::aws::Aws,
+        account: &Account,
+        credentials: AccountCredentials,
+        pacer: Arc<Pacer>,
+    ) -> Self {
         let mut regions = BTreeMap::new();
         for region in &account.regions {
+            let buckets = pacer.place(&account.account_id, region);
+            let ec2 = PacedEc2 {
+                inner: aws.ec2(region, Arc::new(credentials.clone())).await,
+                pacer: pacer.clone(),
+                buckets: buckets.clone(),
+                account: account.name.clone(),
+                clock: credentials.clock().clone(),
+            };
             regions.insert(
                 region.clone(),
                 RegionClient {
-                    ec2: aws.ec2(region, Arc::new(credentials.clone())).await,
+                    ec2: Arc::new(ec2),
+                    buckets,
                     exclusive: Default::default(),
                 },
             );
@@ -63,6 +88,7 @@ impl AccountClients {
             account: account.clone(),
             credentials,
             regions,
+            pacer,
         }
     }
 }
@@ -460,8 +486,18 @@ async fn run_region(ctx: &BatchContext, batch: &AccountBatch, region: &str) -> R
     report.release();
     report.flush();
     let mut accepted = BTreeMap::new();
+    let windows = act_windows(batch, &requests);
     for (action, targets) in std::mem::take(&mut plan.act) {
-        let ok = act(ctx, ec2, &place, action, targets, &leases, &mut report).await;
+        let ok = act(
+            ctx,
+            ec2,
+            &place,
+            action,
+            targets,
+            (&leases, &windows),
+            &mut report,
+        )
+        .await;
         accepted.insert(action, ok);
     }
     drop(guard);
@@ -470,7 +506,16 @@ async fn run_region(ctx: &BatchContext, batch: &AccountBatch, region: &str) -> R
         let ready = await_transitions(ctx, ec2, &place, action, targets, &mut report).await;
         report.flush();
         let _guard = client.exclusive.lock().await;
-        let ok = act(ctx, ec2, &place, action, ready, &leases, &mut report).await;
+        let ok = act(
+            ctx,
+            ec2,
+            &place,
+            action,
+            ready,
+            (&leases, &windows),
+            &mut report,
+        )
+        .await;
         accepted.entry(action).or_default().extend(ok);
     }
     for (action, targets) in std::mem::take(&mut plan.follow) {
@@ -897,15 +942,62 @@ fn plan(
     out
 }
 
-/// Calls Start/Stop in chunks. A chunk EC2 rejects as a whole is retried one instance at a time, so
-/// one bad instance (gone, wrong state, no capacity) does not sink the others. Returns what was accepted.
+/// When a request can no longer be acted on: the rule's next occurrence (`valid_until`), from which
+/// it may want otherwise; for a rule without one, a day after the instant. Not `catch_up`: that is how
+/// late an occurrence may start after downtime, and a batch paced by EC2's limits (5,000 starts take
+/// some 35 minutes) has started. Per rule.
+fn act_windows(batch: &AccountBatch, requests: &[&Request]) -> BTreeMap<String, DateTime<Utc>> {
+    requests
+        .iter()
+        .map(|r| {
+            let end = r
+                .valid_until
+                .unwrap_or(batch.at + chrono::Duration::days(1));
+            (r.rule.clone(), end)
+        })
+        .collect()
+}
+
+/// However late a batch comes to act, a throttled or paced call is given this long.
+const MIN_ACT_WINDOW: Duration = Duration::from_secs(60);
+
+/// How one region's Start/Stop calls are made: where, for which rules' windows, under which leases.
+struct Acting<'a> {
+    ctx: &'a BatchContext,
+    ec2: &'a dyn Ec2,
+    place: &'a Place<'a>,
+    action: Action,
+    leases: &'a [Lease],
+    /// Per rule: when its request can no longer be acted on (see [`act_windows`]).
+    windows: &'a BTreeMap<String, DateTime<Utc>>,
+    /// No target gives up before this (the act's start plus [`MIN_ACT_WINDOW`]).
+    floor: DateTime<Utc>,
+}
+
+impl Acting<'_> {
+    /// When `target` can no longer be acted on: the earliest window of its rules.
+    fn until(&self, target: &Target) -> DateTime<Utc> {
+        target
+            .rules
+            .iter()
+            .filter_map(|r| self.windows.get(r))
+            .min()
+            .copied()
+            .unwrap_or(DateTime::<Utc>::MAX_UTC)
+            .max(self.floor)
+    }
+}
+
+/// Calls Start/Stop in chunks, paced (see [`act_chunks`]). A chunk EC2 rejects as a whole (other than
+/// throttling) is retried one instance at a time, so one bad instance (gone, wrong state, no capacity)
+/// does not sink the others. Returns what was accepted.
 async fn act(
     ctx: &BatchContext,
     ec2: &dyn Ec2,
     place: &Place<'_>,
     action: Action,
     targets: Vec<Target>,
-    leases: &[Lease],
+    (leases, windows): (&[Lease], &BTreeMap<String, DateTime<Utc>>),
     report: &mut Report,
 ) -> Vec<Target> {
     if targets.is_empty() {
@@ -917,6 +1009,15 @@ async fn act(
             .progress(crate::cluster::Progress::Dispatched, Vec::new())
             .await;
     }
+    let how = Acting {
+        ctx,
+        ec2,
+        place,
+        action,
+        leases,
+        windows,
+        floor: ctx.clock.now() + crate::clock::chrono_duration(MIN_ACT_WINDOW),
+    };
     let mut accepted = Vec::new();
     let (hibernating, plain): (Vec<Target>, Vec<Target>) =
         targets.into_iter().partition(|t| t.hibernate);
@@ -925,16 +1026,7 @@ async fn act(
         groups.insert(0, (true, hibernating));
     }
     for (hibernate, targets) in groups {
-        let rest = act_chunks(
-            ec2,
-            place,
-            action,
-            (hibernate, leases),
-            targets,
-            report,
-            &mut accepted,
-        )
-        .await;
+        let rest = act_chunks(&how, hibernate, targets, report, &mut accepted).await;
         if !rest.is_empty() {
             // EC2 refused to hibernate them: a plain stop instead, said with each result.
             tracing::warn!(
@@ -956,82 +1048,278 @@ async fn act(
                     t
                 })
                 .collect();
-            act_chunks(
-                ec2,
-                place,
-                action,
-                (false, leases),
-                rest,
-                report,
-                &mut accepted,
-            )
-            .await;
+            act_chunks(&how, false, rest, report, &mut accepted).await;
         }
     }
     report.flush();
     accepted
 }
 
-/// Start/Stop calls for `targets`, chunked, each refused chunk retried one by one; what was accepted is
-/// added to `accepted`. With `hibernate`, the instances EC2 refuses to hibernate are returned (not
-/// reported), to be stopped plainly.
+/// One Start/Stop call still to make: its instances, and the throttled answers it has had.
+struct Call {
+    targets: Vec<Target>,
+    throttled: u32,
+}
+
+/// Start/Stop calls for `targets`, paced by the model of EC2's buckets of the account and region:
+/// calls are sized to the resource tokens there are (at most 100 IDs) and sent concurrently while the
+/// model allows, then as the buckets refill. A throttled call is not a failure: the model is emptied,
+/// the place held back (exponential, jittered), and the same call retried; only a target whose window
+/// ends (or a shutdown) before it could be sent is reported failed, as throttled. A call rejected as a
+/// whole for another reason is retried one instance at a time. What was accepted is added to
+/// `accepted`. With `hibernate`, the instances EC2 refuses to hibernate are returned (not reported), to
+/// be stopped plainly.
 async fn act_chunks(
-    ec2: &dyn Ec2,
-    place: &Place<'_>,
-    action: Action,
-    (hibernate, leases): (bool, &[Lease]),
+    how: &Acting<'_>,
+    hibernate: bool,
     targets: Vec<Target>,
     report: &mut Report,
     accepted: &mut Vec<Target>,
 ) -> Vec<Target> {
+    let Acting {
+        ctx,
+        ec2,
+        place,
+        action,
+        leases,
+        ..
+    } = *how;
     let operation = match action {
         Action::Start => "ec2:StartInstances",
         Action::Stop => "ec2:StopInstances",
     };
     let cannot_hibernate =
         |e: &AwsError| hibernate && e.code() == Some("UnsupportedHibernationConfiguration");
+    let buckets = ctx
+        .clients
+        .regions
+        .get(place.region)
+        .map(|c| c.buckets.clone())
+        .unwrap_or_else(|| {
+            Arc::new(std::sync::Mutex::new(
+                RegionBuckets::new(Default::default()),
+            ))
+        });
+    let model = || buckets.lock().unwrap_or_else(|e| e.into_inner());
+    let total = targets.len();
+    let mut fresh: std::collections::VecDeque<Target> = targets.into();
+    // Calls to make again whole (throttled) or one by one (rejected): before any fresh one.
+    let mut again: std::collections::VecDeque<Call> = Default::default();
+    let mut in_flight = futures::stream::FuturesUnordered::new();
     let mut refused = Vec::new();
-    for chunk in targets.chunks(IDS_PER_CALL) {
+    let mut sent = 0;
+    // IDs in the calls in flight.
+    let mut sending = 0;
+    let mut throttled = 0u32;
+    let mut last_throttle: Option<AwsError> = None;
+    let mut progress = None;
+    let started = ctx.clock.monotonic();
+    let mut cancel = ctx.cancel.clone();
+    loop {
+        // Send every call the model allows now.
+        let mut wait = None;
+        loop {
+            let (want, exact) = match (again.front(), fresh.is_empty()) {
+                (Some(c), _) => (c.targets.len(), true),
+                (None, false) => (fresh.len(), false),
+                (None, true) => break,
+            };
+            // Under a claim, no call once its lease is (nearly) gone: another delegate may take over.
+            if leases.iter().any(|l| !l.may_act()) {
+                let rest = again
+                    .drain(..)
+                    .flat_map(|c| c.targets)
+                    .chain(fresh.drain(..));
+                for t in rest {
+                    report.push(place.outcome(
+                        action,
+                        t.rules.clone(),
+                        Some(t.id.clone()),
+                        ResultKind::Failed,
+                        "not acted on: this delegate's claim lease ran out (the claim table could not \
+                         be reached to extend it); another delegate takes over once it has expired",
+                    ));
+                }
+                break;
+            }
+            match model().plan(ctx.clock.monotonic(), action, want, exact) {
+                Plan::Send(n) => {
+                    let call = match again.pop_front() {
+                        Some(c) => c,
+                        None => Call {
+                            targets: fresh.drain(..n).collect(),
+                            throttled: 0,
+                        },
+                    };
+                    let ids: Vec<String> = call.targets.iter().map(|t| t.id.clone()).collect();
+                    sending += ids.len();
+                    in_flight.push(async move {
+                        let result =
+                            bounded(operation, ec2.change_state(action, &ids, false, hibernate))
+                                .await;
+                        (call, result)
+                    });
+                }
+                Plan::Wait(d) => {
+                    wait = Some(d);
+                    break;
+                }
+            }
+        }
+        if in_flight.is_empty() && wait.is_none() {
+            break;
+        }
+        if wait.is_some() && progress.is_none() {
+            let waiting = fresh.len() + again.iter().map(|c| c.targets.len()).sum::<usize>();
+            tracing::info!(
+                account = place.account,
+                region = place.region,
+                action = action.as_str(),
+                "{action}: {} of {total} instance(s) in {}/{} sent; the rest ({waiting}) go as EC2's \
+                 token buckets refill (paced to EC2's rate limits)",
+                crate::pacing::thousands(sent + sending),
+                place.account,
+                place.region,
+            );
+            let guard = ctx.clients.pacer.track(crate::pacing::Progress {
+                action,
+                account: place.account.to_string(),
+                region: place.region.to_string(),
+                sent,
+                total,
+            });
+            progress = Some(guard);
+        }
         report.flush();
-        // Under a claim, no call once its lease is (nearly) gone: another delegate may take over.
-        if leases.iter().any(|l| !l.may_act()) {
-            for t in chunk {
+        let pause = wait.unwrap_or(Duration::MAX);
+        let mut give_up: Option<String> = None;
+        tokio::select! {
+            Some((mut call, result)) = futures::StreamExt::next(&mut in_flight), if !in_flight.is_empty() => {
+                let now = ctx.clock.monotonic();
+                sending -= call.targets.len();
+                match result {
+                    Ok(()) => {
+                        model().accepted();
+                        sent += call.targets.len();
+                        if let Some(p) = &progress {
+                            p.sent(sent);
+                        }
+                        accepted.extend(call.targets);
+                    }
+                    Err(e) if crate::pacing::is_throttling(&e) => {
+                        let pause = model().throttled(now, Some(action), rand::random());
+                        throttled += 1;
+                        call.throttled += 1;
+                        tracing::warn!(
+                            account = place.account, region = place.region, action = action.as_str(),
+                            error = %e,
+                            "{action} call for {} instance(s) throttled by EC2 ({e}); retrying the same \
+                             call in {} or once EC2's token bucket has refilled (throttled {} time(s))",
+                            call.targets.len(),
+                            humantime::format_duration(pause),
+                            call.throttled
+                        );
+                        last_throttle = Some(e);
+                        again.push_front(call);
+                    }
+                    Err(e) if call.targets.len() == 1 && cannot_hibernate(&e) => {
+                        refused.extend(call.targets);
+                    }
+                    Err(e) if call.targets.len() == 1 => {
+                        report.push(failed_call(place, action, &call.targets[0], &e));
+                    }
+                    Err(e) => {
+                        tracing::warn!(
+                            account = place.account, region = place.region, action = action.as_str(),
+                            error = %e,
+                            "{action} call for {} instances rejected ({e}); retrying one by one",
+                            call.targets.len()
+                        );
+                        again.extend(call.targets.into_iter().map(|t| Call {
+                            targets: vec![t],
+                            throttled: 0,
+                        }));
+                    }
+                }
+            }
+            () = tokio::time::sleep(pause), if wait.is_some() => {}
+            Ok(_) = cancel.wait_for(|c| *c), if wait.is_some() => {
+                give_up = Some(format!(
+                    "shiftd is shutting down: not {}, throttled (paced to EC2's rate limits, {} of {total} \
+                     sent)",
+                    done_word(action),
+                    sent
+                ));
+            }
+        }
+        // Targets whose window has ended while waiting for their turn.
+        if wait.is_some() || give_up.is_some() {
+            let now = ctx.clock.now();
+            let ended = |t: &Target| give_up.is_some() || now >= how.until(t);
+            let why = |t: &Target| {
+                give_up.clone().unwrap_or_else(|| {
+                    format!(
+                        "not {}, throttled: EC2's rate limits for {operation} in this account and region \
+                         did not allow it before {} ({}; {} throttled answer(s){})",
+                        done_word(action),
+                        how.until(t).to_rfc3339(),
+                        "the rule's next occurrence",
+                        throttled,
+                        last_throttle
+                            .as_ref()
+                            .map_or(String::new(), |e| format!(", the last: {e}"))
+                    )
+                })
+            };
+            let mut expired = Vec::new();
+            for call in &mut again {
+                let (gone, kept): (Vec<Target>, Vec<Target>) = std::mem::take(&mut call.targets)
+                    .into_iter()
+                    .partition(ended);
+                expired.extend(gone);
+                call.targets = kept;
+            }
+            again.retain(|c| !c.targets.is_empty());
+            let (gone, kept): (Vec<Target>, Vec<Target>) = fresh.drain(..).partition(ended);
+            fresh = kept.into();
+            expired.extend(gone);
+            for t in expired {
+                let reason = why(&t);
                 report.push(place.outcome(
                     action,
                     t.rules.clone(),
                     Some(t.id.clone()),
                     ResultKind::Failed,
-                    "not acted on: this delegate's claim lease ran out (the claim table could not be \
-                     reached to extend it); another delegate takes over once it has expired",
+                    reason,
                 ));
-            }
-            continue;
-        }
-        let ids: Vec<String> = chunk.iter().map(|t| t.id.clone()).collect();
-        match bounded(operation, ec2.change_state(action, &ids, false, hibernate)).await {
-            Ok(()) => accepted.extend(chunk.iter().cloned()),
-            Err(e) if chunk.len() == 1 && cannot_hibernate(&e) => refused.push(chunk[0].clone()),
-            Err(e) if chunk.len() == 1 => {
-                report.push(failed_call(place, action, &chunk[0], &e));
-            }
-            Err(e) => {
-                tracing::warn!(
-                    account = place.account, region = place.region, action = action.as_str(), error = %e,
-                    "{action} call for {} instances rejected ({e}); retrying one by one", chunk.len()
-                );
-                for one in chunk {
-                    report.flush();
-                    let id = std::slice::from_ref(&one.id);
-                    match bounded(operation, ec2.change_state(action, id, false, hibernate)).await {
-                        Ok(()) => accepted.push(one.clone()),
-                        Err(e) if cannot_hibernate(&e) => refused.push(one.clone()),
-                        Err(e) => report.push(failed_call(place, action, one, &e)),
-                    }
-                }
             }
         }
     }
+    if progress.is_some() || throttled > 0 {
+        tracing::info!(
+            account = place.account,
+            region = place.region,
+            action = action.as_str(),
+            throttled,
+            "{action}: {} of {total} instance(s) in {}/{} accepted by EC2 after {} ({throttled} throttled \
+             answer(s))",
+            crate::pacing::thousands(sent),
+            place.account,
+            place.region,
+            humantime::format_duration(Duration::from_secs(
+                ctx.clock.monotonic().duration_since(started).as_secs()
+            )),
+        );
+    }
     refused
+}
+
+/// "started" or "stopped".
+fn done_word(action: Action) -> &'static str {
+    match action {
+        Action::Start => "started",
+        Action::Stop => "stopped",
+    }
 }
 
 fn failed_call(place: &Place, action: Action, target: &Target, e: &AwsError) -> Outcome {

@@ -21,6 +21,7 @@ pub mod manual;
 pub mod metrics;
 pub mod notify;
 pub mod outcome;
+pub mod pacing;
 pub mod plan;
 pub mod planner;
 pub mod policy;

@@ -194,8 +194,9 @@ pub struct Request {
     pub stop_mode: StopMode,
     /// How late it may still be acted on (the end of its claim's window, with `[cluster]`).
     pub catch_up: std::time::Duration,
-    /// For an enforce pass: the rule's next occurrence, from which the desired state may differ (the
-    /// pass acts on nothing decided after it).
+    /// The rule's next occurrence (of either action) after this one, from which the desired state may
+    /// differ: an enforce pass acts on nothing decided after it, and a batch paced by EC2's limits
+    /// sends nothing after it (the rest is reported failed as throttled).
     pub valid_until: Option<DateTime<Utc>>,
 }
 
@@ -238,10 +239,15 @@ pub fn batches(config: &Config, due: &[Firing], at: DateTime<Utc>) -> Vec<Accoun
         let Some(rule) = config.rules.iter().find(|r| r.name == f.rule) else {
             continue;
         };
-        by_account
-            .entry(&rule.account)
-            .or_default()
-            .push(Request::new(rule, f.action));
+        let next = [Action::Start, Action::Stop]
+            .into_iter()
+            .flat_map(|a| rule.schedules(a))
+            .filter_map(|s| s.next_after(f.at, rule.timezone))
+            .min();
+        by_account.entry(&rule.account).or_default().push(Request {
+            valid_until: next,
+            ..Request::new(rule, f.action)
+        });
     }
     by_account
         .into_iter()

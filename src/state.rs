@@ -423,7 +423,10 @@ impl StateFile {
         let doc: StateDoc =
             serde_json::from_str(&text).map_err(|e| invalid(&self.path, e.to_string()))?;
         if !(1..=FORMAT_VERSION).contains(&doc.version) {
-            return Err(invalid(&self.path, format!("format version {}", doc.version)));
+            return Err(invalid(
+                &self.path,
+                format!("format version {}", doc.version),
+            ));
         }
         let at = DateTime::parse_from_rfc3339(&doc.checked_until)
             .map_err(|e| invalid(&self.path, format!("checked_until: {e}")))?;
@@ -464,7 +467,10 @@ impl StateFile {
                 Err(reason) => {
                     return Err(invalid(
                         &log_path,
-                        format!("line {}: {reason}", log_text[..good].split(|b| *b == b'\n').count()),
+                        format!(
+                            "line {}: {reason}",
+                            log_text[..good].split(|b| *b == b'\n').count()
+                        ),
                     ));
                 }
                 Ok(()) => unreachable!("only the last line lacks a newline"),
@@ -856,7 +862,10 @@ mod tests {
         assert_eq!(logs.len(), 1, "one log at a time: {logs:?}");
         let again = StateFile::in_dir(dir.path()).load().unwrap();
         let kept: usize = again.reported.values().map(BTreeSet::len).sum();
-        assert_eq!(kept, written, "every result survives, snapshot and log together");
+        assert_eq!(
+            kept, written,
+            "every result survives, snapshot and log together"
+        );
         assert!(
             std::fs::metadata(file.path()).unwrap().len() > snapshot_len,
             "the log was folded into the snapshot once it passed its limit"
@@ -900,7 +909,10 @@ mod tests {
         // A damaged line that is not the last is not silently skipped.
         let text = std::fs::read_to_string(&log).unwrap();
         std::fs::write(&log, format!("garbage\n{text}")).unwrap();
-        let err = StateFile::in_dir(dir.path()).load().unwrap_err().to_string();
+        let err = StateFile::in_dir(dir.path())
+            .load()
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("line 1"), "{err}");
     }
 

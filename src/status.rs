@@ -57,6 +57,17 @@ pub fn line(
     parts.join("; ")
 }
 
+/// `line` with the progress of the batches being paced first ("start: 1,357 of 5,000 instances in
+/// account1/us-east-1 (paced to EC2's rate limits)").
+pub fn with_progress(line: String, progress: &[crate::pacing::Progress]) -> String {
+    if progress.is_empty() {
+        return line;
+    }
+    let mut parts: Vec<String> = progress.iter().map(ToString::to_string).collect();
+    parts.push(line);
+    parts.join("; ")
+}
+
 /// The rule's selection in a few words: "2 instances", "tags Env=dev|stg Schedule=office-hours", or
 /// "2 instances with tags Env=dev" (the listed instances that also carry the tags). Said here, not
 /// by the selection's own Display, which lists every ID and once put a second "tags" in this line.
@@ -119,6 +130,26 @@ timezone = "Asia/Tokyo"
             ),
             "DRY RUN; waiting for credentials: account1 (AccessDenied); \
              next: stop office-hours (2 instances, account1/ap-northeast-1) at 2026-12-01 20:00:00 JST and 1 more"
+        );
+    }
+
+    #[test]
+    fn status_says_how_far_a_paced_batch_is() {
+        let progress = [crate::pacing::Progress {
+            action: crate::config::Action::Start,
+            account: "account1".into(),
+            region: "us-east-1".into(),
+            sent: 1357,
+            total: 5000,
+        }];
+        assert_eq!(
+            with_progress("next: stop x at y".into(), &progress),
+            "start: 1,357 of 5,000 instances in account1/us-east-1 (paced to EC2's rate limits); \
+             next: stop x at y"
+        );
+        assert_eq!(
+            with_progress("next: stop x at y".into(), &[]),
+            "next: stop x at y"
         );
     }
 

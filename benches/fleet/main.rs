@@ -12,7 +12,8 @@
 //! - for a one-shot rule set a few seconds ahead: the time from the instant to the first and the last
 //!   StartInstances/StopInstances call at the fake, calls by action against the minimum (one
 //!   AssumeRole per account, ⌈instances/500⌉ describe pages per selection and region, ⌈instances/100⌉
-//!   Start/Stop calls), `RequestLimitExceeded` answers, and the results shiftd reported.
+//!   Start/Stop calls), `RequestLimitExceeded` answers, the results shiftd reported, and the `STATUS=`
+//!   lines it sent while a batch was paced.
 //!
 //! Scenarios (sizes from the environment, defaults in brackets):
 //! - (a) idle: 1 account, SHIFTD_FLEET_RULES [1000] rules;
@@ -212,6 +213,8 @@ struct Daemon {
     ready: Arc<Mutex<Option<Instant>>>,
     /// "batch done for account …" lines: (when, ok, failed).
     batches: Arc<Mutex<Vec<(Instant, usize, usize)>>>,
+    /// STATUS= lines sent while a batch was paced (saying "paced to EC2's rate limits").
+    paced_status: Arc<Mutex<Vec<String>>>,
     log: PathBuf,
     _dir: tempfile::TempDir,
 }
@@ -240,12 +243,21 @@ impl Daemon {
         let socket = UnixDatagram::bind(&socket_path).expect("bind the notify socket");
         let ready = Arc::new(Mutex::new(None));
         let r = ready.clone();
+        let paced_status = Arc::new(Mutex::new(Vec::new()));
+        let p = paced_status.clone();
         std::thread::spawn(move || {
             let mut buf = vec![0u8; 4096];
             while let Ok(n) = socket.recv(&mut buf) {
                 let text = String::from_utf8_lossy(&buf[..n]);
                 if text.lines().any(|l| l == "READY=1") {
                     r.lock().unwrap().get_or_insert_with(Instant::now);
+                }
+                for line in text.lines() {
+                    if let Some(status) = line.strip_prefix("STATUS=")
+                        && status.contains("paced to EC2")
+                    {
+                        p.lock().unwrap().push(status.to_string());
+                    }
                 }
             }
         });
@@ -293,6 +305,7 @@ impl Daemon {
             spawned,
             ready,
             batches,
+            paced_status,
             log,
             _dir: dir,
         }
@@ -350,6 +363,8 @@ fn cron_at(at: DateTime<Utc>) -> String {
 }
 
 fn config(s: &Scenario, instant: DateTime<Utc>) -> String {
+    // Default catch_up: a paced batch (5,000 starts take 2,000 s at the StartInstances resource
+    // bucket's 2 per second) goes on until the rule's next occurrence.
     let mut text = String::from(
         "[defaults]\ntimezone = \"UTC\"\nverify_timeout = \"2m\"\ncredentials_wait = \"2m\"\n\n",
     );
@@ -702,6 +717,14 @@ fn run(
             "instances acted on (accepted calls) / reported",
             format!("{} / {ok} ok, {failed} failed, of {instances}", acted.len()),
         );
+        let paced = daemon.paced_status.lock().unwrap().clone();
+        if let (Some(first), Some(last)) = (paced.first(), paced.last()) {
+            f.add(
+                n,
+                "STATUS= while paced: updates, first, last",
+                format!("{}; {first:?}; {last:?}", paced.len()),
+            );
+        }
         if o.quick && (ok != instances || acted.len() != instances) {
             failures.push(format!(
                 "{n}: {ok} ok of {instances} reported, {} acted on; stderr:\n{}",

@@ -6,7 +6,9 @@
 //!   for a while after a change;
 //! - EC2's whole-call errors: `IncorrectInstanceState`, `InsufficientInstanceCapacity`,
 //!   `InvalidInstanceID.NotFound`, `UnauthorizedOperation`, and `RequestLimitExceeded` from per-account,
-//!   per-region token buckets;
+//!   per-region token buckets (one per operation, or EC2's own request and resource buckets:
+//!   `throttle_like_ec2`);
+//! - calls that take time (`set_call_latency`), and the most ever in flight, in all and per account;
 //! - STS sessions that expire (on STS's own clock, which may be skewed), `AccessDenied`, throttling;
 //! - scripted faults on any operation: an error, a delay, a hang;
 //! - a log of every call, with the instant it was made.
@@ -99,7 +101,28 @@ struct World {
     sessions_issued: u64,
     imds_down: bool,
     published: Vec<Published>,
+    /// EC2's request and resource buckets per account and region (`throttle_like_ec2`).
+    ec2_like: bool,
+    /// Answers of RequestLimitExceeded from the buckets.
+    throttled: usize,
+    /// How long each call takes (so that calls overlap).
+    latency: Duration,
+    /// Calls in flight now, and the most ever, in all and per account.
+    in_flight: usize,
+    max_in_flight: usize,
+    in_flight_by_account: BTreeMap<String, usize>,
+    max_in_flight_by_account: BTreeMap<String, usize>,
 }
+
+/// EC2's default buckets (its API throttling documentation), per account and region: (bucket, capacity,
+/// refill per second). Request buckets: describes, mutating actions (StartInstances and StopInstances
+/// share it); resource buckets: a token per instance.
+const EC2_BUCKETS: [(&str, f64, f64); 4] = [
+    ("describe", 100.0, 20.0),
+    ("mutate", 50.0, 5.0),
+    ("start-resource", 1000.0, 2.0),
+    ("stop-resource", 1000.0, 20.0),
+];
 
 /// The fake AWS: one world of accounts, regions and instances. Cloning shares it.
 #[derive(Clone)]
@@ -141,6 +164,13 @@ impl FakeAws {
                 sts_ahead: chrono::Duration::zero(),
                 sessions_issued: 0,
                 imds_down: false,
+                ec2_like: false,
+                throttled: 0,
+                latency: Duration::ZERO,
+                in_flight: 0,
+                max_in_flight: 0,
+                in_flight_by_account: BTreeMap::new(),
+                max_in_flight_by_account: BTreeMap::new(),
                 published: Vec::new(),
             })),
             clock,
@@ -266,6 +296,39 @@ impl FakeAws {
         );
     }
 
+    /// EC2's throttling as EC2 does it, per account and region: request buckets (describes 100 tokens
+    /// refilled at 20/s; StartInstances and StopInstances share 50 at 5/s) and resource buckets (a token
+    /// per instance: StartInstances 1,000 at 2/s, StopInstances 1,000 at 20/s). A call refused by its
+    /// resource bucket has taken its request token. Refusals are `RequestLimitExceeded` (HTTP 503).
+    pub fn throttle_like_ec2(&self) {
+        self.world().ec2_like = true;
+    }
+
+    /// RequestLimitExceeded answers from the buckets so far.
+    pub fn throttled_answers(&self) -> usize {
+        self.world().throttled
+    }
+
+    /// Every call takes this long (so that calls overlap and the number in flight means something).
+    pub fn set_call_latency(&self, d: Duration) {
+        self.world().latency = d;
+    }
+
+    /// The most calls ever in flight at once (EC2 and STS), in all.
+    pub fn max_in_flight(&self) -> usize {
+        self.world().max_in_flight
+    }
+
+    /// The most calls ever in flight at once on behalf of `account` (its 12 digits; the delegate's for
+    /// STS).
+    pub fn max_in_flight_for(&self, account: &str) -> usize {
+        self.world()
+            .max_in_flight_by_account
+            .get(account)
+            .copied()
+            .unwrap_or(0)
+    }
+
     /// STS's clock runs this far ahead of the caller's (negative: behind).
     pub fn set_sts_clock_ahead(&self, by: chrono::Duration) {
         self.world().sts_ahead = by;
@@ -307,7 +370,8 @@ impl FakeAws {
             .collect()
     }
 
-    /// Records the call, then applies its scripted fault, if any.
+    /// Records the call, waits the call latency (counted in flight), then applies its scripted fault,
+    /// if any.
     async fn enter(
         &self,
         operation: &'static str,
@@ -316,6 +380,40 @@ impl FakeAws {
         ids: &[String],
         (dry_run, hibernate): (bool, bool),
     ) -> Result<(), AwsError> {
+        let latency = {
+            let mut w = self.world();
+            w.in_flight += 1;
+            w.max_in_flight = w.max_in_flight.max(w.in_flight);
+            let n = {
+                let n = w
+                    .in_flight_by_account
+                    .entry(account.to_string())
+                    .or_default();
+                *n += 1;
+                *n
+            };
+            let max = w
+                .max_in_flight_by_account
+                .entry(account.to_string())
+                .or_default();
+            *max = (*max).max(n);
+            w.latency
+        };
+        struct Leave<'a>(&'a FakeAws, &'a str);
+        impl Drop for Leave<'_> {
+            fn drop(&mut self) {
+                let mut w = self.0.world();
+                w.in_flight -= 1;
+                if let Some(n) = w.in_flight_by_account.get_mut(self.1) {
+                    *n -= 1;
+                }
+            }
+        }
+        let leave = Leave(self, account);
+        if !latency.is_zero() {
+            tokio::time::sleep(latency).await;
+        }
+        drop(leave);
         let fault = {
             let mut w = self.world();
             w.calls.push(Call {
@@ -365,20 +463,57 @@ impl World {
         instances: usize,
         now: DateTime<Utc>,
     ) -> Result<(), AwsError> {
+        if self.ec2_like {
+            let buckets: &[&'static str] = match operation {
+                DESCRIBE => &["describe"],
+                START => &["mutate", "start-resource"],
+                STOP => &["mutate", "stop-resource"],
+                _ => &[],
+            };
+            for &name in buckets {
+                let (_, capacity, per_second) = EC2_BUCKETS
+                    .iter()
+                    .copied()
+                    .find(|(n, _, _)| *n == name)
+                    .expect("known bucket");
+                let b = Bucket {
+                    capacity,
+                    refill_per_second: per_second,
+                    per_instance: name.ends_with("-resource"),
+                };
+                self.take_from(account, region, (name, operation), b, instances, now)?;
+            }
+        }
         let Some(b) = self.buckets.get(operation).copied() else {
             return Ok(());
         };
+        self.take_from(account, region, (operation, operation), b, instances, now)
+    }
+
+    /// Takes the tokens of the bucket `key` for a call of `operation`, or answers RequestLimitExceeded.
+    fn take_from(
+        &mut self,
+        account: &str,
+        region: &str,
+        (key, operation): (&'static str, &'static str),
+        b: Bucket,
+        instances: usize,
+        now: DateTime<Utc>,
+    ) -> Result<(), AwsError> {
         let cost = if b.per_instance {
             instances as f64
         } else {
             1.0
         };
-        let key = (account.to_string(), region.to_string(), operation);
-        let (tokens, last) = self.levels.entry(key).or_insert((b.capacity, now));
+        let (tokens, last) = self
+            .levels
+            .entry((account.to_string(), region.to_string(), key))
+            .or_insert((b.capacity, now));
         let elapsed = (now - *last).to_std().unwrap_or_default().as_secs_f64();
         *tokens = (*tokens + elapsed * b.refill_per_second).min(b.capacity);
         *last = now;
         if *tokens < cost {
+            self.throttled += 1;
             return Err(AwsError {
                 operation: operation.to_string(),
                 code: Some("RequestLimitExceeded".into()),

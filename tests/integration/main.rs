@@ -1,5 +1,6 @@
 //! shiftd's integration tests, in one test binary:
-//! - `scenarios`: the daemon in-process against the in-memory AWS on paused time (helpers in `sim`);
+//! - `scenarios`, `pacing`, `unattended`: the daemon in-process against the in-memory AWS on paused time
+//!   (helpers in `sim`);
 //! - the rest: the real binary against moto server, shiftd's fake IMDS and a real systemd-journald
 //!   (helpers in `harness`), and the operator commands. Fixtures in `tests/fixtures`.
 
@@ -22,6 +23,7 @@ mod harness;
 mod lifecycle;
 #[allow(clippy::disallowed_methods)]
 mod operator;
+mod pacing;
 mod regressions;
 mod scenarios;
 #[allow(clippy::disallowed_methods)]

@@ -1,0 +1,328 @@
+//! Pacing (README "Pacing"): the daemon in-process against the in-memory AWS throttling like EC2 (its
+//! default token buckets per account and region), on paused time.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use shiftd::aws::fake::{self, FakeAws};
+use shiftd::config::Action;
+use shiftd::outcome::ResultKind;
+
+use crate::sim::{REGION, Sim, TARGET, config, rule, t};
+
+const SECOND: Duration = Duration::from_secs(1);
+const MINUTE: Duration = Duration::from_secs(60);
+
+/// The 12 digits of the `n`th account of a many-account configuration.
+fn account_id(n: usize) -> String {
+    format!("{}", 200_000_000_000u64 + n as u64)
+}
+
+/// `accounts` accounts `a0`, `a1`, ..., each with one rule `r<n>` on the tag `Schedule = s<n>` and
+/// `schedule` (e.g. `stop = "0 20 * * *"`).
+fn many_accounts(defaults: &str, accounts: usize, schedule: &str) -> String {
+    let mut text = format!("[defaults]\n{defaults}\n\n");
+    for n in 0..accounts {
+        text += &format!(
+            "[accounts.a{n}]\nrole_arn = \"arn:aws:iam::{}:role/shiftd\"\nregions = [\"{REGION}\"]\n\n\
+             [[rules]]\nname = \"r{n}\"\naccount = \"a{n}\"\ntags = {{ Schedule = \"s{n}\" }}\n{schedule}\n\n",
+            account_id(n)
+        );
+    }
+    text
+}
+
+/// The instant each call of `operation` for `account` was made.
+fn call_times(aws: &FakeAws, operation: &str, account: &str) -> Vec<DateTime<Utc>> {
+    aws.calls_of(operation)
+        .into_iter()
+        .filter(|c| c.account == account)
+        .map(|c| c.at)
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn five_thousand_starts_in_one_account_go_as_fast_as_the_buckets_allow_and_all_succeed() {
+    let sim = Sim::new("2026-12-01T07:59:00Z");
+    sim.aws.throttle_like_ec2();
+    let ids = sim
+        .aws
+        .add_instances(TARGET, REGION, 5000, "stopped", &[("Schedule", "burst")]);
+    // The default catch_up (5m) does not cut the 35-minute batch short.
+    sim.write_config(&config(
+        "verify_timeout = \"10m\"",
+        r#"
+[[rules]]
+name = "burst"
+account = "account1"
+tags = { Schedule = "burst" }
+start = "0 8 * * *"
+"#,
+    ));
+    let daemon = sim.start();
+    let sent = |sim: &Sim| -> usize {
+        sim.aws
+            .calls_of(fake::START)
+            .iter()
+            .map(|c| c.ids.len())
+            .sum()
+    };
+    // The resource bucket's 1,000 at once (less the half token in hand; the fake refuses nothing)...
+    sim.advance_to("2026-12-01T08:00:05Z").await;
+    assert!((999..=1000).contains(&sent(&sim)), "{}", sim.logs.text());
+    assert!(
+        sim.logs.text().contains("paced to EC2's rate limits"),
+        "{}",
+        sim.logs.text()
+    );
+    // ... then 2 per second (in calls of 20 every 10 s).
+    sim.advance_to("2026-12-01T08:10:05Z").await;
+    let by_then = sent(&sim);
+    assert!((2180..=2220).contains(&by_then), "{by_then}");
+    // 1,000 + 4,000 / 2 per second = 2,000 s, then the last ones reach running.
+    sim.advance_to("2026-12-01T08:34:00Z").await;
+    sim.assert_one_each(&ids, Action::Start, ResultKind::Ok);
+    let calls = sim.aws.calls_of(fake::START);
+    assert_eq!(
+        sent(&sim),
+        5000,
+        "every instance in exactly one call (none in two)"
+    );
+    assert_eq!(sim.aws.throttled_answers(), 0, "EC2 refused nothing");
+    // 10 calls of 100, then 200 of 20.
+    assert!(calls.len() <= 215, "{} calls", calls.len());
+    let last = calls.last().unwrap().at;
+    assert!(
+        last <= t("2026-12-01T08:33:30Z"),
+        "the last call at {last}: as soon as the bucket allowed"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn many_accounts_at_once_stay_under_the_cap_and_a_big_account_does_not_starve_the_small_ones()
+{
+    let sim = Sim::new("2026-12-01T19:58:00Z");
+    sim.aws.throttle_like_ec2();
+    sim.aws.set_call_latency(Duration::from_millis(200));
+    sim.aws.set_transition_times(10 * SECOND, 10 * SECOND);
+    // a0 is big (1,500 instances), a1..a100 are small (5 each).
+    let mut ids = Vec::new();
+    for n in 0..101 {
+        let count = if n == 0 { 1500 } else { 5 };
+        let tag = format!("s{n}");
+        ids.extend(sim.aws.add_instances(
+            &account_id(n),
+            REGION,
+            count,
+            "running",
+            &[("Schedule", &tag)],
+        ));
+    }
+    sim.write_config(&many_accounts(
+        "catch_up = \"30m\"",
+        101,
+        "stop = \"0 20 * * *\"",
+    ));
+    let daemon = sim.start();
+    sim.advance_to("2026-12-01T20:05:00Z").await;
+    sim.assert_one_each(&ids, Action::Stop, ResultKind::Ok);
+    assert_eq!(sim.aws.throttled_answers(), 0);
+    let most = sim.aws.max_in_flight();
+    assert!(
+        (32..=64).contains(&most),
+        "at most 64 calls in flight (and the cap was reached): {most}"
+    );
+    assert!(sim.aws.max_in_flight_for(&account_id(0)) <= 8);
+    // The big account's stops take a while (1,000 at once, then 20 per second)...
+    let big = call_times(&sim.aws, fake::STOP, &account_id(0));
+    assert!(
+        *big.last().unwrap() >= t("2026-12-01T20:00:20Z"),
+        "{:?}",
+        big.last()
+    );
+    // ... while every small account's stop went out within seconds of the instant.
+    for n in 1..101 {
+        let small = call_times(&sim.aws, fake::STOP, &account_id(n));
+        assert_eq!(small.len(), 1, "a{n}");
+        assert!(
+            small[0] <= t("2026-12-01T20:00:05Z"),
+            "a{n} stopped at {}",
+            small[0]
+        );
+    }
+    daemon.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn assume_role_calls_are_spread_at_start_up_and_renewals_do_not_line_up() {
+    let sim = Sim::new("2026-12-01T12:00:00Z");
+    sim.aws.set_call_latency(Duration::from_millis(50));
+    sim.write_config(&many_accounts("", 300, "stop = \"0 20 * * *\""));
+    let daemon = sim.start();
+    sim.advance(30 * SECOND).await;
+    let start_up: Vec<DateTime<Utc>> = sim
+        .aws
+        .calls_of(fake::ASSUME_ROLE)
+        .iter()
+        .map(|c| c.at)
+        .collect();
+    assert_eq!(start_up.len(), 300);
+    let first = start_up[0];
+    let per_second = |times: &[DateTime<Utc>], from: DateTime<Utc>| {
+        times
+            .iter()
+            .filter(|at| **at >= from && **at < from + chrono::Duration::seconds(1))
+            .count()
+    };
+    // A burst of 50, then 50 per second: 300 over about 5 s, never 300 at once.
+    assert!(
+        per_second(&start_up, first) <= 100,
+        "{}",
+        per_second(&start_up, first)
+    );
+    let spread = (*start_up.last().unwrap() - first).num_milliseconds();
+    assert!((4000..=6500).contains(&spread), "{spread} ms");
+
+    // An hour later (1h sessions renewed 10m before expiry, earlier by up to 5m), the renewals are
+    // spread over minutes.
+    sim.advance(60 * MINUTE).await;
+    let renewals: Vec<DateTime<Utc>> = sim
+        .aws
+        .calls_of(fake::ASSUME_ROLE)
+        .iter()
+        .skip(300)
+        .map(|c| c.at)
+        .collect();
+    assert_eq!(renewals.len(), 300);
+    let span = (*renewals.last().unwrap() - renewals[0]).num_seconds();
+    assert!(span >= 200, "renewals within {span} s");
+    let busiest = renewals
+        .iter()
+        .map(|at| per_second(&renewals, *at))
+        .max()
+        .unwrap();
+    assert!(busiest <= 15, "{busiest} renewals in one second");
+    daemon.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_throttled_start_is_retried_whole_after_a_pause_not_one_by_one_nor_failed() {
+    let sim = Sim::new("2026-12-01T07:59:30Z");
+    let ids = sim.aws.add_instances(TARGET, REGION, 10, "stopped", &[]);
+    sim.aws.fault(
+        fake::START,
+        2,
+        FakeAws::error(
+            fake::START,
+            "RequestLimitExceeded",
+            "Request limit exceeded.",
+        ),
+    );
+    sim.write_config(&config(
+        "",
+        &rule("morning", &ids, r#"start = "0 8 * * *""#),
+    ));
+    let daemon = sim.start();
+    sim.advance(3 * MINUTE).await;
+    sim.assert_one_each(&ids, Action::Start, ResultKind::Ok);
+    let calls = sim.aws.calls_of(fake::START);
+    assert_eq!(calls.len(), 3, "{calls:#?}");
+    assert!(
+        calls.iter().all(|c| c.ids.len() == 10),
+        "the same call again, not one by one: {calls:#?}"
+    );
+    for pair in calls.windows(2) {
+        let gap = (pair[1].at - pair[0].at).num_milliseconds();
+        assert!(gap >= 500, "retried after {gap} ms");
+    }
+    assert!(
+        sim.logs.text().contains("throttled by EC2"),
+        "{}",
+        sim.logs.text()
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_start_still_throttled_when_its_window_ends_is_reported_failed_as_throttled() {
+    let sim = Sim::new("2026-12-01T07:59:30Z");
+    let ids = sim.aws.add_instances(TARGET, REGION, 3, "stopped", &[]);
+    sim.aws.fault(
+        fake::START,
+        1000,
+        FakeAws::error(
+            fake::START,
+            "RequestLimitExceeded",
+            "Request limit exceeded.",
+        ),
+    );
+    // The window is the rule's next occurrence (08:03), not catch_up (1m, which only bounds how late
+    // the occurrence may start).
+    sim.write_config(&config(
+        "catch_up = \"1m\"",
+        &rule(
+            "morning",
+            &ids,
+            "start = \"0 8 * * *\"\nstop = \"3 8 * * *\"",
+        ),
+    ));
+    let daemon = sim.start();
+    sim.advance(5 * MINUTE).await;
+    let mut got = Vec::new();
+    for id in &ids {
+        let starts: Vec<_> = sim
+            .outcomes_for(id)
+            .into_iter()
+            .filter(|o| o.action == Action::Start)
+            .collect();
+        assert_eq!(starts.len(), 1, "{id}: {starts:?}");
+        assert_eq!(starts[0].result, ResultKind::Failed, "{starts:?}");
+        got.extend(starts);
+    }
+    assert!(
+        got[0].reason.contains("throttled") && got[0].reason.contains("next occurrence"),
+        "{}",
+        got[0].reason
+    );
+    let calls = sim.aws.calls_of(fake::START);
+    assert!(
+        (5..=14).contains(&calls.len()),
+        "backing off, not hammering: {} calls in 3 minutes",
+        calls.len()
+    );
+    assert!(calls.iter().all(|c| c.ids.len() == 3), "{calls:#?}");
+    assert!(
+        calls.last().unwrap().at <= t("2026-12-01T08:03:00Z"),
+        "nothing sent after the window"
+    );
+    assert!(
+        calls.last().unwrap().at > t("2026-12-01T08:01:30Z"),
+        "still trying after catch_up"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_throttled_describe_is_retried_after_a_pause() {
+    let sim = Sim::new("2026-12-01T07:59:30Z");
+    let ids = sim.aws.add_instances(TARGET, REGION, 2, "stopped", &[]);
+    sim.write_config(&config(
+        "",
+        &rule("morning", &ids, r#"start = "0 8 * * *""#),
+    ));
+    let daemon = sim.start();
+    sim.advance(20 * SECOND).await;
+    sim.aws.fault(
+        fake::DESCRIBE,
+        2,
+        FakeAws::error(
+            fake::DESCRIBE,
+            "RequestLimitExceeded",
+            "Request limit exceeded.",
+        ),
+    );
+    sim.advance(3 * MINUTE).await;
+    sim.assert_one_each(&ids, Action::Start, ResultKind::Ok);
+    daemon.stop().await;
+}
