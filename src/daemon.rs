@@ -422,12 +422,11 @@ impl Daemon {
     }
 
     fn key(&self, f: &Firing) -> Option<OccurrenceKey> {
-        let rule = self.config.rules.iter().find(|r| r.name == f.rule)?;
         Some(OccurrenceKey {
             rule: f.rule.clone(),
             action: f.action,
             at: f.at,
-            account: rule.account.clone(),
+            account: f.account.clone(),
         })
     }
 
@@ -528,6 +527,7 @@ impl Daemon {
             match why {
                 None => resumable.entry(*phase).or_default().push(Firing {
                     rule: key.rule.clone(),
+                    account: key.account.clone(),
                     action: key.action,
                     at: key.at,
                 }),
@@ -956,7 +956,11 @@ fn resume_point(saved: Option<DateTime<Utc>>, now: DateTime<Utc>) -> DateTime<Ut
 fn report_missed(sink: &dyn OutcomeSink, config: &Config, missed: &[Missed], now: DateTime<Utc>) {
     let mut outcomes = Vec::new();
     for m in missed {
-        let Some(rule) = config.rules.iter().find(|r| r.name == m.rule) else {
+        let Some(rule) = config
+            .rules
+            .iter()
+            .find(|r| r.name == m.rule && r.account == m.account)
+        else {
             continue;
         };
         let reason = if m.count == 1 {
