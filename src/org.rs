@@ -257,8 +257,8 @@ pub fn selected(rule: &Rule, config: &Config, discovered: &[OrgAccount]) -> Vec<
     out.into_iter().map(String::from).collect()
 }
 
-/// The configuration the daemon runs: `config` with the discovered accounts added (see [`accounts`])
-/// and each rule with `accounts` replaced by one rule per selected account (see [`selected`]), acting
+/// The configuration the daemon runs: `config` with the discovered accounts that some rule selects
+/// added (see [`accounts`]; the others get no credentials) and each rule with `accounts` replaced by one rule per selected account (see [`selected`]), acting
 /// in the rule's regions among that account's (all of them when the rule names none). A rule that
 /// selects no account (yet) has no occurrence.
 pub fn expand(config: &Config, discovered: &[OrgAccount]) -> Config {
@@ -266,6 +266,7 @@ pub fn expand(config: &Config, discovered: &[OrgAccount]) -> Config {
         .into_iter()
         .map(|(a, _)| (a.name.clone(), a))
         .collect();
+    let mut used: BTreeMap<String, Account> = config.accounts.clone();
     let mut rules = Vec::with_capacity(config.rules.len());
     for rule in &config.rules {
         if !rule.is_multi_account() {
@@ -288,6 +289,7 @@ pub fn expand(config: &Config, discovered: &[OrgAccount]) -> Config {
             if regions.is_empty() {
                 continue;
             }
+            used.insert(name.clone(), account.clone());
             rules.push(Rule {
                 account: name,
                 regions,
@@ -296,7 +298,7 @@ pub fn expand(config: &Config, discovered: &[OrgAccount]) -> Config {
         }
     }
     Config {
-        accounts: all,
+        accounts: used,
         rules,
         ..config.clone()
     }
@@ -481,7 +483,8 @@ stop = "0 23 * * *"
     fn a_multi_account_rule_becomes_one_rule_per_selected_account() {
         let c = config();
         let e = expand(&c, &discovered());
-        // account1 is configured and discovered: it keeps its name and role.
+        // account1 is configured and discovered: it keeps its name and role. Only accounts some rule
+        // selects are added.
         let names: Vec<&str> = e.accounts.keys().map(String::as_str).collect();
         assert_eq!(
             names,

@@ -22,6 +22,7 @@ mod harness;
 mod lifecycle;
 #[allow(clippy::disallowed_methods)]
 mod operator;
+mod organization;
 mod regressions;
 mod scenarios;
 #[allow(clippy::disallowed_methods)]
