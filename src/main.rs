@@ -166,6 +166,24 @@ enum Command {
         #[command(subcommand)]
         command: ClusterCommand,
     },
+    /// List every account shiftd would act in: configured, and discovered from AWS Organizations
+    ///
+    /// Each account with its source (configured, or its OU path in the organization), its regions and
+    /// the rules that act in it. With [organization] it assumes the org-reader role and lists the
+    /// organization's accounts, as the daemon does. --check also assumes each account's role. Exit 1
+    /// when the organization cannot be listed or (--check) a role cannot be assumed, 78 for an
+    /// invalid configuration.
+    Accounts {
+        /// Configuration file
+        #[arg(long, short, value_name = "PATH", default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Also assume each account's role, and say whether it can be
+        #[arg(long)]
+        check: bool,
+        /// Print one JSON array (fields documented in the README)
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the IAM policies the configuration needs
     ///
     /// Per target account the role's trust policy (with --delegate-account or --delegate-role) and
@@ -260,6 +278,11 @@ fn main() -> ExitCode {
             dry_run,
         } => apply(&config, &rule, action, dry_run),
         Command::Cluster { command } => cluster(command),
+        Command::Accounts {
+            config,
+            check,
+            json,
+        } => accounts(&config, check, json),
         Command::Policy {
             config,
             account,
@@ -623,6 +646,42 @@ fn apply(path: &std::path::Path, rule: &str, action: ManualAction, dry_run: bool
                 ExitCode::FAILURE
             }
         }
+    }
+}
+
+fn accounts(path: &std::path::Path, check: bool, json: bool) -> ExitCode {
+    let config = match load_or_exit(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if let Some(note) = logging::init(LogTarget::Stderr) {
+        eprintln!("{note}");
+    }
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    let (rows, error) = runtime.block_on(shiftd::org::listing(
+        &config,
+        Arc::new(shiftd::aws::sdk::connect),
+        Arc::new(SystemClock),
+        check,
+    ));
+    if let Some(e) = &error {
+        eprintln!("{e}: listing the configured accounts only");
+    }
+    let shown = if json {
+        output(&format!(
+            "{}\n",
+            serde_json::to_string_pretty(&rows).expect("serializable")
+        ))
+    } else {
+        output(&shiftd::org::render(&rows))
+    };
+    let failed = error.is_some() || rows.iter().any(|r| r.assumable == Some(false));
+    if shown != ExitCode::SUCCESS || failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
     }
 }
 

@@ -304,6 +304,172 @@ pub fn expand(config: &Config, discovered: &[OrgAccount]) -> Config {
     }
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// For the commands: `shiftd accounts`, `doctor`, `plan --accounts`
+// ---------------------------------------------------------------------------------------------------------
+
+/// Assumes `[organization]`'s org-reader role (as the daemon does, with its session name) and lists
+/// the organization's accounts once. `Ok(None)` without `[organization]`.
+pub async fn discover_now(
+    config: &Config,
+    aws: &dyn crate::aws::Aws,
+    clock: &std::sync::Arc<dyn crate::clock::Clock>,
+) -> Result<Option<Discovery>, String> {
+    use crate::credentials::{self, AccountCredentials, SessionSpec};
+    let Some(org) = &config.organization else {
+        return Ok(None);
+    };
+    let region = endpoint_region(org);
+    let spec = SessionSpec {
+        role_arn: org.role_arn.clone(),
+        external_id: org.external_id.clone(),
+        session_name: credentials::session_name(&aws.delegate_name().await),
+        duration: config.defaults.session_duration,
+        refresh_before_expiry: config.defaults.refresh_before_expiry,
+    };
+    let store = AccountCredentials::new("organization", clock.clone());
+    let sts = aws.sts(region).await;
+    credentials::renew_once(sts.as_ref(), &spec, &store)
+        .await
+        .map_err(|e| format!("cannot assume the org-reader role {}: {e}", org.role_arn))?;
+    let client = aws.organizations(region, std::sync::Arc::new(store)).await;
+    discover(client.as_ref(), org)
+        .await
+        .map(Some)
+        .map_err(|e| format!("cannot list the organization's accounts: {e}"))
+}
+
+/// One account `shiftd accounts` lists: the documented, stable JSON of `--json`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct AccountRow {
+    /// The name shiftd logs it under: the configured name, or the ID of a discovered account.
+    pub name: String,
+    pub account_id: String,
+    /// `configured`, `configured (organization: Root/dev)` or `organization: Root/dev/team`.
+    pub source: String,
+    pub role_arn: String,
+    pub regions: Vec<String>,
+    /// The rules that act in it.
+    pub rules: Vec<String>,
+    /// With `--check`: whether the role could be assumed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub assumable: Option<bool>,
+    /// With `--check`, when it could not: AssumeRole's error.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Every account shiftd would act in (configured ones, and discovered ones some rule selects), with
+/// its source, regions and rules.
+pub fn rows(config: &Config, discovered: &[OrgAccount]) -> Vec<AccountRow> {
+    let expanded = expand(config, discovered);
+    let sources: BTreeMap<String, AccountSource> = accounts(config, discovered)
+        .into_iter()
+        .map(|(a, s)| (a.name, s))
+        .collect();
+    expanded
+        .accounts
+        .values()
+        .map(|a| {
+            let mut rules: Vec<String> = expanded
+                .rules
+                .iter()
+                .filter(|r| r.account == a.name)
+                .map(|r| r.name.clone())
+                .collect();
+            rules.dedup();
+            AccountRow {
+                name: a.name.clone(),
+                account_id: a.account_id.clone(),
+                source: sources
+                    .get(&a.name)
+                    .map_or("configured".to_string(), ToString::to_string),
+                role_arn: a.role_arn.clone(),
+                regions: a.regions.clone(),
+                rules,
+                assumable: None,
+                error: None,
+            }
+        })
+        .collect()
+}
+
+/// `shiftd accounts`: the rows, with `check` AssumeRole into each (16 at a time); the discovery's
+/// error when it failed (the rows are then the configured accounts only).
+pub async fn listing(
+    config: &Config,
+    connect: crate::aws::ConnectAws,
+    clock: std::sync::Arc<dyn crate::clock::Clock>,
+    check: bool,
+) -> (Vec<AccountRow>, Option<String>) {
+    use futures::StreamExt;
+    let aws = connect(&config.credentials, crate::daemon::first_region(config));
+    let (discovered, error) = match discover_now(config, aws.as_ref(), &clock).await {
+        Ok(d) => (d.unwrap_or_default().accounts, None),
+        Err(e) => (Vec::new(), Some(e)),
+    };
+    let mut rows = rows(config, &discovered);
+    if check {
+        let expanded = expand(config, &discovered);
+        let results: BTreeMap<String, Option<String>> =
+            futures::stream::iter(expanded.accounts.values().map(|a| {
+                let aws = aws.clone();
+                let clock = clock.clone();
+                let config = &expanded;
+                async move {
+                    let store = crate::manual::assume(config, a, aws.as_ref(), &clock).await;
+                    (a.name.clone(), store.last_error())
+                }
+            }))
+            .buffer_unordered(16)
+            .collect()
+            .await;
+        for r in &mut rows {
+            let e = results.get(&r.name).cloned().flatten();
+            r.assumable = Some(e.is_none());
+            r.error = e;
+        }
+    }
+    (rows, error)
+}
+
+/// The rows as text: one line per account, then its role check.
+pub fn render(rows: &[AccountRow]) -> String {
+    use std::fmt::Write;
+    let mut out = String::new();
+    for r in rows {
+        let _ = writeln!(
+            out,
+            "{}  {}  {}  regions: {}  rules: {}",
+            r.name,
+            r.account_id,
+            r.source,
+            r.regions.join(", "),
+            if r.rules.is_empty() {
+                "none".to_string()
+            } else {
+                r.rules.join(", ")
+            }
+        );
+        match (&r.assumable, &r.error) {
+            (Some(true), _) => {
+                let _ = writeln!(out, "    ok    role {} can be assumed", r.role_arn);
+            }
+            (Some(false), e) => {
+                let _ = writeln!(
+                    out,
+                    "    FAIL  role {} cannot be assumed: {}",
+                    r.role_arn,
+                    e.as_deref().unwrap_or("unknown error")
+                );
+            }
+            (None, _) => {}
+        }
+    }
+    let _ = writeln!(out, "{} account(s)", rows.len());
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use std::path::Path;

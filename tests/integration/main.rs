@@ -22,6 +22,8 @@ mod harness;
 mod lifecycle;
 #[allow(clippy::disallowed_methods)]
 mod operator;
+#[allow(clippy::disallowed_methods)]
+mod org_e2e;
 mod organization;
 mod regressions;
 mod scenarios;
