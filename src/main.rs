@@ -205,6 +205,15 @@ enum Command {
         /// Print one JSON array of {title, notes, document}
         #[arg(long)]
         json: bool,
+        /// Also the org-reader role's documents ([organization]): its trust policy and the
+        /// Organizations calls discovery makes
+        #[arg(long)]
+        org: bool,
+        /// Print instead a CloudFormation template (YAML) of the target role for the discovered
+        /// accounts, to deploy with a service-managed StackSet: the role name a parameter, trust
+        /// limited to the delegate (needs --delegate-account or --delegate-role)
+        #[arg(long, conflicts_with_all = ["json", "account", "org"])]
+        stackset: bool,
     },
 }
 
@@ -289,12 +298,17 @@ fn main() -> ExitCode {
             delegate_account,
             delegate_role,
             json,
+            org,
+            stackset,
         } => policy(
             &config,
             account.as_deref(),
-            delegate_account,
-            delegate_role,
-            json,
+            (delegate_account, delegate_role),
+            PolicyOutput {
+                json,
+                org,
+                stackset,
+            },
         ),
     }
 }
@@ -722,18 +736,39 @@ fn cluster(command: ClusterCommand) -> ExitCode {
     }
 }
 
+/// What `policy` prints besides the accounts' documents.
+struct PolicyOutput {
+    json: bool,
+    /// `--org`: the org-reader role's documents too.
+    org: bool,
+    /// `--stackset`: only the CloudFormation template of the discovered accounts' role.
+    stackset: bool,
+}
+
 fn policy(
     path: &std::path::Path,
     account: Option<&str>,
-    delegate_account: Option<String>,
-    delegate_role: Option<String>,
-    json: bool,
+    (delegate_account, delegate_role): (Option<String>, Option<String>),
+    out: PolicyOutput,
 ) -> ExitCode {
     use shiftd::policy::{self, Delegate};
+    let PolicyOutput {
+        json,
+        org,
+        stackset,
+    } = out;
     let config = match load_or_exit(path) {
         Ok(c) => c,
         Err(code) => return code,
     };
+    if (org || stackset) && config.organization.is_none() {
+        eprintln!(
+            "{}: no [organization] table: --org and --stackset are about accounts discovered from \
+             AWS Organizations",
+            path.display()
+        );
+        return ExitCode::from(2);
+    }
     if let Some(name) = account
         && config.account(name).is_none()
     {
@@ -762,6 +797,13 @@ fn policy(
             );
             return ExitCode::from(2);
         }
+        (None, None) if stackset => {
+            eprintln!(
+                "--stackset: the role must trust the delegate: pass --delegate-account ID or \
+                 --delegate-role ARN (`shiftd doctor` shows the delegate's identity)"
+            );
+            return ExitCode::from(2);
+        }
         (None, None) => {
             eprintln!(
                 "note: trust policies left out: pass --delegate-account ID or --delegate-role ARN \
@@ -770,7 +812,17 @@ fn policy(
             None
         }
     };
-    let docs = policy::documents(&config, account, delegate.as_ref());
+    if stackset {
+        let template = delegate
+            .as_ref()
+            .and_then(|d| policy::stackset(&config, d))
+            .expect("an [organization] and a delegate");
+        return output(&template);
+    }
+    let mut docs = policy::documents(&config, account, delegate.as_ref());
+    if org {
+        docs.extend(policy::org_documents(&config, delegate.as_ref()));
+    }
     if json {
         let array: Vec<serde_json::Value> = docs
             .iter()

@@ -158,8 +158,15 @@ fn a_rule_over_an_ou_acts_in_its_accounts_at_any_depth_and_picks_up_a_new_one() 
     );
     assert_eq!(state(&fake, &prod_a, &ids[&prod_a]), "running");
 
-    // The journal names each account.
-    let actions = daemon.actions();
+    // The journal names each account (its entries may reach the journal a little later).
+    let wanted = [&ids[TARGET_ACCOUNT], &ids[&team_a], &late_id];
+    let mut actions = Vec::new();
+    wait_until("the journal entries", Duration::from_secs(20), || {
+        actions = daemon.actions();
+        wanted
+            .iter()
+            .all(|id| !entries_for(&actions, id).is_empty())
+    });
     for (account, id) in [
         ("account1", &ids[TARGET_ACCOUNT]),
         (team_a.as_str(), &ids[&team_a]),
