@@ -245,3 +245,26 @@ async fn a_role_missing_in_one_account_holds_up_no_other() {
     assert!(failed[0].reason.contains("AccessDenied"), "{failed:#?}");
     daemon.stop().await;
 }
+
+#[tokio::test(start_paused = true)]
+async fn doctor_lists_the_accounts_where_the_role_is_missing() {
+    let sim = Sim::new("2026-12-01T07:59:30Z");
+    organization(&sim.aws);
+    sim.aws.allow_role(READER, None);
+    sim.aws.allow_role(
+        &format!("arn:aws:iam::{TARGET}:role/account1-role-ec2"),
+        None,
+    );
+    sim.aws
+        .allow_role(&format!("arn:aws:iam::{DEV_A}:role/shiftd-target"), None);
+    sim.write_config(&org_config("", r#""0 8 * * *""#));
+    let config = shiftd::config::Config::load(&sim.config_path()).unwrap();
+    let clock: std::sync::Arc<dyn shiftd::clock::Clock> = sim.clock.clone();
+    let report = shiftd::doctor::run(&config, sim.aws.connector(), clock).await;
+    assert_eq!(
+        report.failures(),
+        2,
+        "AssumeRole into TEAM_A, and the summary naming it"
+    );
+    assert_eq!(report.role_missing(), [TEAM_A]);
+}
