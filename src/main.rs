@@ -122,6 +122,10 @@ enum Command {
         /// calendar that removed each
         #[arg(long)]
         show_skipped: bool,
+        /// List a rule with accounts = [...] once per account it selects: lists the organization's
+        /// accounts ([organization]) through AWS, as the daemon does
+        #[arg(long)]
+        accounts: bool,
     },
     /// Check the live setup: IMDS, identity, AssumeRole, instances, permissions (DryRun only)
     ///
@@ -267,6 +271,7 @@ fn main() -> ExitCode {
             limit,
             instances,
             show_skipped,
+            accounts,
         } => plan(
             &config,
             from,
@@ -277,6 +282,7 @@ fn main() -> ExitCode {
             PlanExtras {
                 instances,
                 show_skipped,
+                accounts,
             },
         ),
         Command::Doctor { config } => doctor(&config),
@@ -494,6 +500,8 @@ struct PlanExtras {
     instances: bool,
     /// `--show-skipped`: the occurrences the rules' calendars leave out.
     show_skipped: bool,
+    /// `--accounts`: rules with `accounts` expanded per account (lists the organization's accounts).
+    accounts: bool,
 }
 
 fn plan(
@@ -508,10 +516,32 @@ fn plan(
     let PlanExtras {
         instances,
         show_skipped,
+        accounts,
     } = extras;
     let config = match load_or_exit(path) {
         Ok(c) => c,
         Err(code) => return code,
+    };
+    let config = if accounts {
+        if let Some(note) = logging::init(LogTarget::Stderr) {
+            eprintln!("{note}");
+        }
+        let Some(runtime) = runtime() else {
+            return ExitCode::FAILURE;
+        };
+        match runtime.block_on(shiftd::org::expand_live(
+            &config,
+            Arc::new(shiftd::aws::sdk::connect),
+            Arc::new(SystemClock),
+        )) {
+            Ok(expanded) => expanded,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        config
     };
     let from = from.unwrap_or_else(|| SystemClock.now());
     let hours = hours.unwrap_or(24 * 7);

@@ -339,6 +339,17 @@ pub async fn discover_now(
         .map_err(|e| format!("cannot list the organization's accounts: {e}"))
 }
 
+/// `config` expanded over the organization's accounts listed now (`plan --accounts`).
+pub async fn expand_live(
+    config: &Config,
+    connect: crate::aws::ConnectAws,
+    clock: std::sync::Arc<dyn crate::clock::Clock>,
+) -> Result<Config, String> {
+    let aws = connect(&config.credentials, crate::daemon::first_region(config));
+    let discovered = discover_now(config, aws.as_ref(), &clock).await?;
+    Ok(expand(config, &discovered.unwrap_or_default().accounts))
+}
+
 /// One account `shiftd accounts` lists: the documented, stable JSON of `--json`.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct AccountRow {

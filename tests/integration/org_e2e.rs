@@ -143,6 +143,40 @@ fn a_rule_over_an_ou_acts_in_its_accounts_at_any_depth_and_picks_up_a_new_one() 
             .all(|r| r["rules"] == serde_json::json!(["dev-nights"]))
     );
 
+    // `plan --accounts` lists the rule once per account; plain `plan` once, with its list.
+    let plan = |extra: &[&str]| -> Vec<Value> {
+        let out = Command::new(env!("CARGO_BIN_EXE_shiftd"))
+            .args([
+                "plan", "--json", "--hours", "1", "--limit", "2000", "--config",
+            ])
+            .arg(&daemon.config)
+            .args(extra)
+            .envs(fake.env())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let first_instant = |items: &[Value]| -> Vec<String> {
+        let at = items[0]["at_utc"].clone();
+        let mut v: Vec<String> = items
+            .iter()
+            .filter(|i| i["at_utc"] == at)
+            .map(|i| i["account_id"].as_str().unwrap().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    let mut want: Vec<String> = selected.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    assert_eq!(first_instant(&plan(&["--accounts"])), want);
+    let offline = plan(&[]);
+    assert_eq!(offline[0]["account"], format!("[ou:{dev}, account1]"));
+
     // An account added to the team OU while shiftd runs is acted in after the next refresh.
     let late = created(&fake, &["account", &team, "team-late"]);
     let late_id = instance(&fake, &late);
