@@ -330,6 +330,8 @@ impl Daemon {
                 failed: None,
                 running: None,
             });
+            // Nothing listed yet under this [organization]: no account of an earlier one stays.
+            self.rebuild();
         }
         let Some(o) = self.org.as_mut() else {
             return;

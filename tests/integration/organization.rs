@@ -268,3 +268,34 @@ async fn doctor_lists_the_accounts_where_the_role_is_missing() {
     );
     assert_eq!(report.role_missing(), [TEAM_A]);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_reload_lists_the_organization_again_at_once() {
+    let sim = Sim::new("2026-12-01T07:55:00Z");
+    organization(&sim.aws);
+    let ids = instances(&sim.aws, &[TARGET, DEV_A, TEAM_A]);
+    sim.write_config(
+        &org_config("", r#""10 8 * * *""#).replace(r#"refresh = "10m""#, r#"refresh = "1h""#),
+    );
+    let daemon = sim.start();
+    sim.advance(MINUTE).await;
+    let late = instances(&sim.aws, &[LATE]);
+    sim.aws.org_add_account(DEV, LATE, "late");
+    daemon.reload();
+    sim.advance_to("2026-12-01T08:15:00Z").await;
+    assert_eq!(
+        sim.aws.calls_of(fake::LIST_ROOTS).len(),
+        2,
+        "at start and on reload"
+    );
+    for a in [TARGET, DEV_A, TEAM_A] {
+        assert_eq!(state(&sim.aws, &ids[a]), "stopped", "{a}");
+    }
+    assert_eq!(
+        state(&sim.aws, &late[LATE]),
+        "stopped",
+        "{}",
+        sim.logs.text()
+    );
+    daemon.stop().await;
+}
