@@ -299,3 +299,46 @@ async fn a_reload_lists_the_organization_again_at_once() {
     );
     daemon.stop().await;
 }
+
+/// Scale: 300 accounts in 10 OUs cost one listing per refresh (one call per OU and list), and one
+/// rule over all of them acts in each.
+#[tokio::test(start_paused = true)]
+async fn hundreds_of_accounts_cost_one_listing_per_refresh() {
+    let sim = Sim::new("2026-12-01T07:55:00Z");
+    sim.aws.org_create(ROOT);
+    let mut ids = Vec::new();
+    for ou in 0..10 {
+        let ou_id = format!("ou-root-big{ou:05}");
+        sim.aws.org_add_ou(ROOT, &ou_id, &format!("big{ou}"));
+        for n in 0..30 {
+            let account = format!("{:012}", 500_000_000_000u64 + ou * 100 + n);
+            sim.aws.org_add_account(&ou_id, &account, &format!("a{n}"));
+            ids.extend(sim.aws.add_instances(
+                &account,
+                REGION,
+                1,
+                "running",
+                &[("Schedule", "dev")],
+            ));
+        }
+    }
+    sim.write_config(
+        &org_config("", r#""0 8 * * *""#)
+            .replace(&format!("\"ou:{DEV}\", \"account1\""), "\"org:*\""),
+    );
+    let daemon = sim.start();
+    sim.advance_to("2026-12-01T08:30:00Z").await;
+    // At start (07:55), 08:05, 08:15, 08:25: 4 listings of 11 parents each.
+    assert_eq!(sim.aws.calls_of(fake::LIST_ROOTS).len(), 4);
+    assert_eq!(sim.aws.calls_of(fake::LIST_ACCOUNTS_FOR_PARENT).len(), 44);
+    assert_eq!(sim.aws.calls_of(fake::LIST_OUS_FOR_PARENT).len(), 44);
+    assert_eq!(sim.aws.states(&ids), vec!["stopped"; 300]);
+    assert_eq!(
+        sim.outcomes()
+            .iter()
+            .filter(|o| o.result == ResultKind::Ok)
+            .count(),
+        300
+    );
+    daemon.stop().await;
+}
