@@ -53,6 +53,9 @@ const SHUTDOWN_REPORT: Duration = Duration::from_secs(10);
 const DISCOVERY_WAIT: Duration = Duration::from_secs(30);
 /// How long a discovery waits for the org-reader role's credentials before it is a failed one.
 const DISCOVERY_CREDENTIALS_WAIT: Duration = Duration::from_secs(20);
+/// A discovery still under way after this long is a failed one (each call is bounded by the SDK's own
+/// timeouts; this bounds a walk of many OUs as a whole).
+const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(600);
 /// The name of the org-reader role's credentials in logs and metrics.
 const ORG_CREDENTIALS: &str = "organization";
 
@@ -140,9 +143,15 @@ impl OrgRuntime {
                 .wait_usable(DISCOVERY_CREDENTIALS_WAIT)
                 .await
                 .map_err(|e| format!("cannot assume {}: {e}", config.role_arn))?;
-            org::discover(client.as_ref(), &config)
+            match tokio::time::timeout(DISCOVERY_TIMEOUT, org::discover(client.as_ref(), &config))
                 .await
-                .map_err(|e| e.to_string())
+            {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err(format!(
+                    "no complete listing within {}",
+                    humantime::format_duration(DISCOVERY_TIMEOUT)
+                )),
+            }
         }));
     }
 }
