@@ -42,6 +42,32 @@ pub fn render(config: &Config, now: DateTime<Utc>) -> String {
             a.regions.join(", ")
         );
     }
+    if let Some(o) = &config.organization {
+        let _ = writeln!(
+            out,
+            "organization: read through {}{}; accounts under {}{} assumed as role {}, regions: {}; \
+             listed again every {}",
+            o.role_arn,
+            if o.external_id.is_some() {
+                " (external ID set)"
+            } else {
+                ""
+            },
+            if o.include_ous.is_empty() {
+                "the root".to_string()
+            } else {
+                o.include_ous.join(", ")
+            },
+            if o.exclude_accounts.is_empty() {
+                String::new()
+            } else {
+                format!(" except {}", o.exclude_accounts.join(", "))
+            },
+            o.target_role_name,
+            o.regions.join(", "),
+            humantime::format_duration(o.refresh)
+        );
+    }
     if !config.calendars.is_empty() {
         let _ = writeln!(out, "calendars ({}):", config.calendars.len());
     }
@@ -78,10 +104,15 @@ pub fn render(config: &Config, now: DateTime<Utc>) -> String {
     for r in &config.rules {
         let _ = writeln!(
             out,
-            "  {}  account {}, {}  {}",
+            "  {}  account{} {}, {}  {}",
             r.name,
-            r.account,
-            r.regions.join(", "),
+            if r.is_multi_account() { "s" } else { "" },
+            r.accounts_text(),
+            if r.regions.is_empty() {
+                "each account's regions".to_string()
+            } else {
+                r.regions.join(", ")
+            },
             r.selection
         );
         if !r.skip.is_empty() {

@@ -72,6 +72,14 @@ pub const CATCH_UP: DurationBounds = DurationBounds {
           seconds late, e.g. after a slow start)",
 };
 
+/// How often `[organization]` accounts are listed again.
+pub const ORG_REFRESH: DurationBounds = DurationBounds {
+    min: Duration::from_secs(10),
+    max: Duration::from_secs(24 * 3600),
+    default: Duration::from_secs(3600),
+    why: " (each refresh lists the organization's accounts once)",
+};
+
 /// How often rules with `enforce = true` check their instances.
 pub const ENFORCE_EVERY: DurationBounds = DurationBounds {
     min: Duration::from_secs(10),
@@ -136,6 +144,63 @@ pub struct Config {
     pub metrics: Option<MetricsConfig>,
     /// `[cluster]`: the claim table several delegates share; shiftd runs on its own without it.
     pub cluster: Option<ClusterConfig>,
+    /// `[organization]`: accounts discovered from AWS Organizations, for rules' `accounts`.
+    pub organization: Option<OrganizationConfig>,
+}
+
+/// `[organization]`: where AWS Organizations is read, and how discovered accounts are reached.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OrganizationConfig {
+    /// The org-reader role (management or delegated administrator account).
+    pub role_arn: String,
+    /// Assumed in every discovered account: `arn:<partition>:iam::<id>:role/<target_role_name>`.
+    pub target_role_name: String,
+    /// For both the org-reader role and the target roles.
+    pub external_id: Option<String>,
+    pub regions: Vec<String>,
+    /// OU (or root) IDs whose accounts are discovered, recursively; empty: the whole organization.
+    pub include_ous: Vec<String>,
+    pub exclude_accounts: Vec<String>,
+    pub refresh: Duration,
+}
+
+impl OrganizationConfig {
+    /// The partition of `role_arn` (`aws`, `aws-cn`, `aws-us-gov`).
+    pub fn partition(&self) -> &str {
+        self.role_arn.split(':').nth(1).unwrap_or("aws")
+    }
+
+    /// The role shiftd assumes in discovered account `id`.
+    pub fn target_role_arn(&self, id: &str) -> String {
+        format!(
+            "arn:{}:iam::{id}:role/{}",
+            self.partition(),
+            self.target_role_name
+        )
+    }
+}
+
+/// One element of a rule's `accounts`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum AccountSelector {
+    /// `ou:ou-...`: the discovered accounts in this OU or any OU below it.
+    Ou(String),
+    /// `org:*`: every discovered account.
+    Organization,
+    /// A configured account's name.
+    Name(String),
+    /// A 12-digit account ID: a configured account with that ID, else a discovered one.
+    Id(String),
+}
+
+impl fmt::Display for AccountSelector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            AccountSelector::Ou(ou) => write!(f, "ou:{ou}"),
+            AccountSelector::Organization => f.write_str("org:*"),
+            AccountSelector::Name(n) | AccountSelector::Id(n) => f.write_str(n),
+        }
+    }
 }
 
 /// `[cluster]`: where delegates claim occurrences, and how long a claim holds without news.
@@ -298,7 +363,13 @@ impl fmt::Display for Selection {
 #[derive(Clone, Debug)]
 pub struct Rule {
     pub name: String,
+    /// The account the rule acts in. Empty for a rule with `accounts` as written, until the accounts
+    /// are known (`org::expand` makes one rule per selected account, each with its account here).
     pub account: String,
+    /// `accounts = [...]` as written; empty for a rule with `account`.
+    pub accounts: Vec<AccountSelector>,
+    /// The regions to act in. For a rule with `accounts` as written: those it names, empty for all
+    /// of each account's regions.
     pub regions: Vec<String>,
     pub selection: Selection,
     pub start: Vec<CronSchedule>,
@@ -317,6 +388,20 @@ pub struct Rule {
 }
 
 impl Rule {
+    /// A rule with `accounts` as written, not yet expanded to one account.
+    pub fn is_multi_account(&self) -> bool {
+        !self.accounts.is_empty() && self.account.is_empty()
+    }
+
+    /// Where the rule acts, as written: its account, or its `accounts` list.
+    pub fn accounts_text(&self) -> String {
+        if self.accounts.is_empty() || !self.account.is_empty() {
+            return self.account.clone();
+        }
+        let all: Vec<String> = self.accounts.iter().map(|a| a.to_string()).collect();
+        format!("[{}]", all.join(", "))
+    }
+
     pub fn schedules(&self, action: Action) -> &[CronSchedule] {
         match action {
             Action::Start => &self.start,
@@ -474,6 +559,22 @@ struct RawConfig {
     metrics: Option<Spanned<RawMetrics>>,
     #[serde(default)]
     cluster: Option<Spanned<RawCluster>>,
+    #[serde(default)]
+    organization: Option<Spanned<RawOrganization>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawOrganization {
+    role_arn: Spanned<String>,
+    target_role_name: Spanned<String>,
+    external_id: Option<Spanned<String>>,
+    regions: Spanned<Vec<Spanned<String>>>,
+    #[serde(default)]
+    include_ous: Vec<Spanned<String>>,
+    #[serde(default)]
+    exclude_accounts: Vec<Spanned<String>>,
+    refresh: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -524,7 +625,8 @@ struct RawAccount {
 #[serde(deny_unknown_fields)]
 struct RawRule {
     name: Spanned<String>,
-    account: Spanned<String>,
+    account: Option<Spanned<String>>,
+    accounts: Option<Spanned<Vec<Spanned<String>>>>,
     regions: Option<Spanned<Vec<Spanned<String>>>>,
     #[serde(default)]
     instances: Vec<Spanned<String>>,
@@ -799,8 +901,18 @@ fn validate(path: &Path, raw: RawConfig, problems: &mut Problems) -> Config {
     let defaults = validate_defaults(&raw.defaults, problems);
     let credentials = validate_credentials(raw.credentials, problems);
     let accounts = validate_accounts(raw.accounts, problems);
+    let organization = raw
+        .organization
+        .map(|o| validate_organization(o.into_inner(), problems));
     let calendars = validate_calendars(path, raw.calendars, problems);
-    let rules = validate_rules(raw.rules, &accounts, &calendars, &defaults, problems);
+    let rules = validate_rules(
+        raw.rules,
+        &accounts,
+        organization.as_ref(),
+        &calendars,
+        &defaults,
+        problems,
+    );
     let notify = raw.notify.and_then(|n| validate_notify(n, problems));
     let metrics = raw.metrics.and_then(|m| validate_metrics(m, problems));
     let cluster = raw
@@ -816,6 +928,104 @@ fn validate(path: &Path, raw: RawConfig, problems: &mut Problems) -> Config {
         notify,
         metrics,
         cluster,
+        organization,
+    }
+}
+
+/// `ou-` and 4 to 32 lowercase letters or digits, `-`, and 8 to 32 more (an OU ID), or `r-` and 4 to
+/// 32 (a root ID).
+pub fn valid_ou_id(s: &str) -> bool {
+    let alnum = |p: &str, min: usize| {
+        (min..=32).contains(&p.len())
+            && p.chars()
+                .all(|c| c.is_ascii_digit() || c.is_ascii_lowercase())
+    };
+    if let Some(rest) = s.strip_prefix("ou-") {
+        return rest
+            .split_once('-')
+            .is_some_and(|(a, b)| alnum(a, 4) && alnum(b, 8));
+    }
+    s.strip_prefix("r-").is_some_and(|r| alnum(r, 4))
+}
+
+/// Twelve digits.
+pub fn valid_account_id(s: &str) -> bool {
+    s.len() == 12 && s.chars().all(|c| c.is_ascii_digit())
+}
+
+/// Checks `[organization]`: the org-reader role, the target role's name, the external ID, regions,
+/// OUs, excluded accounts and the refresh interval.
+fn validate_organization(raw: RawOrganization, problems: &mut Problems) -> OrganizationConfig {
+    if let Err(why) = parse_role_arn(raw.role_arn.get_ref()) {
+        problems.report(
+            raw.role_arn.span().start,
+            format!("organization.role_arn: {why}"),
+        );
+    }
+    let target = raw.target_role_name.get_ref();
+    let target_ok = !target.is_empty()
+        && target.len() <= 64
+        && target
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+=,.@_-".contains(c));
+    if !target_ok {
+        problems.report(
+            raw.target_role_name.span().start,
+            format!(
+                "organization.target_role_name: {target:?} is not an IAM role name: expected 1 to 64 \
+                 letters, digits or +=,.@_- (shiftd assumes arn:aws:iam::<account id>:role/<name>)"
+            ),
+        );
+    }
+    if let Some(x) = &raw.external_id {
+        check_external_id(x, problems);
+    }
+    let regions = validate_account_regions("organization", raw.regions, problems);
+    for ou in &raw.include_ous {
+        if !valid_ou_id(ou.get_ref()) {
+            problems.report(
+                ou.span().start,
+                format!(
+                    "organization.include_ous: {:?} is not an OU or root ID: expected \
+                     \"ou-ab12-cdef3456\" or \"r-ab12\"",
+                    ou.get_ref()
+                ),
+            );
+        }
+    }
+    for id in &raw.exclude_accounts {
+        if !valid_account_id(id.get_ref()) {
+            problems.report(
+                id.span().start,
+                format!(
+                    "organization.exclude_accounts: {:?} is not an account ID: expected 12 digits",
+                    id.get_ref()
+                ),
+            );
+        }
+    }
+    let refresh = check_duration(
+        raw.refresh.as_ref(),
+        "organization.refresh",
+        &ORG_REFRESH,
+        problems,
+    )
+    .unwrap_or(ORG_REFRESH.default);
+    let dedup = |v: Vec<Spanned<String>>| -> Vec<String> {
+        let mut seen = HashSet::new();
+        v.into_iter()
+            .map(Spanned::into_inner)
+            .filter(|x| seen.insert(x.clone()))
+            .collect()
+    };
+    OrganizationConfig {
+        role_arn: raw.role_arn.into_inner(),
+        target_role_name: raw.target_role_name.into_inner(),
+        external_id: raw.external_id.map(Spanned::into_inner),
+        regions,
+        include_ous: dedup(raw.include_ous),
+        exclude_accounts: dedup(raw.exclude_accounts),
+        refresh,
     }
 }
 
@@ -1177,11 +1387,14 @@ fn validate_account_regions(
     problems: &mut Problems,
 ) -> Vec<String> {
     if regions.get_ref().is_empty() {
+        let table = if name == "organization" {
+            "organization".to_string()
+        } else {
+            format!("accounts.{name}")
+        };
         problems.report(
             regions.span().start,
-            format!(
-                "accounts.{name}.regions: expected at least one region, e.g. [\"ap-northeast-1\"]"
-            ),
+            format!("{table}.regions: expected at least one region, e.g. [\"ap-northeast-1\"]"),
         );
     }
     let mut out = Vec::new();
@@ -1200,6 +1413,7 @@ fn validate_account_regions(
 fn validate_rules(
     raw: Vec<Spanned<RawRule>>,
     accounts: &BTreeMap<String, Account>,
+    organization: Option<&OrganizationConfig>,
     calendars: &BTreeMap<String, Calendar>,
     defaults: &Defaults,
     problems: &mut Problems,
@@ -1214,6 +1428,7 @@ fn validate_rules(
             name: rule.name.get_ref().clone(),
             at,
             accounts,
+            organization,
             calendars,
             defaults,
             problems,
@@ -1249,6 +1464,8 @@ struct RuleCheck<'a> {
     at: usize,
     /// The accounts of `[accounts]`, one of which the rule names.
     accounts: &'a BTreeMap<String, Account>,
+    /// `[organization]`, which `accounts` selectors other than configured names need.
+    organization: Option<&'a OrganizationConfig>,
     /// The calendars of `[calendars]`, which the rule's `skip` and `only` name.
     calendars: &'a BTreeMap<String, Calendar>,
     /// `[defaults]`: the time zone and catch-up window of a rule that gives none.
@@ -1260,8 +1477,36 @@ impl<'a> RuleCheck<'a> {
     /// Checks one rule but its name (see [`check_rule_name`]): its account, regions, selection,
     /// schedules and time zone, in that order, and that each schedule fires in that zone.
     fn rule(mut self, raw: RawRule) -> Rule {
-        let account = self.account(&raw.account);
-        let regions = self.regions(raw.regions.as_ref(), account);
+        let (account, selectors) = match (&raw.account, &raw.accounts) {
+            (Some(a), None) => (self.account(a), Vec::new()),
+            (None, Some(list)) => (None, self.selectors(list)),
+            (Some(a), Some(_)) => {
+                let name = &self.name;
+                self.problems.report(
+                    a.span().start,
+                    format!(
+                        "rule {name:?} has both account and accounts: expected exactly one of them"
+                    ),
+                );
+                (None, Vec::new())
+            }
+            (None, None) => {
+                let name = &self.name;
+                self.problems.report(
+                    self.at,
+                    format!(
+                        "rule {name:?} names no account: expected account = \"NAME\" or \
+                         accounts = [\"NAME\", \"ou:ou-...\", \"org:*\", \"<12-digit ID>\"]"
+                    ),
+                );
+                (None, Vec::new())
+            }
+        };
+        let regions = if raw.accounts.is_some() {
+            self.multi_account_regions(raw.regions.as_ref())
+        } else {
+            self.regions(raw.regions.as_ref(), account)
+        };
         let selection = self.selection(&raw);
         let start = self.schedules(raw.start.as_ref());
         let stop = self.schedules(raw.stop.as_ref());
@@ -1303,7 +1548,11 @@ impl<'a> RuleCheck<'a> {
         };
         Rule {
             name: self.name,
-            account: raw.account.into_inner(),
+            account: match (&raw.account, &raw.accounts) {
+                (Some(a), None) => a.get_ref().clone(),
+                _ => String::new(),
+            },
+            accounts: selectors,
             regions,
             selection,
             start,
@@ -1420,6 +1669,118 @@ impl<'a> RuleCheck<'a> {
             skip: dates(skip),
             only: (!only.is_empty()).then(|| dates(only)),
         }))
+    }
+
+    /// Checks the rule's `accounts`: not empty, each a configured name, a 12-digit ID, `ou:<OU ID>` or
+    /// `org:*` (the last two, and IDs of no configured account, need `[organization]`). Returns them
+    /// without repetitions, in the order written.
+    fn selectors(&mut self, list: &Spanned<Vec<Spanned<String>>>) -> Vec<AccountSelector> {
+        let name = self.name.clone();
+        if list.get_ref().is_empty() {
+            self.problems.report(
+                list.span().start,
+                format!("rule {name:?}: accounts is empty: expected at least one account"),
+            );
+        }
+        let no_org = |what: &str| {
+            format!(
+                "rule {name:?}: accounts: {what} needs an [organization] table (accounts are \
+                 discovered from AWS Organizations)"
+            )
+        };
+        let mut out = Vec::new();
+        for item in list.get_ref() {
+            let at = item.span().start;
+            let v = item.get_ref();
+            let selector = if let Some(ou) = v.strip_prefix("ou:") {
+                if !valid_ou_id(ou) {
+                    self.problems.report(
+                        at,
+                        format!(
+                            "rule {name:?}: accounts: {v:?}: {ou:?} is not an OU ID: expected \
+                             \"ou:ou-ab12-cdef3456\" (or a root, \"ou:r-ab12\")"
+                        ),
+                    );
+                    continue;
+                }
+                if self.organization.is_none() {
+                    self.problems.report(at, no_org(&format!("{v:?}")));
+                }
+                AccountSelector::Ou(ou.to_string())
+            } else if let Some(rest) = v.strip_prefix("org:") {
+                if rest != "*" {
+                    self.problems.report(
+                        at,
+                        format!(
+                            "rule {name:?}: accounts: {v:?}: expected \"org:*\" (every account of \
+                             the organization)"
+                        ),
+                    );
+                    continue;
+                }
+                if self.organization.is_none() {
+                    self.problems.report(at, no_org("\"org:*\""));
+                }
+                AccountSelector::Organization
+            } else if valid_account_id(v) && !self.accounts.contains_key(v) {
+                let configured = self.accounts.values().any(|a| a.account_id == *v);
+                if !configured && self.organization.is_none() {
+                    self.problems.report(
+                        at,
+                        format!(
+                            "rule {name:?}: accounts: {v:?} is the ID of no [accounts] table, and \
+                             there is no [organization] table to discover it in"
+                        ),
+                    );
+                }
+                AccountSelector::Id(v.clone())
+            } else if self.accounts.contains_key(v) {
+                AccountSelector::Name(v.clone())
+            } else {
+                let known: Vec<&str> = self.accounts.keys().map(String::as_str).collect();
+                self.problems.report(
+                    at,
+                    format!(
+                        "rule {name:?}: account {v:?} is not defined: expected one of [{}], \
+                         \"ou:<OU ID>\", \"org:*\" or a 12-digit account ID",
+                        known.join(", ")
+                    ),
+                );
+                continue;
+            };
+            if !out.contains(&selector) {
+                out.push(selector);
+            }
+        }
+        out
+    }
+
+    /// Checks the `regions` of a rule with `accounts`: not empty when given, each a region name
+    /// (each selected account acts in those of its regions among them). Returns them without
+    /// repetitions; empty when not given.
+    fn multi_account_regions(
+        &mut self,
+        regions: Option<&Spanned<Vec<Spanned<String>>>>,
+    ) -> Vec<String> {
+        let Some(rs) = regions else {
+            return Vec::new();
+        };
+        if rs.get_ref().is_empty() {
+            let name = &self.name;
+            self.problems.report(
+                rs.span().start,
+                format!(
+                    "rule {name:?}: regions is empty: leave it out to use all of each account's regions"
+                ),
+            );
+        }
+        let mut out: Vec<String> = Vec::new();
+        for r in rs.get_ref() {
+            if check_region(r, self.problems) && !out.contains(r.get_ref()) {
+                out.push(r.get_ref().clone());
+            }
+        }
+        out
     }
 
     /// Checks that the rule's `account` is one of `[accounts]`, and returns that account.
@@ -2153,6 +2514,197 @@ BEGIN:VEVENT\r\nDTSTART;VALUE=DATE:20270429\r\nDTEND;VALUE=DATE:20270501\r\nEND:
         let tags = &c.rules[0].selection.tags;
         assert_eq!(tags["Schedule"], vec!["office-hours"]);
         assert_eq!(tags["Environment"], vec!["dev", "stg"]);
+    }
+
+    const ORG: &str = r#"
+[organization]
+role_arn = "arn:aws:iam::999999999999:role/shiftd-org-reader"
+target_role_name = "shiftd-target"
+regions = ["ap-northeast-1", "us-east-1"]
+include_ous = ["ou-ab12-dev00000"]
+exclude_accounts = ["111111111111"]
+refresh = "1h"
+
+[accounts.account1]
+role_arn = "arn:aws:iam::111111111111:role/account1-role-ec2"
+regions = ["ap-northeast-1"]
+
+[[rules]]
+name = "dev-nights"
+accounts = ["ou:ou-ab12-dev00000", "account1", "org:*", "222222222222", "account1"]
+tags = { Schedule = "dev-office-hours" }
+stop = "0 21 * * *"
+"#;
+
+    /// The problems of `text` as "line:column: message".
+    fn problems_of(text: &str) -> Vec<String> {
+        match Config::parse(Path::new("t.toml"), text) {
+            Ok(_) => Vec::new(),
+            Err(ConfigError::Invalid { issues, .. }) => issues
+                .iter()
+                .map(|i| format!("{}:{}: {}", i.line, i.column, i.message))
+                .collect(),
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn organization_and_multi_account_rules_are_read() {
+        let c = Config::parse(Path::new("t.toml"), ORG).unwrap();
+        let o = c.organization.as_ref().unwrap();
+        assert_eq!(
+            o.target_role_arn("333333333333"),
+            "arn:aws:iam::333333333333:role/shiftd-target"
+        );
+        assert_eq!(o.regions, ["ap-northeast-1", "us-east-1"]);
+        assert_eq!(o.include_ous, ["ou-ab12-dev00000"]);
+        assert_eq!(o.exclude_accounts, ["111111111111"]);
+        assert_eq!(o.refresh, Duration::from_secs(3600));
+        assert_eq!(o.external_id, None);
+        let r = &c.rules[0];
+        assert!(r.is_multi_account());
+        assert_eq!(r.account, "");
+        assert!(r.regions.is_empty(), "all of each account's regions");
+        assert_eq!(
+            r.accounts,
+            [
+                AccountSelector::Ou("ou-ab12-dev00000".into()),
+                AccountSelector::Name("account1".into()),
+                AccountSelector::Organization,
+                AccountSelector::Id("222222222222".into()),
+            ]
+        );
+        assert_eq!(
+            r.accounts_text(),
+            "[ou:ou-ab12-dev00000, account1, org:*, 222222222222]"
+        );
+        // The refresh defaults to an hour; `account` keeps working beside [organization].
+        let c = Config::parse(
+            Path::new("t.toml"),
+            &ORG.replace("refresh = \"1h\"\n", "").replace(
+                "accounts = [\"ou:ou-ab12-dev00000\", \"account1\", \"org:*\", \"222222222222\", \"account1\"]",
+                "account = \"account1\"",
+            ),
+        )
+        .unwrap();
+        assert_eq!(c.organization.unwrap().refresh, Duration::from_secs(3600));
+        assert!(!c.rules[0].is_multi_account());
+        assert_eq!(c.rules[0].regions, ["ap-northeast-1"]);
+        // Configured names and the IDs of configured accounts need no [organization].
+        let text = MINIMAL.replace(
+            "account = \"account1\"",
+            "accounts = [\"account1\", \"111111111111\"]",
+        );
+        let c = Config::parse(Path::new("t.toml"), &text).unwrap();
+        assert!(c.organization.is_none());
+        assert_eq!(c.rules[0].accounts.len(), 2);
+    }
+
+    #[test]
+    fn bad_organization_and_accounts_are_refused_with_their_place() {
+        let rule_accounts = "accounts = [\"ou:ou-ab12-dev00000\", \"account1\", \"org:*\", \"222222222222\", \"account1\"]";
+        let cases: &[(String, &str)] = &[
+            (
+                ORG.replace(rule_accounts, "accounts = [\"acount1\"]"),
+                "16:13: rule \"dev-nights\": account \"acount1\" is not defined: expected one of [account1], \"ou:<OU ID>\", \"org:*\" or a 12-digit account ID",
+            ),
+            (
+                ORG.replace(rule_accounts, "accounts = [\"ou:dev\"]"),
+                "16:13: rule \"dev-nights\": accounts: \"ou:dev\": \"dev\" is not an OU ID",
+            ),
+            (
+                ORG.replace(rule_accounts, "accounts = [\"org:all\"]"),
+                "16:13: rule \"dev-nights\": accounts: \"org:all\": expected \"org:*\"",
+            ),
+            (
+                ORG.replace(rule_accounts, "accounts = []"),
+                "16:12: rule \"dev-nights\": accounts is empty",
+            ),
+            (
+                ORG.replace(
+                    rule_accounts,
+                    "account = \"account1\"\naccounts = [\"account1\"]",
+                ),
+                "16:11: rule \"dev-nights\" has both account and accounts: expected exactly one of them",
+            ),
+            (
+                ORG.replace(&format!("{rule_accounts}\n"), ""),
+                "14:1: rule \"dev-nights\" names no account",
+            ),
+            (
+                ORG.replace("role/shiftd-org-reader", "user/x"),
+                "3:12: organization.role_arn: \"arn:aws:iam::999999999999:user/x\" names no role",
+            ),
+            (
+                ORG.replace("\"shiftd-target\"", "\"shiftd target\""),
+                "4:20: organization.target_role_name: \"shiftd target\" is not an IAM role name",
+            ),
+            (
+                ORG.replace("[\"ap-northeast-1\", \"us-east-1\"]", "[]"),
+                "5:11: organization.regions: expected at least one region",
+            ),
+            (
+                ORG.replace("[\"ou-ab12-dev00000\"]", "[\"dev\"]"),
+                "6:16: organization.include_ous: \"dev\" is not an OU or root ID",
+            ),
+            (
+                ORG.replace("[\"111111111111\"]", "[\"1111\"]"),
+                "7:21: organization.exclude_accounts: \"1111\" is not an account ID: expected 12 digits",
+            ),
+            (
+                ORG.replace("\"1h\"", "\"1s\""),
+                "8:11: organization.refresh: \"1s\" is out of range: expected 10s to 1day",
+            ),
+            (ORG.replace("target_role_name", "target_role"), ""),
+        ];
+        for (text, want) in cases {
+            let got = problems_of(text);
+            if want.is_empty() {
+                assert!(!got.is_empty(), "{text}");
+                continue;
+            }
+            assert!(
+                got.iter().any(|g| g.starts_with(want)),
+                "want {want:?}, got {got:#?}"
+            );
+        }
+        // Without [organization]: OUs, the organization and unknown IDs have nowhere to come from.
+        let no_org = ORG.split("[accounts.account1]").nth(1).unwrap();
+        let no_org = format!("[accounts.account1]{no_org}");
+        let got = problems_of(&no_org);
+        assert_eq!(got.len(), 3, "{got:#?}");
+        assert!(
+            got[0].contains("\"ou:ou-ab12-dev00000\" needs an [organization] table"),
+            "{got:#?}"
+        );
+        assert!(
+            got[1].contains("\"org:*\" needs an [organization] table"),
+            "{got:#?}"
+        );
+        assert!(
+            got[2].contains("\"222222222222\" is the ID of no [accounts] table"),
+            "{got:#?}"
+        );
+    }
+
+    #[test]
+    fn ou_and_account_ids() {
+        for ok in ["ou-ab12-dev00000", "ou-ab12-cdef3456", "r-ab12"] {
+            assert!(valid_ou_id(ok), "{ok}");
+        }
+        for bad in [
+            "ou-ab12",
+            "ou-AB12-cdef3456",
+            "ou-ab1-cdef3456",
+            "dev",
+            "r-a",
+            "",
+        ] {
+            assert!(!valid_ou_id(bad), "{bad}");
+        }
+        assert!(valid_account_id("123456789012"));
+        assert!(!valid_account_id("12345678901"));
+        assert!(!valid_account_id("12345678901x"));
     }
 
     #[test]

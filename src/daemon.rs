@@ -9,7 +9,7 @@
 //! Everything outside comes in through [`Deps`]: the clock, AWS, where outcomes go and the occurrence
 //! record. The binary passes the real ones; the scenario tests pass fakes and run on paused time.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -26,6 +26,7 @@ use crate::config::{Account, Action, Config, ConfigError};
 use crate::credentials::{self, AccountCredentials, SessionSpec};
 use crate::executor::{self, AccountClients, BatchContext, ExecOptions};
 use crate::notify::ServiceManager;
+use crate::org::{self, Discovery};
 use crate::outcome::{Outcome, OutcomeSink, ResultKind, Trigger};
 use crate::planner::{self, AccountBatch, Firing, Missed};
 use crate::state::{self, OccurrenceKey, OccurrenceRecord, Phase, Snapshot};
@@ -46,6 +47,17 @@ const SHUTDOWN_FOLLOW: Duration = Duration::from_secs(20);
 /// (each as failed, "requested but not confirmed"). Both together stay under the unit's
 /// TimeoutStopSec (45 s).
 const SHUTDOWN_REPORT: Duration = Duration::from_secs(10);
+/// At start and on reload, how long the first discovery of `[organization]` accounts is waited for
+/// before scheduling goes on (with the accounts known so far; the discovery's result is taken when it
+/// comes).
+const DISCOVERY_WAIT: Duration = Duration::from_secs(30);
+/// How long a discovery waits for the org-reader role's credentials before it is a failed one.
+const DISCOVERY_CREDENTIALS_WAIT: Duration = Duration::from_secs(20);
+/// A discovery still under way after this long is a failed one (each call is bounded by the SDK's own
+/// timeouts; this bounds a walk of many OUs as a whole).
+const DISCOVERY_TIMEOUT: Duration = Duration::from_secs(600);
+/// The name of the org-reader role's credentials in logs and metrics.
+const ORG_CREDENTIALS: &str = "organization";
 
 pub struct Settings {
     pub config_path: PathBuf,
@@ -87,6 +99,77 @@ impl Drop for AccountRuntime {
     }
 }
 
+/// `[organization]` at run time: the org-reader role's credentials, the last good list of accounts,
+/// and the discovery under way.
+struct OrgRuntime {
+    config: crate::config::OrganizationConfig,
+    spec: SessionSpec,
+    credentials: AccountCredentials,
+    refresher: JoinHandle<()>,
+    client: Arc<dyn crate::aws::Organizations>,
+    /// The last good discovery, and the wall time it ended.
+    last: Option<(Discovery, DateTime<Utc>)>,
+    /// Why the latest discovery failed: the list in use (`last`) is stale.
+    failed: Option<String>,
+    /// When the next discovery is due (monotonic).
+    next: tokio::time::Instant,
+    running: Option<JoinHandle<Result<Discovery, String>>>,
+}
+
+impl Drop for OrgRuntime {
+    fn drop(&mut self) {
+        self.refresher.abort();
+        if let Some(r) = &self.running {
+            r.abort();
+        }
+    }
+}
+
+impl OrgRuntime {
+    fn accounts(&self) -> &[org::OrgAccount] {
+        self.last.as_ref().map_or(&[], |(d, _)| &d.accounts)
+    }
+
+    /// Starts a discovery unless one is under way.
+    fn begin(&mut self) {
+        if self.running.is_some() {
+            return;
+        }
+        let client = self.client.clone();
+        let store = self.credentials.clone();
+        let config = self.config.clone();
+        self.running = Some(tokio::spawn(async move {
+            store
+                .wait_usable(DISCOVERY_CREDENTIALS_WAIT)
+                .await
+                .map_err(|e| format!("cannot assume {}: {e}", config.role_arn))?;
+            match tokio::time::timeout(DISCOVERY_TIMEOUT, org::discover(client.as_ref(), &config))
+                .await
+            {
+                Ok(r) => r.map_err(|e| e.to_string()),
+                Err(_) => Err(format!(
+                    "no complete listing within {}",
+                    humantime::format_duration(DISCOVERY_TIMEOUT)
+                )),
+            }
+        }));
+    }
+}
+
+/// The result of the discovery under way, when it ends; never, when none is.
+async fn discovery_done(org: &mut Option<OrgRuntime>) -> Result<Discovery, String> {
+    let Some(handle) = org.as_mut().and_then(|o| o.running.as_mut()) else {
+        return std::future::pending().await;
+    };
+    let result = handle
+        .await
+        .unwrap_or_else(|e| Err(format!("the discovery task ended: {e}")));
+    if let Some(o) = org.as_mut() {
+        o.running = None;
+    }
+    result
+}
+
 /// What a finished batch hands back: the occurrences it carried out (none for an enforce pass), and
 /// every outcome.
 struct BatchDone {
@@ -96,7 +179,13 @@ struct BatchDone {
 }
 
 struct Daemon {
+    /// The configuration the daemon runs: `written` with the discovered accounts, and one rule per
+    /// account of each rule with `accounts` (`org::expand`).
     config: Arc<Config>,
+    /// The configuration as loaded from the file.
+    written: Arc<Config>,
+    /// With `[organization]`: discovery of the organization's accounts.
+    org: Option<OrgRuntime>,
     dry_run_flag: bool,
     clock: Arc<dyn Clock>,
     connect: ConnectAws,
@@ -195,6 +284,13 @@ impl Daemon {
             next.insert(name.clone(), runtime);
         }
         // Accounts left in `self.accounts` were removed or changed: dropping them stops their renewal.
+        for name in self.accounts.keys().filter(|n| !next.contains_key(*n)) {
+            tracing::info!(
+                account = %name,
+                "account {name} is no longer in the configuration or the organization's selected \
+                 accounts: its credentials are forgotten"
+            );
+        }
         self.accounts = next;
         if let Some(m) = &self.metrics {
             m.forget_accounts_not_in(&config);
@@ -225,6 +321,196 @@ impl Daemon {
                 .await,
             ),
             refresher,
+        }
+    }
+
+    /// Starts, keeps or replaces `[organization]`'s runtime to match the written configuration, and
+    /// starts a discovery (at start and on reload), waiting for it up to [`DISCOVERY_WAIT`]. A runtime
+    /// kept (same `[organization]`) keeps its last good list meanwhile.
+    async fn reset_org(&mut self) {
+        let Some(config) = self.written.organization.clone() else {
+            self.org = None;
+            return;
+        };
+        let spec = SessionSpec {
+            role_arn: config.role_arn.clone(),
+            external_id: config.external_id.clone(),
+            session_name: self.session_name.clone(),
+            duration: self.written.defaults.session_duration,
+            refresh_before_expiry: self.written.defaults.refresh_before_expiry,
+        };
+        let keep = self
+            .org
+            .as_ref()
+            .is_some_and(|o| o.config == config && o.spec == spec);
+        if !keep {
+            let region = org::endpoint_region(&config);
+            let credentials = AccountCredentials::new(ORG_CREDENTIALS, self.clock.clone());
+            let sts = self.aws.sts(region).await;
+            let refresher = tokio::spawn(credentials::keep_fresh(
+                sts,
+                spec.clone(),
+                credentials.clone(),
+                self.pacer.clone(),
+            ));
+            let client = self
+                .aws
+                .organizations(region, Arc::new(credentials.clone()))
+                .await;
+            self.org = Some(OrgRuntime {
+                next: self.clock.monotonic() + config.refresh,
+                config,
+                spec,
+                credentials,
+                refresher,
+                client,
+                last: None,
+                failed: None,
+                running: None,
+            });
+            // Nothing listed yet under this [organization]: no account of an earlier one stays.
+            self.rebuild();
+        }
+        let Some(o) = self.org.as_mut() else {
+            return;
+        };
+        if let Some(r) = o.running.take() {
+            r.abort();
+        }
+        o.begin();
+        if let Ok(result) =
+            tokio::time::timeout(DISCOVERY_WAIT, discovery_done(&mut self.org)).await
+        {
+            self.discovered(result);
+        } else {
+            tracing::warn!(
+                "the organization's accounts are not listed yet after {}: scheduling goes on with \
+                 the accounts known so far",
+                humantime::format_duration(DISCOVERY_WAIT)
+            );
+        }
+    }
+
+    /// Takes a discovery's result: a new list (accounts that appeared or disappeared are logged), or
+    /// a failure (logged; the last good list stays in use). Arms the next refresh and rebuilds the
+    /// configuration run; the caller reconciles the accounts.
+    fn discovered(&mut self, result: Result<Discovery, String>) {
+        let now = self.clock.now();
+        let mono = self.clock.monotonic();
+        let Some(o) = self.org.as_mut() else {
+            return;
+        };
+        o.next = mono + o.config.refresh;
+        match result {
+            Ok(d) => {
+                let (added, removed) = org::diff(o.accounts(), &d.accounts);
+                let first = o.last.is_none();
+                for a in &added {
+                    if !first {
+                        tracing::info!(
+                            account = %a.id,
+                            "account {} ({}, {}) appeared in the organization",
+                            a.id,
+                            a.name,
+                            a.path_text()
+                        );
+                    }
+                }
+                for a in &removed {
+                    tracing::info!(
+                        account = %a.id,
+                        "account {} ({}) is no longer among the organization's active accounts: it \
+                         is dropped",
+                        a.id,
+                        a.name
+                    );
+                }
+                if o.failed.take().is_some() {
+                    tracing::info!("the organization's accounts are listed again");
+                }
+                tracing::info!(
+                    accounts = d.accounts.len(),
+                    "organization: {d} (next listing in {})",
+                    humantime::format_duration(o.config.refresh)
+                );
+                o.last = Some((d, now));
+            }
+            Err(e) => {
+                let kept = match &o.last {
+                    Some((d, at)) => format!(
+                        "keeping the last good list of {} account(s), from {}",
+                        d.accounts.len(),
+                        at.to_rfc3339()
+                    ),
+                    None => "no list yet: rules' organization accounts act nowhere until one \
+                             succeeds"
+                        .to_string(),
+                };
+                tracing::error!(
+                    error = %e,
+                    "listing the organization's accounts failed ({kept}; retrying in {}): {e}",
+                    humantime::format_duration(o.config.refresh)
+                );
+                o.failed = Some(e);
+            }
+        }
+        self.rebuild();
+    }
+
+    /// Rebuilds the configuration run from the written one and the last good discovery.
+    fn rebuild(&mut self) {
+        let discovered = self.org.as_ref().map_or(&[][..], OrgRuntime::accounts);
+        self.config = Arc::new(org::expand(&self.written, discovered));
+    }
+
+    /// Starts a discovery when the refresh is due.
+    fn maybe_refresh_org(&mut self) {
+        let mono = self.clock.monotonic();
+        if let Some(o) = self.org.as_mut()
+            && o.running.is_none()
+            && mono >= o.next
+        {
+            o.begin();
+        }
+    }
+
+    /// Says so of each occurrence of a rule with `accounts` the next pass takes in while
+    /// the organization's list is stale (the latest discovery failed): it acts on the last good list.
+    fn say_stale(&self, now: DateTime<Utc>) {
+        let Some(o) = &self.org else {
+            return;
+        };
+        let Some(why) = &o.failed else {
+            return;
+        };
+        let multi = Config {
+            rules: self
+                .written
+                .rules
+                .iter()
+                .filter(|r| r.is_multi_account())
+                .cloned()
+                .collect(),
+            ..(*self.written).clone()
+        };
+        let until = self.resolve_until(now);
+        for f in planner::due_ahead(&multi, self.checked_until, now, until).due {
+            let list = match &o.last {
+                Some((d, at)) => format!(
+                    "the last good list of the organization's accounts ({} account(s), from {})",
+                    d.accounts.len(),
+                    at.to_rfc3339()
+                ),
+                None => "no account of the organization (none was ever listed)".to_string(),
+            };
+            tracing::warn!(
+                rule = %f.rule,
+                action = f.action.as_str(),
+                "{} {} due at {} acts on {list}: the latest listing failed: {why}",
+                f.action,
+                f.rule,
+                f.at.to_rfc3339()
+            );
         }
     }
 
@@ -484,12 +770,11 @@ impl Daemon {
     }
 
     fn key(&self, f: &Firing) -> Option<OccurrenceKey> {
-        let rule = self.config.rules.iter().find(|r| r.name == f.rule)?;
         Some(OccurrenceKey {
             rule: f.rule.clone(),
             action: f.action,
             at: f.at,
-            account: rule.account.clone(),
+            account: f.account.clone(),
         })
     }
 
@@ -511,24 +796,13 @@ impl Daemon {
         }
         let at = due.iter().map(|f| f.at).max().expect("not empty");
         // Keys by account, found once (a thousand rules due at one instant are a thousand batches).
-        let account_of: HashMap<&str, &str> = self
-            .config
-            .rules
-            .iter()
-            .map(|r| (r.name.as_str(), r.account.as_str()))
-            .collect();
         let mut keys_by_account: BTreeMap<String, Vec<OccurrenceKey>> = BTreeMap::new();
         for f in due {
-            if let Some(account) = account_of.get(f.rule.as_str()) {
+            if let Some(k) = self.key(f) {
                 keys_by_account
-                    .entry(account.to_string())
+                    .entry(k.account.clone())
                     .or_default()
-                    .push(OccurrenceKey {
-                        rule: f.rule.clone(),
-                        action: f.action,
-                        at: f.at,
-                        account: account.to_string(),
-                    });
+                    .push(k);
             }
         }
         for batch in planner::batches(&self.config, due, at) {
@@ -607,6 +881,7 @@ impl Daemon {
             match why {
                 None => resumable.entry(*phase).or_default().push(Firing {
                     rule: key.rule.clone(),
+                    account: key.account.clone(),
                     action: key.action,
                     at: key.at,
                 }),
@@ -701,12 +976,15 @@ impl Daemon {
                 "[metrics] changed: the metrics endpoint keeps its address until shiftd is restarted"
             );
         }
-        self.sink.configured(&new);
-        self.config = Arc::new(new);
+        self.written = Arc::new(new);
+        self.rebuild();
         if sources_differ {
             self.aws = (self.connect)(&self.config.credentials, first_region(&self.config));
             self.accounts.clear();
+            self.org = None;
         }
+        self.reset_org().await;
+        self.sink.configured(&self.config);
         self.reconcile_accounts().await;
         self.claims = claimer(
             &self.config,
@@ -872,6 +1150,8 @@ pub async fn run(
     };
     let now_mono = clock.monotonic();
     let mut daemon = Daemon {
+        written: config.clone(),
+        org: None,
         config,
         dry_run_flag: settings.dry_run,
         last_tick: (now, now_mono),
@@ -900,6 +1180,8 @@ pub async fn run(
         metrics,
         pacer: Default::default(),
     };
+    daemon.rebuild();
+    daemon.reset_org().await;
     daemon.sink.configured(&daemon.config);
     daemon.reconcile_accounts().await;
     log_started(&daemon);
@@ -918,6 +1200,8 @@ pub async fn run(
     // end one after another (a thousand accounts acting at one instant), at most once a second.
     let mut last_status: Option<tokio::time::Instant> = None;
     loop {
+        daemon.maybe_refresh_org();
+        daemon.say_stale(daemon.clock.now());
         daemon.tick();
         daemon.maybe_enforce();
         let now = daemon.clock.now();
@@ -955,6 +1239,13 @@ pub async fn run(
         } else {
             cap
         };
+        // The next listing of the organization's accounts (while none is under way).
+        let cap = match &daemon.org {
+            Some(o) if o.running.is_none() => {
+                cap.min(o.next.saturating_duration_since(daemon.clock.monotonic()))
+            }
+            _ => cap,
+        };
         let sleep_for = daemon
             .next_pass(now)
             .map(|n| (n - now).to_std().unwrap_or_default())
@@ -975,6 +1266,11 @@ pub async fn run(
             }
             Some(done) = daemon.inflight.join_next(), if !daemon.inflight.is_empty() => {
                 daemon.batch_done(done);
+            }
+            result = discovery_done(&mut daemon.org) => {
+                daemon.discovered(result);
+                daemon.sink.configured(&daemon.config);
+                daemon.reconcile_accounts().await;
             }
             () = &mut shutdown => break,
         }
@@ -1057,7 +1353,11 @@ fn resume_point(saved: Option<DateTime<Utc>>, now: DateTime<Utc>) -> DateTime<Ut
 fn report_missed(sink: &dyn OutcomeSink, config: &Config, missed: &[Missed], now: DateTime<Utc>) {
     let mut outcomes = Vec::new();
     for m in missed {
-        let Some(rule) = config.rules.iter().find(|r| r.name == m.rule) else {
+        let Some(rule) = config
+            .rules
+            .iter()
+            .find(|r| r.name == m.rule && r.account == m.account)
+        else {
             continue;
         };
         let reason = if m.count == 1 {

@@ -25,6 +25,8 @@ pub struct Report {
     text: String,
     failures: usize,
     warnings: usize,
+    /// The accounts whose role could not be assumed.
+    role_missing: Vec<String>,
 }
 
 impl Report {
@@ -53,6 +55,11 @@ impl Report {
             .and_then(|()| std::io::Write::flush(&mut out));
     }
 
+    /// The accounts whose role could not be assumed (with `[organization]`, a summary line names them).
+    pub fn role_missing(&self) -> &[String] {
+        &self.role_missing
+    }
+
     pub fn failures(&self) -> usize {
         self.failures
     }
@@ -73,6 +80,8 @@ pub async fn run(config: &Config, connect: ConnectAws, clock: Arc<dyn Clock>) ->
     }
     let delegate = check_identity(&mut report, aws.as_ref(), first_region).await;
     check_claim_table(&mut report, config, aws.as_ref(), &clock).await;
+    let expanded = check_organization(&mut report, config, aws.as_ref(), &clock).await;
+    let config = &expanded;
     let session_name = credentials::session_name(&aws.delegate_name().await);
     for account in config.accounts.values() {
         let spec = SessionSpec::new(
@@ -91,6 +100,7 @@ pub async fn run(config: &Config, connect: ConnectAws, clock: Arc<dyn Clock>) ->
         )
         .await
         else {
+            report.role_missing.push(account.name.clone());
             continue;
         };
         for region in &account.regions {
@@ -112,7 +122,51 @@ pub async fn run(config: &Config, connect: ConnectAws, clock: Arc<dyn Clock>) ->
             }
         }
     }
+    if config.organization.is_some() && !report.role_missing.is_empty() {
+        let missing = report.role_missing.join(", ");
+        report.line(
+            Verdict::Fail,
+            format!(
+                "the role cannot be assumed in {} account(s): {missing}",
+                report.role_missing.len(),
+            ),
+            Some(
+                "deploy the target role there: `shiftd policy --stackset --delegate-account ID` \
+                 prints a CloudFormation template for a service-managed StackSet"
+                    .to_string(),
+            ),
+        );
+    }
     report
+}
+
+/// With `[organization]`: lists the organization's accounts as the daemon does. Returns the
+/// configuration with them (`org::expand`): the configured accounts only when listing fails.
+async fn check_organization(
+    report: &mut Report,
+    config: &Config,
+    aws: &dyn Aws,
+    clock: &Arc<dyn Clock>,
+) -> Config {
+    match crate::org::discover_now(config, aws, clock).await {
+        Ok(None) => crate::org::expand(config, &[]),
+        Ok(Some(d)) => {
+            report.line(Verdict::Ok, format!("organization: {d}"), None);
+            crate::org::expand(config, &d.accounts)
+        }
+        Err(e) => {
+            report.line(
+                Verdict::Fail,
+                e,
+                Some(
+                    "the org-reader role must trust the delegate and allow the Organizations calls \
+                     `shiftd policy --org` prints"
+                        .to_string(),
+                ),
+            );
+            crate::org::expand(config, &[])
+        }
+    }
 }
 
 /// Check 1: the delegate's own credentials: IMDSv2 and its instance profile, or the configured profile.

@@ -20,6 +20,7 @@ pub mod logging;
 pub mod manual;
 pub mod metrics;
 pub mod notify;
+pub mod org;
 pub mod outcome;
 pub mod pacing;
 pub mod plan;

@@ -122,6 +122,10 @@ enum Command {
         /// calendar that removed each
         #[arg(long)]
         show_skipped: bool,
+        /// List a rule with accounts = [...] once per account it selects: lists the organization's
+        /// accounts ([organization]) through AWS, as the daemon does
+        #[arg(long)]
+        accounts: bool,
     },
     /// Check the live setup: IMDS, identity, AssumeRole, instances, permissions (DryRun only)
     ///
@@ -166,6 +170,24 @@ enum Command {
         #[command(subcommand)]
         command: ClusterCommand,
     },
+    /// List every account shiftd would act in: configured, and discovered from AWS Organizations
+    ///
+    /// Each account with its source (configured, or its OU path in the organization), its regions and
+    /// the rules that act in it. With [organization] it assumes the org-reader role and lists the
+    /// organization's accounts, as the daemon does. --check also assumes each account's role. Exit 1
+    /// when the organization cannot be listed or (--check) a role cannot be assumed, 78 for an
+    /// invalid configuration.
+    Accounts {
+        /// Configuration file
+        #[arg(long, short, value_name = "PATH", default_value = DEFAULT_CONFIG_PATH)]
+        config: PathBuf,
+        /// Also assume each account's role, and say whether it can be
+        #[arg(long)]
+        check: bool,
+        /// Print one JSON array (fields documented in the README)
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the IAM policies the configuration needs
     ///
     /// Per target account the role's trust policy (with --delegate-account or --delegate-role) and
@@ -187,6 +209,15 @@ enum Command {
         /// Print one JSON array of {title, notes, document}
         #[arg(long)]
         json: bool,
+        /// Also the org-reader role's documents ([organization]): its trust policy and the
+        /// Organizations calls discovery makes
+        #[arg(long)]
+        org: bool,
+        /// Print instead a CloudFormation template (YAML) of the target role for the discovered
+        /// accounts, to deploy with a service-managed StackSet: the role name a parameter, trust
+        /// limited to the delegate (needs --delegate-account or --delegate-role)
+        #[arg(long, conflicts_with_all = ["json", "account", "org"])]
+        stackset: bool,
     },
 }
 
@@ -240,6 +271,7 @@ fn main() -> ExitCode {
             limit,
             instances,
             show_skipped,
+            accounts,
         } => plan(
             &config,
             from,
@@ -250,6 +282,7 @@ fn main() -> ExitCode {
             PlanExtras {
                 instances,
                 show_skipped,
+                accounts,
             },
         ),
         Command::Doctor { config } => doctor(&config),
@@ -260,18 +293,28 @@ fn main() -> ExitCode {
             dry_run,
         } => apply(&config, &rule, action, dry_run),
         Command::Cluster { command } => cluster(command),
+        Command::Accounts {
+            config,
+            check,
+            json,
+        } => accounts(&config, check, json),
         Command::Policy {
             config,
             account,
             delegate_account,
             delegate_role,
             json,
+            org,
+            stackset,
         } => policy(
             &config,
             account.as_deref(),
-            delegate_account,
-            delegate_role,
-            json,
+            (delegate_account, delegate_role),
+            PolicyOutput {
+                json,
+                org,
+                stackset,
+            },
         ),
     }
 }
@@ -457,6 +500,8 @@ struct PlanExtras {
     instances: bool,
     /// `--show-skipped`: the occurrences the rules' calendars leave out.
     show_skipped: bool,
+    /// `--accounts`: rules with `accounts` expanded per account (lists the organization's accounts).
+    accounts: bool,
 }
 
 fn plan(
@@ -471,10 +516,32 @@ fn plan(
     let PlanExtras {
         instances,
         show_skipped,
+        accounts,
     } = extras;
     let config = match load_or_exit(path) {
         Ok(c) => c,
         Err(code) => return code,
+    };
+    let config = if accounts {
+        if let Some(note) = logging::init(LogTarget::Stderr) {
+            eprintln!("{note}");
+        }
+        let Some(runtime) = runtime() else {
+            return ExitCode::FAILURE;
+        };
+        match runtime.block_on(shiftd::org::expand_live(
+            &config,
+            Arc::new(shiftd::aws::sdk::connect),
+            Arc::new(SystemClock),
+        )) {
+            Ok(expanded) => expanded,
+            Err(e) => {
+                eprintln!("{e}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        config
     };
     let from = from.unwrap_or_else(|| SystemClock.now());
     let hours = hours.unwrap_or(24 * 7);
@@ -626,6 +693,42 @@ fn apply(path: &std::path::Path, rule: &str, action: ManualAction, dry_run: bool
     }
 }
 
+fn accounts(path: &std::path::Path, check: bool, json: bool) -> ExitCode {
+    let config = match load_or_exit(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if let Some(note) = logging::init(LogTarget::Stderr) {
+        eprintln!("{note}");
+    }
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    let (rows, error) = runtime.block_on(shiftd::org::listing(
+        &config,
+        Arc::new(shiftd::aws::sdk::connect),
+        Arc::new(SystemClock),
+        check,
+    ));
+    if let Some(e) = &error {
+        eprintln!("{e}: listing the configured accounts only");
+    }
+    let shown = if json {
+        output(&format!(
+            "{}\n",
+            serde_json::to_string_pretty(&rows).expect("serializable")
+        ))
+    } else {
+        output(&shiftd::org::render(&rows))
+    };
+    let failed = error.is_some() || rows.iter().any(|r| r.assumable == Some(false));
+    if shown != ExitCode::SUCCESS || failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
 fn cluster(command: ClusterCommand) -> ExitCode {
     let path = match &command {
         ClusterCommand::Init { config } | ClusterCommand::Status { config, .. } => config.clone(),
@@ -663,18 +766,39 @@ fn cluster(command: ClusterCommand) -> ExitCode {
     }
 }
 
+/// What `policy` prints besides the accounts' documents.
+struct PolicyOutput {
+    json: bool,
+    /// `--org`: the org-reader role's documents too.
+    org: bool,
+    /// `--stackset`: only the CloudFormation template of the discovered accounts' role.
+    stackset: bool,
+}
+
 fn policy(
     path: &std::path::Path,
     account: Option<&str>,
-    delegate_account: Option<String>,
-    delegate_role: Option<String>,
-    json: bool,
+    (delegate_account, delegate_role): (Option<String>, Option<String>),
+    out: PolicyOutput,
 ) -> ExitCode {
     use shiftd::policy::{self, Delegate};
+    let PolicyOutput {
+        json,
+        org,
+        stackset,
+    } = out;
     let config = match load_or_exit(path) {
         Ok(c) => c,
         Err(code) => return code,
     };
+    if (org || stackset) && config.organization.is_none() {
+        eprintln!(
+            "{}: no [organization] table: --org and --stackset are about accounts discovered from \
+             AWS Organizations",
+            path.display()
+        );
+        return ExitCode::from(2);
+    }
     if let Some(name) = account
         && config.account(name).is_none()
     {
@@ -703,6 +827,13 @@ fn policy(
             );
             return ExitCode::from(2);
         }
+        (None, None) if stackset => {
+            eprintln!(
+                "--stackset: the role must trust the delegate: pass --delegate-account ID or \
+                 --delegate-role ARN (`shiftd doctor` shows the delegate's identity)"
+            );
+            return ExitCode::from(2);
+        }
         (None, None) => {
             eprintln!(
                 "note: trust policies left out: pass --delegate-account ID or --delegate-role ARN \
@@ -711,7 +842,17 @@ fn policy(
             None
         }
     };
-    let docs = policy::documents(&config, account, delegate.as_ref());
+    if stackset {
+        let template = delegate
+            .as_ref()
+            .and_then(|d| policy::stackset(&config, d))
+            .expect("an [organization] and a delegate");
+        return output(&template);
+    }
+    let mut docs = policy::documents(&config, account, delegate.as_ref());
+    if org {
+        docs.extend(policy::org_documents(&config, delegate.as_ref()));
+    }
     if json {
         let array: Vec<serde_json::Value> = docs
             .iter()

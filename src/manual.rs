@@ -21,6 +21,11 @@ pub enum ApplyError {
         path: String,
         known: String,
     },
+    #[error(
+        "rule {name:?} selects several accounts ({accounts}): `shiftd apply` acts in one account; \
+         give the rule account = \"NAME\", or use a rule of its own"
+    )]
+    MultiAccount { name: String, accounts: String },
 }
 
 /// Whether `shiftd apply` succeeded: every outcome ok, skipped or (with `--dry-run`) dry-run. A
@@ -56,6 +61,12 @@ pub async fn apply(
                 .join(", "),
         });
     };
+    if rule.is_multi_account() {
+        return Err(ApplyError::MultiAccount {
+            name: rule.name.clone(),
+            accounts: rule.accounts_text(),
+        });
+    }
     let account = config
         .account(&rule.account)
         .expect("a valid config's rule names one of its accounts");

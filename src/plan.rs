@@ -96,7 +96,8 @@ pub fn occurrences(
                     at_utc: t.format("%Y-%m-%dT%H:%M:%SZ").to_string(),
                     action: action.as_str(),
                     rule: rule.name.clone(),
-                    account: rule.account.clone(),
+                    // A rule with `accounts` not expanded (`plan` without `--accounts`): its list.
+                    account: rule.accounts_text(),
                     account_id: account_id.clone(),
                     regions: rule.regions.clone(),
                     timezone: rule.timezone.name().to_string(),

@@ -10,10 +10,12 @@ use chrono_tz::Tz;
 
 use crate::config::{Action, Config, Rule, Selection, StopMode};
 
-/// One occurrence of one rule's action.
+/// One occurrence of one rule's action in one account (a rule over several accounts has one occurrence
+/// per account).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Firing {
     pub rule: String,
+    pub account: String,
     pub action: Action,
     pub at: DateTime<Utc>,
 }
@@ -60,6 +62,7 @@ pub const MISSED_COUNT_CAP: u64 = 10_000;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Missed {
     pub rule: String,
+    pub account: String,
     pub action: Action,
     /// How many, counting once the instants at which several of the action's expressions fire together.
     /// Exact up to [`MISSED_COUNT_CAP`]; beyond that, `count` is the cap and `count_is_lower_bound` set.
@@ -121,6 +124,7 @@ pub fn due_ahead(
             let last_missed = if now - latest <= tolerance {
                 work.due.push(Firing {
                     rule: rule.name.clone(),
+                    account: rule.account.clone(),
                     action,
                     at: latest,
                 });
@@ -142,6 +146,7 @@ pub fn due_ahead(
             .unwrap_or((last, 1, false));
             work.missed.push(Missed {
                 rule: rule.name.clone(),
+                account: rule.account.clone(),
                 action,
                 count,
                 count_is_lower_bound,
@@ -232,11 +237,15 @@ impl AccountBatch {
     }
 }
 
-/// Groups due firings by account. Firings of rules no longer in `config` are dropped.
+/// Groups due firings by account. Firings of rules (in that account) no longer in `config` are dropped.
 pub fn batches(config: &Config, due: &[Firing], at: DateTime<Utc>) -> Vec<AccountBatch> {
     let mut by_account: BTreeMap<&str, Vec<Request>> = BTreeMap::new();
     for f in due {
-        let Some(rule) = config.rules.iter().find(|r| r.name == f.rule) else {
+        let Some(rule) = config
+            .rules
+            .iter()
+            .find(|r| r.name == f.rule && r.account == f.account)
+        else {
             continue;
         };
         let next = [Action::Start, Action::Stop]
@@ -573,9 +582,15 @@ stop = "0 11 * * *"
         );
     }
 
+    /// The account of the test configurations' rules.
+    fn account_of(rule: &str) -> String {
+        if rule == "eu" { "a2" } else { "a1" }.to_string()
+    }
+
     fn firing(rule: &str, action: Action, at: &str) -> Firing {
         Firing {
             rule: rule.into(),
+            account: account_of(rule),
             action,
             at: utc(at),
         }
@@ -584,6 +599,7 @@ stop = "0 11 * * *"
     fn missed(rule: &str, action: Action, count: u64, first: &str, last: &str) -> Missed {
         Missed {
             rule: rule.into(),
+            account: account_of(rule),
             action,
             count,
             count_is_lower_bound: false,
@@ -1077,21 +1093,25 @@ timezone = "America/New_York"
         let due = vec![
             Firing {
                 rule: "nightly".into(),
+                account: "a1".into(),
                 action: Action::Stop,
                 at,
             },
             Firing {
                 rule: "eu".into(),
+                account: "a2".into(),
                 action: Action::Stop,
                 at,
             },
             Firing {
                 rule: "office".into(),
+                account: "a1".into(),
                 action: Action::Stop,
                 at,
             },
             Firing {
                 rule: "removed-by-reload".into(),
+                account: "a1".into(),
                 action: Action::Stop,
                 at,
             },

@@ -227,9 +227,14 @@ fn fnv1a(bytes: &[u8]) -> u32 {
     })
 }
 
-/// The delegate instance role's permission policy: AssumeRole on exactly the configured roles.
+/// The delegate instance role's permission policy: AssumeRole on exactly the configured roles (and,
+/// with `[organization]`, the org-reader role and the target role in every account).
 pub fn delegate_policy(accounts: &[&Account]) -> Document {
     let roles: BTreeSet<&str> = accounts.iter().map(|a| a.role_arn.as_str()).collect();
+    delegate_policy_for(roles.into_iter().map(String::from).collect())
+}
+
+fn delegate_policy_for(roles: BTreeSet<String>) -> Document {
     Document {
         title: "delegate: permission policy of the instance profile role that runs shiftd"
             .to_string(),
@@ -249,6 +254,10 @@ pub fn documents(
     only_account: Option<&str>,
     delegate: Option<&Delegate>,
 ) -> Vec<Document> {
+    // Rules with `accounts` act in the configured accounts they name (discovered ones are the
+    // StackSet's, see `stackset`).
+    let expanded = crate::org::expand(config, &[]);
+    let config = &expanded;
     let accounts: Vec<&Account> = config
         .accounts
         .values()
@@ -261,7 +270,16 @@ pub fn documents(
         }
         out.push(permission_policy(config, a));
     }
-    let mut delegate = delegate_policy(&accounts);
+    let mut roles: BTreeSet<String> = accounts.iter().map(|a| a.role_arn.clone()).collect();
+    if let Some(org) = config
+        .organization
+        .as_ref()
+        .filter(|_| only_account.is_none())
+    {
+        roles.insert(org.role_arn.clone());
+        roles.insert(org.target_role_arn("*"));
+    }
+    let mut delegate = delegate_policy_for(roles);
     if let Some(statement) = sns_statement(config) {
         delegate.json["Statement"]
             .as_array_mut()
@@ -308,6 +326,166 @@ fn claim_table_statement(config: &Config) -> Option<Value> {
         ],
         "Resource": format!("arn:aws:dynamodb:{}:*:table/{}", cluster.region, cluster.table),
     }))
+}
+
+/// `--org`: the org-reader role's documents: its trust policy (with a delegate) and its permission
+/// policy, the Organizations calls discovery makes. Empty without `[organization]`.
+pub fn org_documents(config: &Config, delegate: Option<&Delegate>) -> Vec<Document> {
+    let Some(org) = &config.organization else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    if let Some(d) = delegate {
+        let mut statement = json!({
+            "Sid": "ShiftdDelegateAssumesRole",
+            "Effect": "Allow",
+            "Principal": { "AWS": d.principal() },
+            "Action": "sts:AssumeRole",
+        });
+        if let Some(x) = &org.external_id {
+            statement["Condition"] = json!({ "StringEquals": { "sts:ExternalId": x } });
+        }
+        out.push(Document {
+            title: format!("organization: trust policy of {}", org.role_arn),
+            json: doc(vec![statement]),
+            notes: Vec::new(),
+        });
+    }
+    out.push(Document {
+        title: format!("organization: permission policy of {}", org.role_arn),
+        json: doc(vec![json!({
+            "Sid": "ShiftdListAccounts",
+            "Effect": "Allow",
+            // Organizations' list calls support no resource-level permissions.
+            "Action": [
+                "organizations:ListRoots",
+                "organizations:ListAccountsForParent",
+                "organizations:ListOrganizationalUnitsForParent",
+            ],
+            "Resource": "*",
+        })]),
+        notes: vec![
+            "the role lives in the management account or a delegated administrator account of the \
+             organization"
+                .to_string(),
+        ],
+    });
+    out
+}
+
+/// The permission policy of the target role in the discovered accounts: what the rules with
+/// `accounts` need in an account of the organization, with `${AWS::AccountId}` for its ID (for
+/// CloudFormation's `Fn::Sub`). `None` without `[organization]`.
+pub fn discovered_permission_policy(config: &Config) -> Option<Document> {
+    use crate::config::AccountSelector;
+    let org = config.organization.as_ref()?;
+    let id = "${AWS::AccountId}";
+    let account = Account {
+        name: "discovered".to_string(),
+        role_arn: org.target_role_arn(id),
+        account_id: id.to_string(),
+        external_id: org.external_id.clone(),
+        regions: org.regions.clone(),
+    };
+    let rules = config
+        .rules
+        .iter()
+        .filter(|r| {
+            r.is_multi_account()
+                && r.accounts.iter().any(|s| match s {
+                    AccountSelector::Name(_) => false,
+                    AccountSelector::Id(i) => !config.accounts.values().any(|a| a.account_id == *i),
+                    _ => true,
+                })
+        })
+        .filter_map(|r| {
+            let regions: Vec<String> = if r.regions.is_empty() {
+                org.regions.clone()
+            } else {
+                r.regions
+                    .iter()
+                    .filter(|x| org.regions.contains(x))
+                    .cloned()
+                    .collect()
+            };
+            (!regions.is_empty()).then(|| crate::config::Rule {
+                account: account.name.clone(),
+                regions,
+                ..r.clone()
+            })
+        })
+        .collect();
+    let only = Config {
+        rules,
+        ..config.clone()
+    };
+    Some(permission_policy(&only, &account))
+}
+
+/// `--stackset`: a CloudFormation template (YAML) for the target role in every discovered account:
+/// its name a parameter (default `target_role_name`), trusting only the delegate (with the external
+/// ID, if any), with [`discovered_permission_policy`]. `None` without `[organization]`.
+pub fn stackset(config: &Config, delegate: &Delegate) -> Option<String> {
+    let org = config.organization.as_ref()?;
+    let mut trust = json!({
+        "Effect": "Allow",
+        "Principal": { "AWS": delegate.principal() },
+        "Action": "sts:AssumeRole",
+    });
+    if let Some(x) = &org.external_id {
+        trust["Condition"] = json!({ "StringEquals": { "sts:ExternalId": x } });
+    }
+    let mut permissions = discovered_permission_policy(config)?.json;
+    substitute_account_ids(&mut permissions);
+    // JSON is YAML: each document goes in as a flow mapping, indented under its key.
+    let indented = |v: &Value, by: usize| -> String {
+        serde_json::to_string_pretty(v)
+            .expect("serializable")
+            .lines()
+            .collect::<Vec<_>>()
+            .join(&format!("\n{}", " ".repeat(by)))
+    };
+    Some(format!(
+        r#"AWSTemplateFormatVersion: "2010-09-09"
+Description: >-
+  shiftd's target role, assumed by the delegate to start and stop EC2 instances on schedule.
+  Deploy it with a service-managed StackSet to the organizational units shiftd acts in
+  (made by `shiftd policy --stackset` from the configuration).
+Parameters:
+  RoleName:
+    Type: String
+    Default: {role}
+    Description: The role's name; [organization] target_role_name in shiftd's configuration.
+Resources:
+  ShiftdTargetRole:
+    Type: AWS::IAM::Role
+    Properties:
+      RoleName: !Ref RoleName
+      Description: Assumed by shiftd (start and stop EC2 instances on schedule)
+      AssumeRolePolicyDocument: {trust}
+      Policies:
+        - PolicyName: shiftd
+          PolicyDocument: {permissions}
+Outputs:
+  RoleArn:
+    Value: !GetAtt ShiftdTargetRole.Arn
+"#,
+        role = org.target_role_name,
+        trust = indented(&doc(vec![trust]), 8),
+        permissions = indented(&permissions, 12),
+    ))
+}
+
+/// Replaces each string holding `${AWS::AccountId}` with `{"Fn::Sub": string}`.
+fn substitute_account_ids(v: &mut Value) {
+    match v {
+        Value::String(s) if s.contains("${AWS::AccountId}") => {
+            *v = json!({ "Fn::Sub": s.clone() });
+        }
+        Value::Array(items) => items.iter_mut().for_each(substitute_account_ids),
+        Value::Object(map) => map.values_mut().for_each(substitute_account_ids),
+        _ => {}
+    }
 }
 
 /// Text form: each document after a `# title` line, notes as `# note:` lines.
@@ -504,5 +682,99 @@ mod tests {
             assert_eq!(g.title, w["title"].as_str().unwrap());
             assert_eq!(g.json, w["document"], "{}", g.title);
         }
+    }
+
+    const ORG: &str = r#"
+[organization]
+role_arn = "arn:aws:iam::999999999999:role/shiftd-org-reader"
+target_role_name = "shiftd-target"
+external_id = "ext-123"
+regions = ["ap-northeast-1", "us-east-1"]
+
+[accounts.a]
+role_arn = "arn:aws:iam::111111111111:role/r"
+regions = ["ap-northeast-1"]
+
+[[rules]]
+name = "dev"
+accounts = ["org:*", "a"]
+regions = ["ap-northeast-1"]
+tags = { Schedule = "dev" }
+stop = "0 20 * * *"
+
+[[rules]]
+name = "only-a"
+accounts = ["a"]
+instances = ["i-0123456789abcdef0"]
+start = "0 8 * * *"
+"#;
+
+    #[test]
+    fn multi_account_rules_count_in_their_configured_accounts_and_the_stackset() {
+        let c = Config::parse(Path::new("t.toml"), ORG).unwrap();
+        let docs = documents(&c, None, Some(&Delegate::Account("123456789012".into())));
+        let a = docs
+            .iter()
+            .find(|d| d.title.starts_with("a: permission policy"))
+            .unwrap();
+        let text = a.json.to_string();
+        assert!(text.contains("ShiftdRuledev"), "{text}");
+        assert!(
+            text.contains("arn:aws:ec2:ap-northeast-1:111111111111:instance/i-0123456789abcdef0"),
+            "{text}"
+        );
+        let delegate = docs.last().unwrap().json.to_string();
+        assert!(
+            delegate.contains("arn:aws:iam::*:role/shiftd-target")
+                && delegate.contains("arn:aws:iam::999999999999:role/shiftd-org-reader"),
+            "{delegate}"
+        );
+
+        let org = org_documents(
+            &c,
+            Some(&Delegate::Role("arn:aws:iam::123456789012:role/d".into())),
+        );
+        assert_eq!(org.len(), 2);
+        let trust = org[0].json.to_string();
+        assert!(trust.contains("arn:aws:iam::123456789012:role/d") && trust.contains("ext-123"));
+        let perms = org[1].json.to_string();
+        for call in [
+            "ListRoots",
+            "ListAccountsForParent",
+            "ListOrganizationalUnitsForParent",
+        ] {
+            assert!(perms.contains(&format!("organizations:{call}")), "{perms}");
+        }
+
+        // Discovered accounts: only the rules reaching beyond the configured accounts, for any ID.
+        let discovered = discovered_permission_policy(&c).unwrap().json.to_string();
+        assert!(discovered.contains("ShiftdRuledev"), "{discovered}");
+        assert!(!discovered.contains("i-0123456789abcdef0"), "{discovered}");
+        assert!(
+            discovered.contains("arn:aws:ec2:ap-northeast-1:${AWS::AccountId}:instance/*"),
+            "{discovered}"
+        );
+        let yaml = stackset(&c, &Delegate::Account("123456789012".into())).unwrap();
+        assert!(yaml.contains("Default: shiftd-target"), "{yaml}");
+        assert!(yaml.contains("RoleName: !Ref RoleName"), "{yaml}");
+        assert!(
+            yaml.contains("\"AWS\": \"arn:aws:iam::123456789012:root\""),
+            "{yaml}"
+        );
+        assert!(yaml.contains("\"sts:ExternalId\": \"ext-123\""), "{yaml}");
+        assert!(
+            yaml.contains(
+                "\"Fn::Sub\": \"arn:aws:ec2:ap-northeast-1:${AWS::AccountId}:instance/*\""
+            ),
+            "{yaml}"
+        );
+        // Without [organization], none of it.
+        let plain = Config::parse(
+            Path::new("t.toml"),
+            "[accounts.a]\nrole_arn = \"arn:aws:iam::111111111111:role/r\"\nregions = [\"eu-west-1\"]\n",
+        )
+        .unwrap();
+        assert!(org_documents(&plain, None).is_empty());
+        assert!(stackset(&plain, &Delegate::Account("123456789012".into())).is_none());
     }
 }

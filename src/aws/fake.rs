@@ -21,7 +21,8 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 
 use super::{
-    AssumeRoleRequest, Aws, AwsError, Ec2, Secret, SessionCredentials, SigningCredentials, Sns, Sts,
+    AssumeRoleRequest, Aws, AwsError, Ec2, OrgAccountEntry, OrgUnit, Organizations, Secret,
+    SessionCredentials, SigningCredentials, Sns, Sts,
 };
 use crate::clock::{Clock, chrono_duration};
 use crate::config::{Action, CredentialSource, Selection};
@@ -32,6 +33,9 @@ pub const DESCRIBE: &str = "ec2:DescribeInstances";
 pub const START: &str = "ec2:StartInstances";
 pub const STOP: &str = "ec2:StopInstances";
 pub const PUBLISH: &str = "sns:Publish";
+pub const LIST_ROOTS: &str = "organizations:ListRoots";
+pub const LIST_ACCOUNTS_FOR_PARENT: &str = "organizations:ListAccountsForParent";
+pub const LIST_OUS_FOR_PARENT: &str = "organizations:ListOrganizationalUnitsForParent";
 
 /// A scripted fault for the next call of an operation.
 #[derive(Clone, Debug)]
@@ -112,6 +116,17 @@ struct World {
     max_in_flight: usize,
     in_flight_by_account: BTreeMap<String, usize>,
     max_in_flight_by_account: BTreeMap<String, usize>,
+    org: FakeOrg,
+}
+
+/// An organization: one root, OUs, and accounts, each under a parent (the root or an OU).
+#[derive(Default)]
+struct FakeOrg {
+    root: Option<String>,
+    /// OU ID -> (parent ID, name).
+    ous: BTreeMap<String, (String, String)>,
+    /// Account ID -> (parent ID, name, status).
+    accounts: BTreeMap<String, (String, String, String)>,
 }
 
 /// EC2's default buckets (its API throttling documentation), per account and region: (bucket, capacity,
@@ -172,6 +187,7 @@ impl FakeAws {
                 in_flight_by_account: BTreeMap::new(),
                 max_in_flight_by_account: BTreeMap::new(),
                 published: Vec::new(),
+                org: FakeOrg::default(),
             })),
             clock,
             claims: Default::default(),
@@ -223,6 +239,46 @@ impl FakeAws {
                 id
             })
             .collect()
+    }
+
+    /// Creates the organization with root `root` (e.g. "r-ab12").
+    pub fn org_create(&self, root: &str) {
+        self.world().org.root = Some(root.to_string());
+    }
+
+    /// Adds OU `id` under `parent` (the root or an OU).
+    pub fn org_add_ou(&self, parent: &str, id: &str, name: &str) {
+        self.world()
+            .org
+            .ous
+            .insert(id.to_string(), (parent.to_string(), name.to_string()));
+    }
+
+    /// Adds account `id` under `parent`, ACTIVE.
+    pub fn org_add_account(&self, parent: &str, id: &str, name: &str) {
+        self.world().org.accounts.insert(
+            id.to_string(),
+            (parent.to_string(), name.to_string(), "ACTIVE".to_string()),
+        );
+    }
+
+    /// Sets an account's status (`SUSPENDED`, `PENDING_CLOSURE`, `CLOSED`...).
+    pub fn org_set_status(&self, id: &str, status: &str) {
+        if let Some(a) = self.world().org.accounts.get_mut(id) {
+            a.2 = status.to_string();
+        }
+    }
+
+    /// Moves account `id` under `parent`.
+    pub fn org_move_account(&self, id: &str, parent: &str) {
+        if let Some(a) = self.world().org.accounts.get_mut(id) {
+            a.0 = parent.to_string();
+        }
+    }
+
+    /// Removes account `id` from the organization.
+    pub fn org_remove_account(&self, id: &str) {
+        self.world().org.accounts.remove(id);
     }
 
     /// Changes one instance (e.g. to make it fall back on start).
@@ -597,6 +653,102 @@ impl Aws for FakeAws {
         _region: &str,
     ) -> Arc<dyn crate::cluster::ClaimTable> {
         Arc::new(self.claims.clone())
+    }
+
+    async fn organizations(
+        &self,
+        region: &str,
+        credentials: Arc<dyn SigningCredentials>,
+    ) -> Arc<dyn Organizations> {
+        Arc::new(FakeOrganizations {
+            aws: self.clone(),
+            region: region.to_string(),
+            credentials,
+        })
+    }
+}
+
+struct FakeOrganizations {
+    aws: FakeAws,
+    region: String,
+    credentials: Arc<dyn SigningCredentials>,
+}
+
+impl FakeOrganizations {
+    /// Records the call (under the org-reader's account), applies its fault, and checks there are
+    /// credentials to sign with and an organization to read.
+    async fn enter(&self, operation: &'static str) -> Result<(), AwsError> {
+        let account = self
+            .credentials
+            .usable_now()
+            .map(|c| c.access_key_id.get(4..16).unwrap_or_default().to_string())
+            .ok_or_else(|| {
+                AwsError::new(
+                    operation,
+                    None,
+                    "request could not be built: no unexpired assumed-role credentials for the \
+                     organization",
+                )
+            })?;
+        self.aws
+            .enter(operation, &account, &self.region, &[], (false, false))
+            .await?;
+        if self.aws.world().org.root.is_none() {
+            return Err(AwsError::new(
+                operation,
+                Some("AWSOrganizationsNotInUseException"),
+                "your account is not a member of an organization",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Organizations for FakeOrganizations {
+    async fn list_roots(&self) -> Result<Vec<OrgUnit>, AwsError> {
+        self.enter(LIST_ROOTS).await?;
+        let w = self.aws.world();
+        Ok(w.org
+            .root
+            .iter()
+            .map(|r| OrgUnit {
+                id: r.clone(),
+                name: "Root".into(),
+            })
+            .collect())
+    }
+
+    async fn list_accounts_for_parent(
+        &self,
+        parent: &str,
+    ) -> Result<Vec<OrgAccountEntry>, AwsError> {
+        self.enter(LIST_ACCOUNTS_FOR_PARENT).await?;
+        let w = self.aws.world();
+        Ok(w.org
+            .accounts
+            .iter()
+            .filter(|(_, (p, _, _))| p == parent)
+            .map(|(id, (_, name, status))| OrgAccountEntry {
+                id: id.clone(),
+                name: name.clone(),
+                status: status.clone(),
+            })
+            .collect())
+    }
+
+    async fn list_ous_for_parent(&self, parent: &str) -> Result<Vec<OrgUnit>, AwsError> {
+        self.enter(LIST_OUS_FOR_PARENT).await?;
+        let w = self.aws.world();
+        Ok(w.org
+            .ous
+            .iter()
+            .filter(|(_, (p, _))| p == parent)
+            .map(|(id, (_, name))| OrgUnit {
+                id: id.clone(),
+                name: name.clone(),
+            })
+            .collect())
     }
 }
 

@@ -211,6 +211,15 @@ pub trait Aws: Send + Sync {
     /// SNS on `region`'s endpoint, with the delegate's own credentials.
     async fn sns(&self, region: &str) -> Arc<dyn Sns>;
 
+    // --- accounts discovered from AWS Organizations (`[organization]`) ---
+    /// Organizations on `region`'s endpoint (its only one: us-east-1 in the aws partition), signing
+    /// with the org-reader role's `credentials`.
+    async fn organizations(
+        &self,
+        region: &str,
+        credentials: Arc<dyn SigningCredentials>,
+    ) -> Arc<dyn Organizations>;
+
     // --- high availability (`[cluster]`) ---
     /// The claim table `table` in `region`, with the delegate's own credentials.
     async fn claim_table(&self, table: &str, region: &str) -> Arc<dyn crate::cluster::ClaimTable>;
@@ -231,6 +240,40 @@ pub trait Sns: Send + Sync {
         subject: &str,
         message: &str,
     ) -> Result<String, AwsError>;
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Organizations, for discovering accounts
+// ---------------------------------------------------------------------------------------------------------
+
+/// An account as Organizations lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OrgAccountEntry {
+    pub id: String,
+    pub name: String,
+    /// `ACTIVE`, `SUSPENDED`, `PENDING_CLOSURE`, `CLOSED`...: only ACTIVE accounts are acted in.
+    pub status: String,
+}
+
+/// An organizational unit (or root): its ID and name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OrgUnit {
+    pub id: String,
+    pub name: String,
+}
+
+/// AWS Organizations, read through the org-reader role. Every list is complete (all pages).
+#[async_trait]
+pub trait Organizations: Send + Sync {
+    /// ListRoots: the organization's root (there is one).
+    async fn list_roots(&self) -> Result<Vec<OrgUnit>, AwsError>;
+    /// ListAccountsForParent: the accounts directly in a root or OU.
+    async fn list_accounts_for_parent(
+        &self,
+        parent: &str,
+    ) -> Result<Vec<OrgAccountEntry>, AwsError>;
+    /// ListOrganizationalUnitsForParent: the OUs directly in a root or OU.
+    async fn list_ous_for_parent(&self, parent: &str) -> Result<Vec<OrgUnit>, AwsError>;
 }
 
 /// Builds the [`Aws`] for a credential source; `region` is where a profile's own role chain calls STS.

@@ -22,7 +22,8 @@ use aws_sdk_ec2::types::{Filter, InstanceStateName};
 use aws_smithy_types::error::metadata::ProvideErrorMetadata;
 
 use super::{
-    AssumeRoleRequest, Aws, AwsError, Ec2, Secret, SessionCredentials, SigningCredentials, Sns, Sts,
+    AssumeRoleRequest, Aws, AwsError, Ec2, OrgAccountEntry, OrgUnit, Organizations, Secret,
+    SessionCredentials, SigningCredentials, Sns, Sts,
 };
 use crate::config::{Action, CredentialSource, Selection};
 use crate::planner::InstanceView;
@@ -307,6 +308,20 @@ impl Aws for SdkAws {
     async fn sns(&self, region: &str) -> Arc<dyn Sns> {
         Arc::new(SdkSns {
             client: aws_sdk_sns::Client::new(&self.sdk_config(region).await),
+        })
+    }
+
+    async fn organizations(
+        &self,
+        region: &str,
+        credentials: Arc<dyn SigningCredentials>,
+    ) -> Arc<dyn Organizations> {
+        let config = aws_sdk_organizations::config::Builder::from(&self.sdk_config(region).await)
+            .credentials_provider(AssumedRoleProvider(credentials))
+            .identity_cache(IdentityCache::no_cache())
+            .build();
+        Arc::new(SdkOrganizations {
+            client: aws_sdk_organizations::Client::from_conf(config),
         })
     }
 
@@ -608,6 +623,90 @@ impl Ec2 for SdkEc2 {
                 _ => return Ok(n),
             }
         }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------
+// Organizations, for discovering accounts
+// ---------------------------------------------------------------------------------------------------------
+
+struct SdkOrganizations {
+    client: aws_sdk_organizations::Client,
+}
+
+fn org_unit(id: Option<&str>, name: Option<&str>) -> Option<OrgUnit> {
+    Some(OrgUnit {
+        id: id?.to_string(),
+        name: name.unwrap_or_default().to_string(),
+    })
+}
+
+#[async_trait]
+impl Organizations for SdkOrganizations {
+    async fn list_roots(&self) -> Result<Vec<OrgUnit>, AwsError> {
+        let mut pages = self.client.list_roots().into_paginator().send();
+        let mut out = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| aws_error("organizations:ListRoots", &e))?;
+            out.extend(
+                page.roots()
+                    .iter()
+                    .filter_map(|r| org_unit(r.id(), r.name())),
+            );
+        }
+        Ok(out)
+    }
+
+    async fn list_accounts_for_parent(
+        &self,
+        parent: &str,
+    ) -> Result<Vec<OrgAccountEntry>, AwsError> {
+        let mut pages = self
+            .client
+            .list_accounts_for_parent()
+            .parent_id(parent)
+            .into_paginator()
+            .send();
+        let mut out = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(|e| aws_error("organizations:ListAccountsForParent", &e))?;
+            for a in page.accounts() {
+                let Some(id) = a.id() else { continue };
+                // `State` (newer) says CLOSED and PENDING_ACTIVATION too; `Status` where it is absent.
+                #[allow(deprecated)]
+                let status = match (a.state(), a.status()) {
+                    (Some(state), _) => state.as_str().to_string(),
+                    (None, Some(status)) => status.as_str().to_string(),
+                    (None, None) => "UNKNOWN".to_string(),
+                };
+                out.push(OrgAccountEntry {
+                    id: id.to_string(),
+                    name: a.name().unwrap_or_default().to_string(),
+                    status,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn list_ous_for_parent(&self, parent: &str) -> Result<Vec<OrgUnit>, AwsError> {
+        let mut pages = self
+            .client
+            .list_organizational_units_for_parent()
+            .parent_id(parent)
+            .into_paginator()
+            .send();
+        let mut out = Vec::new();
+        while let Some(page) = pages.next().await {
+            let page =
+                page.map_err(|e| aws_error("organizations:ListOrganizationalUnitsForParent", &e))?;
+            out.extend(
+                page.organizational_units()
+                    .iter()
+                    .filter_map(|u| org_unit(u.id(), u.name())),
+            );
+        }
+        Ok(out)
     }
 }
 

@@ -16,6 +16,13 @@
       Prints {"topic_arn": ..., "queue_url": ...}.
   fakeaws.py sqs-messages --endpoint URL --queue-url URL [--region R]
       Prints the bodies of the messages waiting in the queue (SNS envelopes) as a JSON array.
+  fakeaws.py org --endpoint URL --account ID OP [ARG ...]
+      AWS Organizations, as its management account ID (moto keeps one organization per account, and
+      maps assumed-role credentials to the role's account). OP is one of:
+        create                     creates the organization; prints {"root": ROOT ID}
+        ou PARENT NAME             creates an OU under PARENT; prints its ID
+        account PARENT NAME        creates an account and moves it under PARENT; prints its ID
+        close ID                   closes the account (moto then lists it SUSPENDED)
 """
 
 import argparse
@@ -114,6 +121,33 @@ def sqs_messages(args):
     print(json.dumps([json.loads(m["Body"]) for m in r.get("Messages", [])]))
 
 
+def org(args):
+    sts = boto3.client("sts", endpoint_url=args.endpoint, region_name="us-east-1", **SEED_KEY)
+    cr = sts.assume_role(RoleArn=f"arn:aws:iam::{args.account}:role/seed", RoleSessionName="fakeaws-seed")[
+        "Credentials"
+    ]
+    o = boto3.client("organizations", endpoint_url=args.endpoint, region_name="us-east-1",
+                     aws_access_key_id=cr["AccessKeyId"], aws_secret_access_key=cr["SecretAccessKey"],
+                     aws_session_token=cr["SessionToken"])
+    op, rest = args.op, args.args
+    if op == "create":
+        o.create_organization(FeatureSet="ALL")
+        print(json.dumps({"root": o.list_roots()["Roots"][0]["Id"]}))
+    elif op == "ou":
+        print(json.dumps(o.create_organizational_unit(ParentId=rest[0], Name=rest[1])["OrganizationalUnit"]["Id"]))
+    elif op == "account":
+        parent, name = rest
+        account = o.create_account(Email=f"{name}@example.invalid", AccountName=name)["CreateAccountStatus"]["AccountId"]
+        root = o.list_roots()["Roots"][0]["Id"]
+        if parent != root:
+            o.move_account(AccountId=account, SourceParentId=root, DestinationParentId=parent)
+        print(json.dumps(account))
+    elif op == "close":
+        o.close_account(AccountId=rest[0])
+    else:
+        sys.exit(f"unknown org operation {op}")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -130,8 +164,13 @@ def main():
             s.add_argument("--count", type=int, default=1)
             s.add_argument("--tag", action="append", default=[])
             s.add_argument("--state", choices=("running", "stopped"), default="running")
+    s = sub.add_parser("org")
+    s.add_argument("--endpoint", required=True)
+    s.add_argument("--account", required=True)
+    s.add_argument("op")
+    s.add_argument("args", nargs="*")
     args = p.parse_args()
-    {"seed": seed, "states": states, "calls": calls, "record": record, "sns-topic": sns_topic,
+    {"org": org, "seed": seed, "states": states, "calls": calls, "record": record, "sns-topic": sns_topic,
      "sqs-messages": sqs_messages}[args.cmd](args)
 
 

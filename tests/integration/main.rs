@@ -23,6 +23,9 @@ mod harness;
 mod lifecycle;
 #[allow(clippy::disallowed_methods)]
 mod operator;
+#[allow(clippy::disallowed_methods)]
+mod org_e2e;
+mod organization;
 mod pacing;
 mod regressions;
 mod scenarios;
