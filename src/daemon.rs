@@ -200,6 +200,8 @@ struct Daemon {
     accounts: BTreeMap<String, AccountRuntime>,
     inflight: JoinSet<BatchDone>,
     cancel: watch::Receiver<bool>,
+    /// True from the moment shiftd is asked to stop (`cancel` comes later, when it stops following).
+    stopping: watch::Receiver<bool>,
     /// Every occurrence up to here is handled.
     checked_until: DateTime<Utc>,
     /// `checked_until` as last written to the record.
@@ -581,7 +583,8 @@ impl Daemon {
             self.written_until = now;
             // What a clock that was ahead did early comes round again at its real instant.
             self.done.retain(|k| k.at <= now);
-            let r = self.record.rewind(now);
+            // Occurrences in flight stay recorded (their batches go on).
+            let r = self.record.rewind(now, DateTime::<Utc>::MAX_UTC);
             self.recorded("clock stepped back", r);
         }
     }
@@ -745,6 +748,7 @@ impl Daemon {
                 clients: rt.clients.clone(),
                 opts: self.exec_options_for(Trigger::Enforce),
                 cancel: self.cancel.clone(),
+                stopping: Some(self.stopping.clone()),
                 clock: self.clock.clone(),
                 sink: quiet.clone(),
                 on_dispatch: Arc::new(|| {}),
@@ -837,6 +841,7 @@ impl Daemon {
                 clients: rt.clients.clone(),
                 opts: self.exec_options(),
                 cancel: self.cancel.clone(),
+                stopping: Some(self.stopping.clone()),
                 clock: self.clock.clone(),
                 sink: self.sink.clone(),
                 on_dispatch: Arc::new(move || {
@@ -978,6 +983,9 @@ impl Daemon {
         }
         self.written = Arc::new(new);
         self.rebuild();
+        // An instant already taken in ahead (`resolve_ahead`) is looked at again with the new rules: a
+        // rule added for it is carried out too (those already in flight are not repeated).
+        self.checked_until = self.checked_until.min(self.clock.now());
         if sources_differ {
             self.aws = (self.connect)(&self.config.credentials, first_region(&self.config));
             self.accounts.clear();
@@ -1043,11 +1051,27 @@ impl OutcomeSink for QuietRepeats {
 
 /// A scheduled batch: the occurrences it carries out, and every outcome.
 async fn run_batch(ctx: BatchContext, batch: AccountBatch, keys: Vec<OccurrenceKey>) -> BatchDone {
-    let outcomes = executor::run_batch(ctx, batch).await;
-    BatchDone {
-        keys,
-        outcomes,
-        trigger: Trigger::Schedule,
+    let (account, at) = (batch.account.clone(), batch.at);
+    match executor::run_batch_at_instant(ctx, batch).await {
+        Some(outcomes) => BatchDone {
+            keys,
+            outcomes,
+            trigger: Trigger::Schedule,
+        },
+        None => {
+            tracing::info!(
+                account = %account,
+                "shutting down before {}: its occurrences in account {account} were not acted on; they \
+                 stay recorded and are resumed at the next start",
+                at.to_rfc3339()
+            );
+            // Not done: they stay open in the record.
+            BatchDone {
+                keys: Vec::new(),
+                outcomes: Vec::new(),
+                trigger: Trigger::Schedule,
+            }
+        }
     }
 }
 
@@ -1122,6 +1146,7 @@ pub async fn run(
     let claim_owner = format!("{delegate}/{:016x}", rand::random::<u64>());
     let claims = claimer(&config, aws.as_ref(), &claim_owner, &clock).await;
     let (cancel_tx, cancel_rx) = watch::channel(false);
+    let (stopping_tx, stopping_rx) = watch::channel(false);
     let snapshot = match record.load() {
         Ok(s) => s,
         Err(e) => {
@@ -1141,7 +1166,10 @@ pub async fn run(
     }
     // Saved by a clock that was ahead of this one: what it did after now comes round again.
     let snapshot = if snapshot.checked_until.is_some_and(|saved| saved > now) {
-        if let Err(e) = record.rewind(now) {
+        // Kept: an occurrence taken in ahead of its instant, about to be resumed; forgotten: what a
+        // clock that was further ahead recorded.
+        let keep = now + chrono_duration(config.defaults.resolve_ahead);
+        if let Err(e) = record.rewind(now, keep) {
             tracing::warn!("{e}");
         }
         record.load().unwrap_or_default()
@@ -1166,6 +1194,7 @@ pub async fn run(
         accounts: BTreeMap::new(),
         inflight: JoinSet::new(),
         cancel: cancel_rx,
+        stopping: stopping_rx,
         checked_until,
         // Nothing written yet by this process: the first pass writes.
         written_until: DateTime::<Utc>::MIN_UTC,
@@ -1278,6 +1307,7 @@ pub async fn run(
 
     service.stopping();
     service.status("stopping");
+    let _ = stopping_tx.send(true);
     drain(&mut daemon, cancel_tx).await;
     tracing::info!("stopped");
     Ok(())

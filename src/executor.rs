@@ -109,6 +109,8 @@ pub struct BatchContext {
     pub opts: ExecOptions,
     /// Becomes true when shiftd stops following instances (shutdown).
     pub cancel: watch::Receiver<bool>,
+    /// True once shiftd is shutting down: a batch still waiting for its instant does not act.
+    pub stopping: Option<watch::Receiver<bool>>,
     pub clock: Arc<dyn Clock>,
     pub sink: Arc<dyn OutcomeSink>,
     /// Called once, just before the batch's first Start/Stop call (the durable record's "dispatched").
@@ -182,6 +184,20 @@ impl Report {
     /// Holds outcomes back (ahead of the instant) until `release`.
     fn hold(&mut self) {
         self.held.get_or_insert_with(Vec::new);
+    }
+
+    /// Whether outcomes are being held back (the batch works ahead of its instant).
+    fn holding(&self) -> bool {
+        self.held.is_some()
+    }
+
+    /// Drops held-back outcomes of these instances for `action` (decided again at the instant).
+    fn unhold(&mut self, action: Action, ids: &BTreeSet<&str>) {
+        if let Some(held) = &mut self.held {
+            held.retain(|o| {
+                o.action != action || !o.instance_id.as_deref().is_some_and(|i| ids.contains(i))
+            });
+        }
     }
 
     /// Reports what was held back.
@@ -271,6 +287,12 @@ fn fail_request(report: &mut Report, place: &Place, req: &Request, reason: &str)
 
 /// Carries out `batch` and returns every outcome (each already handed to the sink).
 pub async fn run_batch(ctx: BatchContext, batch: AccountBatch) -> Vec<Outcome> {
+    run_batch_at_instant(ctx, batch).await.unwrap_or_default()
+}
+
+/// As [`run_batch`]; `None` when shiftd shut down while the batch waited for its instant (resolved
+/// ahead of it): nothing was called or reported, and the occurrence is to be resumed at the next start.
+pub async fn run_batch_at_instant(ctx: BatchContext, batch: AccountBatch) -> Option<Vec<Outcome>> {
     let mut report = Report::new(&ctx);
     let clients = ctx.clients.clone();
     let account = clients.account.name.clone();
@@ -293,7 +315,7 @@ pub async fn run_batch(ctx: BatchContext, batch: AccountBatch) -> Vec<Outcome> {
             fail_request(&mut report, &place, req, &reason);
         }
         report.flush();
-        return report.outcomes;
+        return Some(report.outcomes);
     }
 
     let regions = batch.regions();
@@ -303,6 +325,10 @@ pub async fn run_batch(ctx: BatchContext, batch: AccountBatch) -> Vec<Outcome> {
             .map(|region| run_region(&ctx, &batch, region)),
     )
     .await;
+    if per_region.iter().any(|r| r.interrupted) {
+        // Every region waits for the same instant: none acted.
+        return None;
+    }
 
     let mut found: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut unresolved: BTreeSet<String> = BTreeSet::new();
@@ -324,7 +350,7 @@ pub async fn run_batch(ctx: BatchContext, batch: AccountBatch) -> Vec<Outcome> {
     };
     report_not_found(&mut report, &clients, &batch, &lookup, ctx.opts.trigger);
     report.flush();
-    report.outcomes
+    Some(report.outcomes)
 }
 
 /// What the regions of a batch found, per rule.
@@ -387,6 +413,8 @@ struct RegionResult {
     unresolved: Vec<String>,
     /// Rules with listed instances whose describe failed here: rule -> why (not yet reported).
     describe_errors: BTreeMap<String, String>,
+    /// Shut down while waiting for the instant: nothing was called, nothing is reported.
+    interrupted: bool,
 }
 
 /// One region's selections resolved and merged by instance.
@@ -419,6 +447,9 @@ struct RegionPlan {
     act: BTreeMap<Action, Vec<Target>>,
     follow: BTreeMap<Action, Vec<Target>>,
     wait: BTreeMap<Action, Vec<Target>>,
+    /// Planned ahead of the instant as already in the wanted state (`skipped`): looked at again at
+    /// the instant, in case someone changed them in between.
+    recheck: BTreeMap<Action, Vec<Target>>,
 }
 
 async fn run_region(ctx: &BatchContext, batch: &AccountBatch, region: &str) -> RegionResult {
@@ -444,6 +475,7 @@ async fn run_region(ctx: &BatchContext, batch: &AccountBatch, region: &str) -> R
             found: BTreeMap::new(),
             unresolved: requests.iter().map(|r| r.rule.clone()).collect(),
             describe_errors: BTreeMap::new(),
+            interrupted: false,
         };
     };
     let ec2 = client.ec2.as_ref();
@@ -461,6 +493,7 @@ async fn run_region(ctx: &BatchContext, batch: &AccountBatch, region: &str) -> R
             found: BTreeMap::new(),
             unresolved: not_ours,
             describe_errors: BTreeMap::new(),
+            interrupted: false,
         };
     }
 
@@ -481,10 +514,23 @@ async fn run_region(ctx: &BatchContext, batch: &AccountBatch, region: &str) -> R
         &resolved.selected,
         &mut report,
     );
-    // Resolved ahead of the instant: the calls leave at the instant itself.
-    wait_for_instant(ctx.clock.as_ref(), batch.at).await;
-    report.release();
-    report.flush();
+    // Resolved ahead of the instant: the calls leave at the instant itself. A shutdown before it
+    // leaves the occurrence to the next start (it stays in the record, resumed then).
+    if !wait_for_instant(
+        ctx.clock.as_ref(),
+        batch.at,
+        ctx.stopping.clone().unwrap_or_else(|| ctx.cancel.clone()),
+    )
+    .await
+    {
+        return RegionResult {
+            outcomes: Vec::new(),
+            found: BTreeMap::new(),
+            unresolved: Vec::new(),
+            describe_errors: BTreeMap::new(),
+            interrupted: true,
+        };
+    }
     let mut accepted = BTreeMap::new();
     let windows = act_windows(batch, &requests);
     for (action, targets) in std::mem::take(&mut plan.act) {
@@ -499,6 +545,28 @@ async fn run_region(ctx: &BatchContext, batch: &AccountBatch, region: &str) -> R
         )
         .await;
         accepted.insert(action, ok);
+    }
+    // Those found in the wanted state ahead of the instant, looked at again now that the calls are
+    // out: one started (or stopped) by hand in between is acted on after all, not reported skipped.
+    let changed = recheck(ec2, &place, std::mem::take(&mut plan.recheck)).await;
+    for (action, targets) in &changed {
+        let ids: BTreeSet<&str> = targets.iter().map(|t| t.id.as_str()).collect();
+        report.unhold(*action, &ids);
+    }
+    report.release();
+    report.flush();
+    for (action, targets) in changed {
+        let ok = act(
+            ctx,
+            ec2,
+            &place,
+            action,
+            targets,
+            (&leases, &windows),
+            &mut report,
+        )
+        .await;
+        accepted.entry(action).or_default().extend(ok);
     }
     drop(guard);
 
@@ -553,21 +621,78 @@ async fn run_region(ctx: &BatchContext, batch: &AccountBatch, region: &str) -> R
         found: resolved.found,
         unresolved,
         describe_errors: resolved.describe_errors,
+        interrupted: false,
     }
 }
 
 /// Returns once the wall clock reads `at` (at once when it is past). Slept in steps that re-read the
 /// clock, so that a clock stepped forward meanwhile does not delay the action, and one stepped back does
 /// not make it early.
-async fn wait_for_instant(clock: &dyn Clock, at: chrono::DateTime<chrono::Utc>) {
+/// Of the instances found in the wanted state ahead of the instant, those now in the opposite state
+/// (`running` for a stop, `stopped` for a start): one describe for them all. When it fails, they stay
+/// skipped as decided (said in the log).
+async fn recheck(
+    ec2: &dyn Ec2,
+    place: &Place<'_>,
+    planned: BTreeMap<Action, Vec<Target>>,
+) -> BTreeMap<Action, Vec<Target>> {
+    let ids: Vec<String> = planned.values().flatten().map(|t| t.id.clone()).collect();
+    if ids.is_empty() {
+        return BTreeMap::new();
+    }
+    let views = match bounded("ec2:DescribeInstances", ec2.describe_ids(&ids)).await {
+        Ok(v) => v,
+        Err(e) => {
+            tracing::warn!(
+                account = place.account, region = place.region, error = %e,
+                "could not look again at {} instance(s) found already in the wanted state ahead of the \
+                 instant; they stay skipped: {e}", ids.len()
+            );
+            return BTreeMap::new();
+        }
+    };
+    let now: BTreeMap<&str, &InstanceView> = views.iter().map(|v| (v.id.as_str(), v)).collect();
+    let mut changed: BTreeMap<Action, Vec<Target>> = BTreeMap::new();
+    for (action, targets) in planned {
+        let opposite = match action {
+            Action::Start => "stopped",
+            Action::Stop => "running",
+        };
+        for mut t in targets {
+            if let Some(v) = now.get(t.id.as_str())
+                && v.state == opposite
+            {
+                tracing::info!(
+                    account = place.account, region = place.region, instance_id = %t.id,
+                    "{} was {} ahead of the instant and is {} now: {action} after all",
+                    t.id, t.state, v.state
+                );
+                t.state = v.state.clone();
+                t.state_reason = v.state_reason.clone();
+                changed.entry(action).or_default().push(t);
+            }
+        }
+    }
+    changed
+}
+
+/// Returns false when shiftd is shutting down before the instant.
+async fn wait_for_instant(
+    clock: &dyn Clock,
+    at: chrono::DateTime<chrono::Utc>,
+    mut cancel: watch::Receiver<bool>,
+) -> bool {
     loop {
         let Ok(left) = (at - clock.now()).to_std() else {
-            return;
+            return true;
         };
         if left.is_zero() {
-            return;
+            return true;
         }
-        tokio::time::sleep(left.min(Duration::from_secs(1))).await;
+        tokio::select! {
+            () = tokio::time::sleep(left.min(Duration::from_secs(1))) => {}
+            Ok(_) = cancel.wait_for(|c| *c) => return false,
+        }
     }
 }
 
@@ -924,7 +1049,12 @@ fn plan(
             }
         }
         match p.decision {
-            Decision::Skip(why) => report.push(record(ResultKind::Skipped, why)),
+            Decision::Skip(why) => {
+                if report.holding() && !dry_run && view.state == p.action.target_state() {
+                    out.recheck.entry(p.action).or_default().push(target);
+                }
+                report.push(record(ResultKind::Skipped, why));
+            }
             Decision::Fail(why) => report.push(record(ResultKind::Failed, why)),
             Decision::Act | Decision::AwaitTransition(_) | Decision::Follow(_) if dry_run => report
                 .push(record(

@@ -88,6 +88,7 @@ pub async fn apply(
             credentials_wait: std::time::Duration::ZERO,
         },
         cancel,
+        stopping: None,
         clock: clock.clone(),
         sink,
         on_dispatch: Arc::new(|| {}),

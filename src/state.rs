@@ -163,10 +163,15 @@ pub trait OccurrenceRecord: Send + Sync {
     fn reported(&self, keys: &[OccurrenceKey], targets: &[String]) -> Result<(), StateError>;
     /// Every instance's result is logged: the occurrences leave the record (and are remembered as done).
     fn done(&self, keys: &[OccurrenceKey]) -> Result<(), StateError>;
-    /// Moves `checked_until` back (the wall clock was stepped back), and forgets occurrences after it,
-    /// done or open: they were acted on early, by a clock that was ahead, and come round again at their
-    /// real instant (acting again is idempotent).
-    fn rewind(&self, checked_until: DateTime<Utc>) -> Result<(), StateError>;
+    /// Moves `checked_until` back (the wall clock was stepped back), and forgets the occurrences done
+    /// after it: they were acted on early, by a clock that was ahead, and come round again at their
+    /// real instant (acting again is idempotent). Open occurrences after `keep_open_until` are
+    /// forgotten too; those up to it stay (batches still at work on them).
+    fn rewind(
+        &self,
+        checked_until: DateTime<Utc>,
+        keep_open_until: DateTime<Utc>,
+    ) -> Result<(), StateError>;
 }
 
 #[derive(Serialize, Deserialize)]
@@ -204,6 +209,8 @@ enum LogEntry {
     },
     Rewind {
         checked_until: String,
+        #[serde(default)]
+        keep_open_until: Option<String>,
     },
 }
 
@@ -228,7 +235,17 @@ fn apply_entry(s: &mut Snapshot, entry: LogEntry) -> Result<(), String> {
             apply_reported(s, &keys, &targets);
         }
         LogEntry::Done { keys } => apply_done(s, &keys),
-        LogEntry::Rewind { checked_until } => apply_rewind(s, time(&checked_until)?),
+        LogEntry::Rewind {
+            checked_until,
+            keep_open_until,
+        } => {
+            let until = time(&checked_until)?;
+            let keep = match keep_open_until {
+                Some(k) => time(&k)?,
+                None => until,
+            };
+            apply_rewind(s, until, keep);
+        }
     }
     Ok(())
 }
@@ -268,11 +285,13 @@ fn apply_dispatched(s: &mut Snapshot, keys: &[OccurrenceKey]) -> bool {
     changed
 }
 
-fn apply_rewind(s: &mut Snapshot, checked_until: DateTime<Utc>) {
+fn apply_rewind(s: &mut Snapshot, checked_until: DateTime<Utc>, keep_open_until: DateTime<Utc>) {
     s.checked_until = Some(checked_until);
     s.done.retain(|k| k.at <= checked_until);
-    s.open.retain(|k, _| k.at <= checked_until);
-    s.reported.retain(|k, _| k.at <= checked_until);
+    // Occurrences in progress stay: their batches go on (resolved ahead, or following their
+    // instances), and a crash must still find them, with what they already reported.
+    s.open.retain(|k, _| k.at <= keep_open_until);
+    s.reported.retain(|k, _| k.at <= keep_open_until);
 }
 
 fn apply_reported(s: &mut Snapshot, keys: &[OccurrenceKey], targets: &[String]) -> bool {
@@ -347,10 +366,15 @@ impl OccurrenceRecord for MemoryRecord {
         Ok(())
     }
 
-    fn rewind(&self, checked_until: DateTime<Utc>) -> Result<(), StateError> {
+    fn rewind(
+        &self,
+        checked_until: DateTime<Utc>,
+        keep_open_until: DateTime<Utc>,
+    ) -> Result<(), StateError> {
         apply_rewind(
             &mut self.snapshot.lock().expect("record lock"),
             checked_until,
+            keep_open_until,
         );
         Ok(())
     }
@@ -523,6 +547,14 @@ impl StateFile {
             done: s.done.iter().cloned().collect(),
             log: generation,
         };
+        // The log this snapshot names starts empty: one left from an earlier run with the same
+        // generation (a record lost or unreadable since) must not be replayed over it.
+        match std::fs::remove_file(self.log_path(generation)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(self.io(&self.log_path(generation))(e));
+            }
+            _ => {}
+        }
         let tmp = self.path.with_extension("json.tmp");
         let mut f = File::create(&tmp).map_err(&io)?;
         f.write_all(
@@ -589,8 +621,14 @@ impl StateFile {
         let mut line = serde_json::to_vec(&entry()).expect("serialisable");
         line.push(b'\n');
         let log = loaded.log.as_mut().expect("opened");
-        log.write_all(&line).map_err(self.io(&log_path))?;
-        log.sync_data().map_err(self.io(&log_path))?;
+        let appended = log.write_all(&line).and_then(|()| log.sync_data());
+        if let Err(e) = appended {
+            // Part of the line may be in the file: nothing more is appended after it. The next change
+            // writes a whole snapshot (with what this one changed) and starts a new log.
+            loaded.log = None;
+            loaded.log_bytes = u64::MAX;
+            return Err(self.io(&log_path)(e));
+        }
         loaded.log_bytes += line.len() as u64;
         Ok(())
     }
@@ -645,14 +683,19 @@ impl OccurrenceRecord for StateFile {
         )
     }
 
-    fn rewind(&self, checked_until: DateTime<Utc>) -> Result<(), StateError> {
+    fn rewind(
+        &self,
+        checked_until: DateTime<Utc>,
+        keep_open_until: DateTime<Utc>,
+    ) -> Result<(), StateError> {
         self.update(
             |s| {
-                apply_rewind(s, checked_until);
+                apply_rewind(s, checked_until, keep_open_until);
                 true
             },
             || LogEntry::Rewind {
                 checked_until: rfc3339(checked_until),
+                keep_open_until: Some(rfc3339(keep_open_until)),
             },
         )
     }
@@ -914,6 +957,67 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("line 1"), "{err}");
+    }
+
+    /// A log left from an earlier life with the generation a fresh snapshot takes is removed, not
+    /// replayed over it.
+    #[test]
+    fn a_stale_log_of_the_new_generation_is_not_replayed() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = key("old", "2026-11-30T20:00:00Z");
+        std::fs::write(
+            dir.path().join("state.1.log"),
+            format!(
+                "{}\n",
+                serde_json::to_string(&LogEntry::Begin {
+                    checked_until: "2026-11-30T20:00:05Z".to_string(),
+                    due: vec![old.clone()],
+                })
+                .unwrap()
+            ),
+        )
+        .unwrap();
+        // No (or an unreadable) state.json: a fresh record.
+        let file = StateFile::in_dir(dir.path());
+        let _ = file.load();
+        let k = key("new", "2026-12-01T20:00:00Z");
+        file.begin(t("2026-12-01T20:00:05Z"), std::slice::from_ref(&k))
+            .unwrap();
+        file.dispatched(std::slice::from_ref(&k)).unwrap();
+        let s = StateFile::in_dir(dir.path()).load().unwrap();
+        assert!(
+            !s.open.contains_key(&old),
+            "a yesterday's occurrence came back as open: {:?}",
+            s.open
+        );
+    }
+
+    /// An unreadable record (a damaged log line) is replaced by the next snapshot, as the error
+    /// says, not kept unreadable.
+    #[test]
+    fn an_unreadable_record_is_replaced_by_the_next_snapshot() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = StateFile::in_dir(dir.path());
+        let k = key("r1", "2026-12-01T20:00:00Z");
+        file.begin(t("2026-12-01T20:00:05Z"), std::slice::from_ref(&k))
+            .unwrap();
+        file.dispatched(std::slice::from_ref(&k)).unwrap();
+        let log = dir.path().join("state.1.log");
+        let text = std::fs::read_to_string(&log).unwrap();
+        std::fs::write(&log, format!("garbage\n{text}")).unwrap();
+        // The next start: load fails (reported, carries on), then the daemon records a new pass.
+        let next = StateFile::in_dir(dir.path());
+        assert!(next.load().is_err());
+        let k2 = key("r1", "2026-12-02T20:00:00Z");
+        next.begin(t("2026-12-02T20:00:05Z"), std::slice::from_ref(&k2))
+            .unwrap();
+        next.dispatched(std::slice::from_ref(&k2)).unwrap();
+        let again = StateFile::in_dir(dir.path()).load();
+        assert!(
+            again.is_ok(),
+            "still unreadable after a fresh snapshot: {:?}",
+            again.err().map(|e| e.to_string())
+        );
     }
 
     #[test]

@@ -477,12 +477,13 @@ impl SdkEc2 {
                 .describe_instances()
                 .set_filters(Some(filters.clone()))
                 .max_results(DESCRIBE_PAGE)
-                .set_next_token(next_token.take())
+                .set_next_token(next_token.clone())
                 .customize()
                 .config_override(self.account())
                 .send()
                 .await
                 .map_err(|e| aws_error("ec2:DescribeInstances", &e))?;
+            let asked = next_token.take();
             for instance in page.reservations().iter().flat_map(|r| r.instances()) {
                 let Some(id) = instance.instance_id() else {
                     continue;
@@ -517,7 +518,11 @@ impl SdkEc2 {
                 });
             }
             match page.next_token() {
-                Some(t) if !t.is_empty() => next_token = Some(t.to_string()),
+                // A token repeated would describe the same page for ever (the SDK's paginator stops
+                // there too).
+                Some(t) if !t.is_empty() && Some(t) != asked.as_deref() => {
+                    next_token = Some(t.to_string())
+                }
                 _ => return Ok(out),
             }
         }
@@ -611,7 +616,7 @@ impl Ec2 for SdkEc2 {
                 .client
                 .describe_instance_status()
                 .include_all_instances(true)
-                .set_next_token(next_token.take())
+                .set_next_token(next_token.clone())
                 .customize()
                 .config_override(self.account())
                 .send()
@@ -619,7 +624,9 @@ impl Ec2 for SdkEc2 {
                 .map_err(|e| aws_error("ec2:DescribeInstanceStatus", &e))?;
             n += page.instance_statuses().len();
             match page.next_token() {
-                Some(t) if !t.is_empty() => next_token = Some(t.to_string()),
+                Some(t) if !t.is_empty() && Some(t) != next_token.as_deref() => {
+                    next_token = Some(t.to_string())
+                }
                 _ => return Ok(n),
             }
         }

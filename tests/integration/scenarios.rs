@@ -936,3 +936,201 @@ stop = "0 20 * * *"
         daemon.stop().await;
     }
 }
+
+// ---------------------------------------------------------------------------------------------------
+// Review: resolve_ahead defects
+// ---------------------------------------------------------------------------------------------------
+
+/// A reload inside the resolve-ahead window that adds a rule due at the instant already taken in:
+/// the new rule runs at that instant too.
+#[tokio::test(start_paused = true)]
+async fn a_rule_added_by_a_reload_in_the_resolve_ahead_window_still_runs() {
+    let sim = Sim::new("2026-12-01T19:58:00Z");
+    let office = sim
+        .aws
+        .add_instances(TARGET, REGION, 1, "running", &[("Schedule", "office")]);
+    let late = sim
+        .aws
+        .add_instances(TARGET, REGION, 1, "running", &[("Schedule", "late")]);
+    let office_rule = r#"
+[[rules]]
+name = "office"
+account = "account1"
+tags = { Schedule = "office" }
+stop = "0 20 * * *"
+"#;
+    let late_rule = r#"
+[[rules]]
+name = "late"
+account = "account1"
+tags = { Schedule = "late" }
+stop = "0 20 * * *"
+"#;
+    sim.write_config(&config("", office_rule));
+    let daemon = sim.start();
+    // 19:59:55: office's 20:00 is pulled. 19:59:57: the operator adds "late", also at 20:00.
+    sim.advance_to("2026-12-01T19:59:57Z").await;
+    sim.write_config(&config("", &format!("{office_rule}{late_rule}")));
+    daemon.reload();
+    sim.advance_to("2026-12-01T20:05:00Z").await;
+    assert_eq!(sim.aws.states(&office), ["stopped"]);
+    assert_eq!(
+        sim.aws.states(&late),
+        ["stopped"],
+        "rule added 3 s before its instant was silently dropped; outcomes: {:?}\nlogs:\n{}",
+        sim.outcomes_for(&late[0]),
+        sim.logs.text()
+    );
+    daemon.stop().await;
+}
+
+/// A graceful stop while a batch waits for its instant: no call during the shutdown, nothing
+/// reported, and the restart carries the occurrence out once.
+#[tokio::test(start_paused = true)]
+async fn a_shutdown_in_the_resolve_ahead_window_makes_no_call_and_the_restart_carries_it_out() {
+    let sim = Sim::new("2026-12-01T19:58:00Z");
+    let ids = sim
+        .aws
+        .add_instances(TARGET, REGION, 2, "running", &[("Schedule", "office")]);
+    sim.write_config(&config(
+        "resolve_ahead = \"30s\"",
+        r#"
+[[rules]]
+name = "office"
+account = "account1"
+tags = { Schedule = "office" }
+stop = "0 20 * * *"
+"#,
+    ));
+    let daemon = sim.start();
+    sim.advance_to("2026-12-01T19:59:40Z").await;
+    let asked = sim.now();
+    daemon.stop().await;
+    let calls_during_shutdown: Vec<_> = sim
+        .aws
+        .calls()
+        .into_iter()
+        .filter(|c| c.operation == fake::STOP && c.at >= asked)
+        .collect();
+    assert!(
+        calls_during_shutdown.is_empty(),
+        "shutdown asked at {asked}, yet Stop went out during the drain: {calls_during_shutdown:?}\n{:?}\nlogs:\n{}",
+        sim.outcomes(),
+        sim.logs.text()
+    );
+    assert!(
+        sim.outcomes().is_empty(),
+        "nothing reported: {:?}",
+        sim.outcomes()
+    );
+    // Back within the catch-up window: the occurrence, still recorded, is carried out once.
+    sim.advance_to("2026-12-01T20:01:00Z").await;
+    let again = sim.start();
+    sim.advance_to("2026-12-01T20:05:00Z").await;
+    assert_eq!(sim.aws.states(&ids), ["stopped"; 2]);
+    sim.assert_one_each(&ids, Action::Stop, ResultKind::Ok);
+    again.stop().await;
+}
+
+/// The wall clock stepped back while a batch waits for its instant, then a crash: the occurrence
+/// stays recorded, and each instance gets one result entry across the restart.
+#[tokio::test(start_paused = true)]
+async fn a_clock_stepped_back_during_the_wait_then_a_crash_reports_once() {
+    let sim = Sim::new("2026-12-01T19:58:00Z");
+    let ids = sim
+        .aws
+        .add_instances(TARGET, REGION, 2, "running", &[("Schedule", "office")]);
+    sim.aws.set_state(&ids[1], "stopped");
+    let text = config(
+        "",
+        r#"
+[[rules]]
+name = "office"
+account = "account1"
+tags = { Schedule = "office" }
+stop = "0 20 * * *"
+"#,
+    );
+    sim.write_config(&text);
+    let daemon = sim.start();
+    sim.advance_to("2026-12-01T19:59:57Z").await;
+    sim.clock.step(chrono::Duration::seconds(-30));
+    // Anything that wakes the loop (a reload here; an enforce slot, a credentials status tick...).
+    daemon.reload();
+    sim.advance(Duration::from_secs(40)).await; // wall 20:00:07: acted at 20:00:00, following
+    assert_eq!(
+        sim.outcomes_for(&ids[1]).len(),
+        1,
+        "skipped, reported at the instant"
+    );
+    daemon.kill().await;
+    let again = sim.start();
+    sim.advance(Duration::from_secs(120)).await;
+    let got = sim.outcomes_for(&ids[1]);
+    assert_eq!(
+        got.len(),
+        1,
+        "exactly one result entry per instance across the restart: {got:#?}\nlogs:\n{}",
+        sim.logs.text()
+    );
+    again.stop().await;
+}
+
+/// A reload that lowers resolve_ahead while a batch waits is not taken for a clock stepped back.
+#[tokio::test(start_paused = true)]
+async fn lowering_resolve_ahead_during_the_wait_is_no_clock_step() {
+    let sim = Sim::new("2026-12-01T19:58:00Z");
+    let _ids = sim
+        .aws
+        .add_instances(TARGET, REGION, 1, "running", &[("Schedule", "office")]);
+    let rules = r#"
+[[rules]]
+name = "office"
+account = "account1"
+tags = { Schedule = "office" }
+stop = "0 20 * * *"
+"#;
+    sim.write_config(&config("resolve_ahead = \"60s\"", rules));
+    let daemon = sim.start();
+    sim.advance_to("2026-12-01T19:59:10Z").await;
+    sim.write_config(&config("resolve_ahead = \"0s\"", rules));
+    daemon.reload();
+    sim.advance(Duration::from_secs(2)).await;
+    let logs = sim.logs.text();
+    assert!(
+        !logs.contains("before the last instant handled"),
+        "a reload was taken for a clock stepped back:\n{logs}"
+    );
+    daemon.stop().await;
+}
+
+/// An instance started by hand between the describe ahead and the instant is still stopped at the
+/// instant.
+#[tokio::test(start_paused = true)]
+async fn an_instance_started_in_the_window_is_still_stopped_at_the_instant() {
+    let sim = Sim::new("2026-12-01T19:58:00Z");
+    let ids = sim
+        .aws
+        .add_instances(TARGET, REGION, 1, "stopped", &[("Schedule", "office")]);
+    sim.write_config(&config(
+        "",
+        r#"
+[[rules]]
+name = "office"
+account = "account1"
+tags = { Schedule = "office" }
+stop = "0 20 * * *"
+"#,
+    ));
+    let daemon = sim.start();
+    sim.advance_to("2026-12-01T19:59:58Z").await;
+    sim.aws.set_state(&ids[0], "running");
+    sim.advance_to("2026-12-01T20:05:00Z").await;
+    assert_eq!(
+        sim.aws.states(&ids),
+        ["stopped"],
+        "{:?}",
+        sim.outcomes_for(&ids[0])
+    );
+    daemon.stop().await;
+}
