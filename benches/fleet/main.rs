@@ -451,6 +451,16 @@ struct Options {
     after: Duration,
     timeout: Duration,
     transition: Duration,
+    /// SHIFTD_FLEET_GATE=1 (CI): fail on a call count above its minimum, a throttled answer, an
+    /// instance not reported ok, or memory above its ceiling (MiB, from SHIFTD_FLEET_MAX_IDLE_MIB,
+    /// SHIFTD_FLEET_MAX_PEAK_MIB, SHIFTD_FLEET_MAX_AFTER_MIB; defaults: the fleet-scale targets, 64,
+    /// 96 and 64, and 32 for scenario a's idle).
+    gate: bool,
+}
+
+/// A memory ceiling of the gate, in KiB (as `memory` reads): the environment's, or `default` MiB.
+fn ceiling(name: &str, default: usize) -> u64 {
+    env_usize(name, default) as u64 * 1024
 }
 
 /// Runs one scenario; returns its figures and whether it worked (for the smoke test's checks).
@@ -550,6 +560,17 @@ fn run(
     });
     let idle_cpu = cpu(pid);
     let (idle_rss, _) = memory(pid).unwrap_or_default();
+    let idle_ceiling = ceiling(
+        "SHIFTD_FLEET_MAX_IDLE_MIB",
+        if s.action.is_none() { 32 } else { 64 },
+    );
+    if o.gate && idle_rss > idle_ceiling {
+        failures.push(format!(
+            "{n}: RSS idle {} above the ceiling {}",
+            mib(idle_rss),
+            mib(idle_ceiling)
+        ));
+    }
     let before_instant = SystemTime::now() < instant_wall;
     f.add(
         n,
@@ -655,6 +676,9 @@ fn run(
         ];
         for (what, min) in min_calls {
             let (count, throttled) = by_action.get(what).copied().unwrap_or_default();
+            if o.gate && what != DESCRIBE && count != min {
+                failures.push(format!("{n}: {count} {what} calls, the minimum is {min}"));
+            }
             let note = if what == DESCRIBE {
                 " for the selections; following adds more"
             } else {
@@ -677,6 +701,9 @@ fn run(
         }
         let throttled: usize = by_action.values().map(|(_, t)| t).sum();
         f.add(n, "RequestLimitExceeded answers", throttled.to_string());
+        if o.gate && throttled > 0 {
+            failures.push(format!("{n}: {throttled} RequestLimitExceeded answers"));
+        }
         let mut errors: BTreeMap<(&str, &str), usize> = BTreeMap::new();
         for c in &calls {
             if let Some(code) = c.error {
@@ -725,7 +752,7 @@ fn run(
                 format!("{}; {first:?}; {last:?}", paced.len()),
             );
         }
-        if o.quick && (ok != instances || acted.len() != instances) {
+        if (o.quick || o.gate) && (ok != instances || acted.len() != instances) {
             failures.push(format!(
                 "{n}: {ok} ok of {instances} reported, {} acted on; stderr:\n{}",
                 acted.len(),
@@ -757,6 +784,14 @@ fn run(
             "RSS peak during the action (50 ms samples)",
             format!("{} (VmHWM {})", mib(peak), mib(hwm)),
         );
+        let peak_ceiling = ceiling("SHIFTD_FLEET_MAX_PEAK_MIB", 96);
+        if o.gate && peak.max(hwm) > peak_ceiling {
+            failures.push(format!(
+                "{n}: RSS peak {} above the ceiling {}",
+                mib(peak.max(hwm)),
+                mib(peak_ceiling)
+            ));
+        }
         let after_until = done_at + o.after;
         while Instant::now() < after_until && daemon.alive() {
             std::thread::sleep(Duration::from_millis(100));
@@ -767,6 +802,14 @@ fn run(
             &format!("RSS {:?} after the last batch", o.after),
             mib(after_rss),
         );
+        let after_ceiling = ceiling("SHIFTD_FLEET_MAX_AFTER_MIB", 64);
+        if o.gate && after_rss > after_ceiling {
+            failures.push(format!(
+                "{n}: RSS {} after the action, above the ceiling {}",
+                mib(after_rss),
+                mib(after_ceiling)
+            ));
+        }
     } else {
         std::thread::sleep(o.after);
         let (after_rss, hwm) = memory(pid).unwrap_or_default();
@@ -902,6 +945,7 @@ fn main() {
             "SHIFTD_FLEET_TRANSITION_S",
             if quick { 1 } else { 2 },
         ) as u64),
+        gate: std::env::var("SHIFTD_FLEET_GATE").is_ok_and(|v| v == "1"),
     };
     let lead = |default: u64| {
         Duration::from_secs(env_usize("SHIFTD_FLEET_LEAD_S", default as usize) as u64)
@@ -965,8 +1009,8 @@ fn main() {
     }
     if !failures.is_empty() {
         let text = failures.join("\n\n");
-        if quick {
-            eprintln!("fleet smoke test failed:\n{text}");
+        if quick || o.gate {
+            eprintln!("fleet benchmark failed (smoke test or gate):\n{text}");
             std::process::exit(1);
         }
         // The benchmark records what the daemon does; it does not fail on it.
