@@ -357,7 +357,10 @@ pub fn org_documents(config: &Config, delegate: Option<&Delegate>) -> Vec<Docume
             "Sid": "ShiftdListAccounts",
             "Effect": "Allow",
             // Organizations' list calls support no resource-level permissions.
+            // ListRoots and the ...ForParent calls walk the organization (the whole of it, or
+            // include_ous); ListAccounts is the whole organization's list in one call.
             "Action": [
+                "organizations:ListAccounts",
                 "organizations:ListRoots",
                 "organizations:ListAccountsForParent",
                 "organizations:ListOrganizationalUnitsForParent",
@@ -739,6 +742,7 @@ start = "0 8 * * *"
         assert!(trust.contains("arn:aws:iam::123456789012:role/d") && trust.contains("ext-123"));
         let perms = org[1].json.to_string();
         for call in [
+            "ListAccounts",
             "ListRoots",
             "ListAccountsForParent",
             "ListOrganizationalUnitsForParent",
