@@ -366,6 +366,9 @@ pub async fn keep_fresh(
 ) {
     let clock = store.clock().clone();
     let mut attempt: u32 = 0;
+    // What the warning of this renewal said: a retry failing the same way is logged at debug level
+    // only (an account whose role is not deployed yet is said once, not at every back-off step).
+    let mut said: Option<(String, bool)> = None;
     loop {
         let renewed = {
             let _slot = pacer
@@ -375,6 +378,14 @@ pub async fn keep_fresh(
         };
         match renewed {
             Ok(next) => {
+                if said.take().is_some() {
+                    tracing::info!(
+                        account = store.account(),
+                        role_arn = %spec.role_arn,
+                        "AssumeRole for account {} works again (after {attempt} failed attempt(s))",
+                        store.account()
+                    );
+                }
                 attempt = 0;
                 let wait = next.duration_since(clock.system_time()).unwrap_or_default();
                 // Wake at least every minute: a wall-clock step moves the renewal instant.
@@ -383,23 +394,58 @@ pub async fn keep_fresh(
             Err(error) => {
                 let retry_in = backoff(attempt, rand::random::<f64>());
                 attempt = attempt.saturating_add(1);
-                let still_valid = store.usable_now().is_some();
-                tracing::warn!(
-                    account = store.account(),
-                    role_arn = %spec.role_arn,
-                    error = %error,
-                    attempt,
-                    retry_in = %humantime::format_duration(retry_in),
-                    still_valid,
+                let still_valid = store.is_usable_now();
+                let now_said = (without_request_ids(&error), still_valid);
+                let message = format!(
                     "AssumeRole for account {} failed (attempt {attempt}, retrying in {}; {}): {error}",
                     store.account(),
                     humantime::format_duration(retry_in),
-                    if still_valid { "current credentials still valid" } else { "no valid credentials" },
+                    if still_valid {
+                        "current credentials still valid"
+                    } else {
+                        "no valid credentials"
+                    },
                 );
+                if said.as_ref() == Some(&now_said) {
+                    tracing::debug!(
+                        account = store.account(),
+                        role_arn = %spec.role_arn,
+                        error = %error,
+                        attempt,
+                        still_valid,
+                        "{message} (as before)"
+                    );
+                } else {
+                    tracing::warn!(
+                        account = store.account(),
+                        role_arn = %spec.role_arn,
+                        error = %error,
+                        attempt,
+                        retry_in = %humantime::format_duration(retry_in),
+                        still_valid,
+                        "{message}"
+                    );
+                    said = Some(now_said);
+                }
                 tokio::time::sleep(retry_in).await;
             }
         }
     }
+}
+
+/// An error as it is compared with the previous one: without its request IDs (each attempt has its
+/// own).
+fn without_request_ids(error: &str) -> String {
+    let mut out = String::with_capacity(error.len());
+    let mut rest = error;
+    while let Some(i) = rest.find("request ID ") {
+        out.push_str(&rest[..i]);
+        let after = &rest[i..];
+        let end = after.find([',', ')']).unwrap_or(after.len());
+        rest = &after[end..];
+    }
+    out.push_str(rest);
+    out
 }
 
 /// Sleeps until the wall clock reads `at`, re-reading it at least every minute.
@@ -417,6 +463,21 @@ mod tests {
 
     fn t(secs: u64) -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(secs)
+    }
+
+    #[test]
+    fn a_retry_failing_the_same_way_compares_equal_whatever_its_request_id() {
+        let a = "AccessDenied: not allowed (sts:AssumeRole, HTTP 403, request ID r-1)";
+        let b = "AccessDenied: not allowed (sts:AssumeRole, HTTP 403, request ID r-2)";
+        assert_eq!(without_request_ids(a), without_request_ids(b));
+        assert_eq!(
+            without_request_ids(a),
+            "AccessDenied: not allowed (sts:AssumeRole, HTTP 403, )"
+        );
+        assert_ne!(
+            without_request_ids(a),
+            without_request_ids("Throttling: slow down (sts:AssumeRole, request ID r-3)")
+        );
     }
 
     #[test]

@@ -243,6 +243,15 @@ async fn a_role_missing_in_one_account_holds_up_no_other() {
     assert_eq!(failed.len(), 1, "{failed:#?}");
     assert_eq!(failed[0].account, TEAM_A);
     assert!(failed[0].reason.contains("AccessDenied"), "{failed:#?}");
+    // Retried with back-off all along, and said once (the retries failing the same way at debug).
+    let logs = sim.logs.text();
+    let warned = logs
+        .lines()
+        .filter(|l| {
+            l.contains(&format!("AssumeRole for account {TEAM_A} failed")) && l.contains("WARN")
+        })
+        .count();
+    assert_eq!(warned, 1, "{logs}");
     daemon.stop().await;
 }
 

@@ -101,8 +101,8 @@ start = "0 0 3 1 1 *"
     std::fs::hard_link(daemon.config.with_file_name("stderr.log"), &stderr_path).unwrap();
     let config_path = keep.path().join("shiftd.toml");
     std::fs::hard_link(&daemon.config, &config_path).unwrap();
-    // Three failures; two for an error status, which the SDK itself retries (3 attempts) each time.
-    let failures = if status >= 500 { 2 } else { 3 };
+    // A renewal failing the same way is logged once (retries at debug level): one failure.
+    let failures = 1;
     let timeout = Duration::from_secs(60);
     match code {
         Some(_) => {
