@@ -405,6 +405,7 @@ fn report_not_found(
     }
 }
 
+#[derive(Default)]
 struct RegionResult {
     outcomes: Vec<Outcome>,
     /// Per rule, the listed instance IDs that exist in this region (matching or not).
@@ -472,10 +473,8 @@ async fn run_region(ctx: &BatchContext, batch: &AccountBatch, region: &str) -> R
         report.flush();
         return RegionResult {
             outcomes: report.outcomes,
-            found: BTreeMap::new(),
             unresolved: requests.iter().map(|r| r.rule.clone()).collect(),
-            describe_errors: BTreeMap::new(),
-            interrupted: false,
+            ..Default::default()
         };
     };
     let ec2 = client.ec2.as_ref();
@@ -490,10 +489,8 @@ async fn run_region(ctx: &BatchContext, batch: &AccountBatch, region: &str) -> R
         report.flush();
         return RegionResult {
             outcomes: report.outcomes,
-            found: BTreeMap::new(),
             unresolved: not_ours,
-            describe_errors: BTreeMap::new(),
-            interrupted: false,
+            ..Default::default()
         };
     }
 
@@ -524,11 +521,8 @@ async fn run_region(ctx: &BatchContext, batch: &AccountBatch, region: &str) -> R
     .await
     {
         return RegionResult {
-            outcomes: Vec::new(),
-            found: BTreeMap::new(),
-            unresolved: Vec::new(),
-            describe_errors: BTreeMap::new(),
             interrupted: true,
+            ..Default::default()
         };
     }
     let mut accepted = BTreeMap::new();
@@ -654,10 +648,12 @@ async fn recheck(
     let now: BTreeMap<&str, &InstanceView> = views.iter().map(|v| (v.id.as_str(), v)).collect();
     let mut changed: BTreeMap<Action, Vec<Target>> = BTreeMap::new();
     for (action, targets) in planned {
+        // The state the other action ends in: `running` for a stop, `stopped` for a start.
         let opposite = match action {
-            Action::Start => "stopped",
-            Action::Stop => "running",
-        };
+            Action::Start => Action::Stop,
+            Action::Stop => Action::Start,
+        }
+        .target_state();
         for mut t in targets {
             if let Some(v) = now.get(t.id.as_str())
                 && v.state == opposite
