@@ -1420,6 +1420,7 @@ fn validate_rules(
 ) -> Vec<Rule> {
     let mut names = BTreeSet::new();
     let mut rules = Vec::new();
+    let mut schedules = crate::schedule::Interner::default();
     for rule in raw {
         let at = rule.span().start;
         let rule = rule.into_inner();
@@ -1432,6 +1433,7 @@ fn validate_rules(
             calendars,
             defaults,
             problems,
+            schedules: &mut schedules,
         };
         rules.push(check.rule(rule));
     }
@@ -1471,6 +1473,8 @@ struct RuleCheck<'a> {
     /// `[defaults]`: the time zone and catch-up window of a rule that gives none.
     defaults: &'a Defaults,
     problems: &'a mut Problems,
+    /// Expressions parsed so far, shared between the rules that write the same one.
+    schedules: &'a mut crate::schedule::Interner,
 }
 
 impl<'a> RuleCheck<'a> {
@@ -1929,11 +1933,11 @@ impl<'a> RuleCheck<'a> {
                 format!("rule {name:?}: expected a cron expression or a non-empty list of them"),
             );
         }
-        exprs
+        let mut schedules: Vec<CronSchedule> = exprs
             .get_ref()
             .0
             .iter()
-            .filter_map(|e| match CronSchedule::parse(&e.value) {
+            .filter_map(|e| match self.schedules.parse(&e.value) {
                 Ok(s) => Some(s),
                 Err(err) => {
                     let at = e.span.as_ref().map_or(exprs.span().start, |s| s.start);
@@ -1941,7 +1945,10 @@ impl<'a> RuleCheck<'a> {
                     None
                 }
             })
-            .collect()
+            .collect();
+        // Collected with room for four (the filter hides the count), and kept for the daemon's life.
+        schedules.shrink_to_fit();
+        schedules
     }
 
     /// Checks the rule's `timezone`, if given; returns it, else the default one.

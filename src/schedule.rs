@@ -117,17 +117,47 @@ fn cron_cause(cause: &str) -> String {
         .replace("must be less than", "must be at most")
 }
 
-/// A parsed cron expression. Cheap to clone.
+/// A parsed cron expression, with the rule's calendars if it has any. Cheap to clone: the parsed
+/// expression is shared, and so is it between the rules that write the same one (see [`Interner`]).
 #[derive(Clone, Debug)]
 pub struct CronSchedule {
+    parsed: Arc<ParsedCron>,
+    /// The rule's calendars (`skip`, `only`), if it has any.
+    days: Option<Arc<DayFilter>>,
+}
+
+/// What an expression says, once parsed.
+#[derive(Debug)]
+struct ParsedCron {
     source: String,
     fields: cron::Schedule,
     day_of_month: DayField,
     day_of_week: DayField,
     /// EventBridge's year field: the years it fires in (`None`: every year).
     years: Option<BTreeSet<i32>>,
-    /// The rule's calendars (`skip`, `only`), if it has any.
-    days: Option<Arc<DayFilter>>,
+}
+
+/// Parses expressions, sharing one parsed form between the rules that write the same expression: a
+/// thousand rules on a few office-hours schedules hold a few parsed schedules, not two thousand.
+#[derive(Default)]
+pub struct Interner {
+    parsed: std::collections::HashMap<String, Arc<ParsedCron>>,
+}
+
+impl Interner {
+    /// As [`CronSchedule::parse`], sharing the parsed form with earlier equal expressions.
+    pub fn parse(&mut self, expression: &str) -> Result<CronSchedule, CronError> {
+        if let Some(parsed) = self.parsed.get(expression) {
+            return Ok(CronSchedule {
+                parsed: parsed.clone(),
+                days: None,
+            });
+        }
+        let schedule = CronSchedule::parse(expression)?;
+        self.parsed
+            .insert(expression.to_string(), schedule.parsed.clone());
+        Ok(schedule)
+    }
 }
 
 /// The dates a rule's calendars leave out (`skip`) or keep (`only`). Checked on the date of each firing's
@@ -224,6 +254,15 @@ fn last_day_of_month(date: NaiveDate) -> u32 {
         .map_or(31, |d| d.day())
 }
 
+impl From<ParsedCron> for CronSchedule {
+    fn from(parsed: ParsedCron) -> Self {
+        Self {
+            parsed: Arc::new(parsed),
+            days: None,
+        }
+    }
+}
+
 impl CronSchedule {
     pub fn parse(expression: &str) -> Result<Self, CronError> {
         let err = |reason: String| CronError {
@@ -232,10 +271,14 @@ impl CronSchedule {
         };
         if let Some(inner) = eventbridge_inner(expression.trim()) {
             let (bare, years) = translate_eventbridge(inner).map_err(err)?;
-            let mut parsed = Self::parse(&bare).map_err(|e| err(e.reason))?;
+            let bare = Self::parse(&bare).map_err(|e| err(e.reason))?;
+            let mut parsed = Arc::into_inner(bare.parsed).expect("a new parse is not shared");
             parsed.source = expression.to_string();
             parsed.years = years;
-            return Ok(parsed);
+            return Ok(Self {
+                parsed: Arc::new(parsed),
+                days: None,
+            });
         }
         let expanded = expand_macro(expression.trim()).map_err(err)?;
         let fields: Vec<&str> = expanded.unwrap_or(expression).split_whitespace().collect();
@@ -311,7 +354,7 @@ impl CronSchedule {
             ];
             err(field_reason(&fields, &e))
         })?;
-        Ok(Self {
+        Ok(Self::from(ParsedCron {
             source: expression.to_string(),
             fields: parsed,
             day_of_month: DayField {
@@ -325,19 +368,18 @@ impl CronSchedule {
                 special: dow_special,
             },
             years: None,
-            days: None,
-        })
+        }))
     }
 
     pub fn source(&self) -> &str {
-        &self.source
+        &self.parsed.source
     }
 
     /// In plain language, in the rule's local time: "08:00 Mon–Fri", "00:00 every day",
     /// "09:00 on the first Monday of the month", "every 15 minutes". Common shapes only: for others
     /// (steps over days, both day fields restricted, several years...) the expression itself.
     pub fn describe(&self) -> String {
-        describe(&self.source).unwrap_or_else(|| self.source.clone())
+        describe(&self.parsed.source).unwrap_or_else(|| self.parsed.source.clone())
     }
 
     /// The same schedule without the rule's calendars: the firings they leave out included.
@@ -360,20 +402,22 @@ impl CronSchedule {
     }
 
     fn date_matches(&self, date: NaiveDate) -> bool {
-        if !self.year_matches(date.year()) || !self.fields.months().includes(date.month()) {
+        if !self.year_matches(date.year()) || !self.parsed.fields.months().includes(date.month()) {
             return false;
         }
-        let dom = self
-            .day_of_month
-            .matches(date, self.fields.days_of_month().includes(date.day()));
-        // cron crate ordinals: 1 = Sunday.
-        let dow = self.day_of_week.matches(
+        let dom = self.parsed.day_of_month.matches(
             date,
-            self.fields
+            self.parsed.fields.days_of_month().includes(date.day()),
+        );
+        // cron crate ordinals: 1 = Sunday.
+        let dow = self.parsed.day_of_week.matches(
+            date,
+            self.parsed
+                .fields
                 .days_of_week()
                 .includes(date.weekday().num_days_from_sunday() + 1),
         );
-        let fields = if self.day_of_month.restricted && self.day_of_week.restricted {
+        let fields = if self.parsed.day_of_month.restricted && self.parsed.day_of_week.restricted {
             dom || dow
         } else {
             dom && dow
@@ -382,7 +426,8 @@ impl CronSchedule {
     }
 
     fn year_matches(&self, year: i32) -> bool {
-        self.years
+        self.parsed
+            .years
             .as_ref()
             .is_none_or(|years| years.contains(&year))
     }
@@ -390,7 +435,7 @@ impl CronSchedule {
     /// The first day on or after `date` in a year the schedule fires in (`date` itself without a year
     /// field); `None` after its last year.
     fn first_date_from(&self, date: NaiveDate) -> Option<NaiveDate> {
-        let Some(years) = &self.years else {
+        let Some(years) = &self.parsed.years else {
             return Some(date);
         };
         if years.contains(&date.year()) {
@@ -402,7 +447,7 @@ impl CronSchedule {
 
     /// The last day on or before `date` in a year the schedule fires in; `None` before its first year.
     fn last_date_upto(&self, date: NaiveDate) -> Option<NaiveDate> {
-        let Some(years) = &self.years else {
+        let Some(years) = &self.parsed.years else {
             return Some(date);
         };
         if years.contains(&date.year()) {
@@ -416,11 +461,11 @@ impl CronSchedule {
     /// match, if any on this day.
     fn time_at_or_after(&self, from: u32) -> Option<u32> {
         let (fh, fm, fs) = (from / 3600, from / 60 % 60, from % 60);
-        for h in self.fields.hours().range(fh..) {
+        for h in self.parsed.fields.hours().range(fh..) {
             let m0 = if h == fh { fm } else { 0 };
-            for m in self.fields.minutes().range(m0..) {
+            for m in self.parsed.fields.minutes().range(m0..) {
                 let s0 = if h == fh && m == fm { fs } else { 0 };
-                if let Some(s) = self.fields.seconds().range(s0..).next() {
+                if let Some(s) = self.parsed.fields.seconds().range(s0..).next() {
                     return Some(h * 3600 + m * 60 + s);
                 }
             }
@@ -431,11 +476,11 @@ impl CronSchedule {
     /// The last time of day (in seconds from midnight) at or before `upto` that the time fields match.
     fn time_at_or_before(&self, upto: u32) -> Option<u32> {
         let (uh, um, us) = (upto / 3600, upto / 60 % 60, upto % 60);
-        for h in self.fields.hours().range(..=uh).rev() {
+        for h in self.parsed.fields.hours().range(..=uh).rev() {
             let m0 = if h == uh { um } else { 59 };
-            for m in self.fields.minutes().range(..=m0).rev() {
+            for m in self.parsed.fields.minutes().range(..=m0).rev() {
                 let s0 = if h == uh && m == um { us } else { 59 };
-                if let Some(s) = self.fields.seconds().range(..=s0).next_back() {
+                if let Some(s) = self.parsed.fields.seconds().range(..=s0).next_back() {
                     return Some(h * 3600 + m * 60 + s);
                 }
             }
@@ -1452,6 +1497,35 @@ mod tests {
     }
 
     #[test]
+    fn rules_writing_the_same_expression_share_its_parse_but_not_their_calendars() {
+        let mut interner = Interner::default();
+        let office = interner.parse("0 8 * * Mon-Fri").unwrap();
+        let same = interner.parse("0 8 * * Mon-Fri").unwrap();
+        let other = interner.parse("0 9 * * Mon-Fri").unwrap();
+        assert!(Arc::ptr_eq(&office.parsed, &same.parsed));
+        assert!(!Arc::ptr_eq(&office.parsed, &other.parsed));
+        // One rule skips Monday 2026-11-30; the other, with the same expression, still fires then.
+        let skip = DayFilter {
+            skip: [NaiveDate::from_ymd_opt(2026, 11, 30).unwrap()].into(),
+            only: None,
+        };
+        let skipping = same.with_days(Arc::new(skip));
+        let after = utc("2026-11-29T12:00:00Z");
+        assert_eq!(
+            office.next_after(after, Tz::UTC),
+            Some(utc("2026-11-30T08:00:00Z"))
+        );
+        assert_eq!(
+            skipping.next_after(after, Tz::UTC),
+            Some(utc("2026-12-01T08:00:00Z"))
+        );
+        assert_eq!(office.source(), skipping.source());
+        // A bad expression is refused every time, not remembered as good.
+        assert!(interner.parse("0 25 * * *").is_err());
+        assert!(interner.parse("0 25 * * *").is_err());
+    }
+
+    #[test]
     fn next_firing_table() {
         // (expression, zone, after (UTC or offset), expected next firing in the zone's local time)
         let cases: &[(&str, &str, &str, Option<&str>)] = &[
@@ -1775,9 +1849,9 @@ mod tests {
             if !s.date_matches(date) {
                 continue;
             }
-            for h in s.fields.hours().iter() {
-                for m in s.fields.minutes().iter() {
-                    for sec in s.fields.seconds().iter() {
+            for h in s.parsed.fields.hours().iter() {
+                for m in s.parsed.fields.minutes().iter() {
+                    for sec in s.parsed.fields.seconds().iter() {
                         let naive = date.and_hms_opt(h, m, sec).unwrap();
                         out.insert(resolve_local(&zone, naive).unwrap());
                     }
@@ -1835,8 +1909,9 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(20261101);
         for expr in expressions {
             let s = CronSchedule::parse(expr).unwrap();
-            let per_day =
-                s.fields.hours().count() * s.fields.minutes().count() * s.fields.seconds().count();
+            let per_day = s.parsed.fields.hours().count()
+                * s.parsed.fields.minutes().count()
+                * s.parsed.fields.seconds().count();
             for zone in zones {
                 let zone: Tz = zone.parse().unwrap();
                 for _ in 0..40 {
