@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::sync::watch;
+use tokio::sync::{Notify, watch};
 
 use crate::aws::{AssumeRoleRequest, SessionCredentials, SigningCredentials, Sts};
 use crate::clock::Clock;
@@ -92,6 +92,7 @@ pub struct AccountCredentials {
     state: Arc<watch::Sender<CredentialState>>,
     clock: Arc<dyn Clock>,
     observer: Option<Arc<dyn CredentialsObserver>>,
+    published: Option<Arc<Notify>>,
 }
 
 /// Told of each renewal's outcome (the metrics).
@@ -117,7 +118,15 @@ impl AccountCredentials {
             state: Arc::new(watch::Sender::new(CredentialState::default())),
             clock,
             observer: None,
+            published: None,
         }
+    }
+
+    /// The same store, poking `published` whenever new credentials are published (the daemon's
+    /// loop, which then says so in STATUS= and gives back what start-up used).
+    pub fn notifying(mut self, published: Arc<Notify>) -> Self {
+        self.published = Some(published);
+        self
     }
 
     /// The same store, telling `observer` of each renewal and each failed one.
@@ -146,6 +155,9 @@ impl AccountCredentials {
             }),
             last_error: None,
         });
+        if let Some(p) = &self.published {
+            p.notify_one();
+        }
     }
 
     pub fn record_error(&self, error: String) {

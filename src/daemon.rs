@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::aws::{Aws, ConnectAws};
@@ -227,6 +227,8 @@ struct Daemon {
     results_since_release: usize,
     /// The process's pacing of AWS calls (in-flight cap, EC2 bucket models, the STS rate).
     pacer: Arc<crate::pacing::Pacer>,
+    /// Poked when an account's credentials are renewed: wakes the loop while some account waits.
+    credentials_published: Arc<Notify>,
 }
 
 /// How often STATUS= is rewritten while batches are in flight.
@@ -235,15 +237,15 @@ const STATUS_EVERY_WHILE_BUSY: Duration = Duration::from_secs(1);
 /// After this many results, once no batch is in flight, freed heap is given back to the system.
 const RELEASE_MEMORY_AFTER: usize = 1_000;
 
-/// Gives freed heap memory back to the system. glibc keeps what a large action freed in its arenas,
-/// so without this the process keeps its peak size (1 GiB after a 40,000-instance stop, measured)
-/// until it exits.
+/// Gives memory back to the system once a burst of work is over: freed heap (glibc keeps what a large
+/// action freed in its arenas, so without this the process keeps its peak size: 1 GiB after a
+/// 40,000-instance stop, measured) and the executable's pages that the burst mapped (`memory`).
 fn release_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim takes no pointer; it only returns the allocator's own free pages.
-    unsafe {
-        libc::malloc_trim(0);
-    }
+    let released = crate::memory::release();
+    tracing::debug!(
+        code_bytes = released.code_bytes,
+        "gave freed heap and the executable's mapped pages back to the system"
+    );
 }
 
 impl Daemon {
@@ -300,7 +302,8 @@ impl Daemon {
     }
 
     async fn start_account(&self, account: &Account, spec: SessionSpec) -> AccountRuntime {
-        let mut credentials = AccountCredentials::new(&account.name, self.clock.clone());
+        let mut credentials = AccountCredentials::new(&account.name, self.clock.clone())
+            .notifying(self.credentials_published.clone());
         if let Some(m) = &self.metrics {
             credentials = credentials.observed_by(m.clone());
         }
@@ -461,6 +464,12 @@ impl Daemon {
 
     /// Rebuilds the configuration run from the written one and the last good discovery.
     fn rebuild(&mut self) {
+        // Without a rule over several accounts there is nothing to expand: the configuration run is
+        // the written one, shared rather than copied (a thousand rules' schedules are megabytes).
+        if !self.written.rules.iter().any(|r| r.is_multi_account()) {
+            self.config = self.written.clone();
+            return;
+        }
         let discovered = self.org.as_ref().map_or(&[][..], OrgRuntime::accounts);
         self.config = Arc::new(org::expand(&self.written, discovered));
     }
@@ -1208,6 +1217,7 @@ pub async fn run(
         results_since_release: 0,
         metrics,
         pacer: Default::default(),
+        credentials_published: Default::default(),
     };
     daemon.rebuild();
     daemon.reset_org().await;
@@ -1228,6 +1238,9 @@ pub async fn run(
     // STATUS= and the next-action metrics cost a look at every rule's next occurrences: while batches
     // end one after another (a thousand accounts acting at one instant), at most once a second.
     let mut last_status: Option<tokio::time::Instant> = None;
+    // Set by a burst of work that ends with nothing in flight to show for it (credentials fetched,
+    // a reload): memory is given back once the daemon is idle again.
+    let mut release_pending = false;
     loop {
         daemon.maybe_refresh_org();
         daemon.say_stale(daemon.clock.now());
@@ -1248,11 +1261,19 @@ pub async fn run(
         service.watchdog();
         // While an account waits for credentials, wake often enough that STATUS= shows when they came;
         // while a batch is paced, often enough that it shows its progress.
-        let waiting = daemon
+        let no_credentials: Vec<AccountCredentials> = daemon
             .accounts
             .values()
-            .any(|rt| !rt.clients.credentials.is_usable_now())
-            || !daemon.pacer.progress().is_empty();
+            .filter(|rt| !rt.clients.credentials.is_usable_now())
+            .map(|rt| rt.clients.credentials.clone())
+            .collect();
+        let waiting = !no_credentials.is_empty() || !daemon.pacer.progress().is_empty();
+        if waiting {
+            release_pending = true;
+        } else if release_pending && daemon.inflight.is_empty() {
+            release_pending = false;
+            release_memory();
+        }
         let cap = if waiting {
             max_sleep.min(CREDENTIALS_STATUS_EVERY)
         } else {
@@ -1281,7 +1302,8 @@ pub async fn run(
             .unwrap_or(cap)
             .min(cap);
         tokio::select! {
-            _ = tokio::time::sleep(sleep_for) => {}
+            () = sleep_or_credentials(sleep_for, &daemon.credentials_published, no_credentials) => {}
+            // (Polled only while an account waits: renewals later on need no wake.)
             Some(()) = reload.recv() => {
                 service.reloading();
                 match load(&settings.config_path).await {
@@ -1292,6 +1314,7 @@ pub async fn run(
                     ),
                 }
                 service.ready();
+                release_pending = true;
             }
             Some(done) = daemon.inflight.join_next(), if !daemon.inflight.is_empty() => {
                 daemon.batch_done(done);
@@ -1311,6 +1334,30 @@ pub async fn run(
     drain(&mut daemon, cancel_tx).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Sleeps for `duration`, or until each account of `waiting_for` has usable credentials (woken by
+/// `published` at each renewal): STATUS= then says so at once, and what start-up used is given back.
+async fn sleep_or_credentials(
+    duration: Duration,
+    published: &Notify,
+    waiting_for: Vec<AccountCredentials>,
+) {
+    let sleep = tokio::time::sleep(duration);
+    tokio::pin!(sleep);
+    if waiting_for.is_empty() {
+        return sleep.await;
+    }
+    loop {
+        tokio::select! {
+            () = &mut sleep => return,
+            () = published.notified() => {
+                if waiting_for.iter().all(AccountCredentials::is_usable_now) {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// Lets in-flight batches finish within the shutdown bounds; what they cannot confirm is reported.

@@ -18,6 +18,7 @@ pub mod doctor;
 pub mod executor;
 pub mod logging;
 pub mod manual;
+pub mod memory;
 pub mod metrics;
 pub mod notify;
 pub mod org;
