@@ -504,13 +504,16 @@ async fn run_region(ctx: &BatchContext, batch: &AccountBatch, region: &str) -> R
     } else {
         resolve(ec2, &place, &requests, &mut report).await
     };
-    let mut plan = plan(
-        ctx,
-        &place,
-        (&requests, batch.at),
-        &resolved.selected,
-        &mut report,
-    );
+    let Resolved {
+        selected,
+        found,
+        mut unresolved,
+        describe_errors,
+    } = resolved;
+    let mut plan = plan(ctx, &place, (&requests, batch.at), &selected, &mut report);
+    // What was described (tags and all) is not needed past the plan: at a fleet's instant, thousands
+    // of regions wait for it and act at once, and each region keeps only its targets until it is done.
+    drop(selected);
     // Resolved ahead of the instant: the calls leave at the instant itself. A shutdown before it
     // leaves the occurrence to the next start (it stays in the record, resumed then).
     if !wait_for_instant(
@@ -608,13 +611,12 @@ async fn run_region(ctx: &BatchContext, batch: &AccountBatch, region: &str) -> R
             .progress(crate::cluster::Progress::Done, results)
             .await;
     }
-    let mut unresolved = resolved.unresolved;
     unresolved.extend(not_ours);
     RegionResult {
         outcomes: report.outcomes,
-        found: resolved.found,
+        found,
         unresolved,
-        describe_errors: resolved.describe_errors,
+        describe_errors,
         interrupted: false,
     }
 }
