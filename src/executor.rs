@@ -334,7 +334,11 @@ pub async fn run_batch_at_instant(ctx: BatchContext, batch: AccountBatch) -> Opt
     let mut unresolved: BTreeSet<String> = BTreeSet::new();
     let mut describe_errors: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for region_result in per_region {
-        report.outcomes.extend(region_result.outcomes);
+        if report.outcomes.is_empty() {
+            report.outcomes = region_result.outcomes;
+        } else {
+            report.outcomes.extend(region_result.outcomes);
+        }
         for (rule, ids) in region_result.found {
             found.entry(rule).or_default().extend(ids);
         }
@@ -1147,12 +1151,13 @@ async fn act(
         floor: ctx.clock.now() + crate::clock::chrono_duration(MIN_ACT_WINDOW),
     };
     let mut accepted = Vec::new();
-    let (hibernating, plain): (Vec<Target>, Vec<Target>) =
-        targets.into_iter().partition(|t| t.hibernate);
-    let mut groups = vec![(false, plain)];
-    if !hibernating.is_empty() {
-        groups.insert(0, (true, hibernating));
-    }
+    let groups = if targets.iter().any(|t| t.hibernate) {
+        let (hibernating, plain): (Vec<Target>, Vec<Target>) =
+            targets.into_iter().partition(|t| t.hibernate);
+        vec![(true, hibernating), (false, plain)]
+    } else {
+        vec![(false, targets)]
+    };
     for (hibernate, targets) in groups {
         let rest = act_chunks(&how, hibernate, targets, report, &mut accepted).await;
         if !rest.is_empty() {
@@ -1274,6 +1279,13 @@ async fn act_chunks(
                 Plan::Send(n) => {
                     let call = match again.pop_front() {
                         Some(c) => c,
+                        // All that is left in one call (a region's 10 or 100 instances): the buffer
+                        // itself, not a copy of it beside an emptied one, for each of thousands of
+                        // regions acting at one instant.
+                        None if n >= fresh.len() => Call {
+                            targets: std::mem::take(&mut fresh).into(),
+                            throttled: 0,
+                        },
                         None => Call {
                             targets: fresh.drain(..n).collect(),
                             throttled: 0,
@@ -1332,7 +1344,11 @@ async fn act_chunks(
                         if let Some(p) = &progress {
                             p.sent(sent);
                         }
-                        accepted.extend(call.targets);
+                        if accepted.is_empty() {
+                            *accepted = call.targets;
+                        } else {
+                            accepted.extend(call.targets);
+                        }
                     }
                     Err(e) if crate::pacing::is_throttling(&e) => {
                         let pause = model().throttled(now, Some(action), rand::random());
