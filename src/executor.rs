@@ -334,7 +334,11 @@ pub async fn run_batch_at_instant(ctx: BatchContext, batch: AccountBatch) -> Opt
     let mut unresolved: BTreeSet<String> = BTreeSet::new();
     let mut describe_errors: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for region_result in per_region {
-        report.outcomes.extend(region_result.outcomes);
+        if report.outcomes.is_empty() {
+            report.outcomes = region_result.outcomes;
+        } else {
+            report.outcomes.extend(region_result.outcomes);
+        }
         for (rule, ids) in region_result.found {
             found.entry(rule).or_default().extend(ids);
         }
@@ -504,13 +508,16 @@ async fn run_region(ctx: &BatchContext, batch: &AccountBatch, region: &str) -> R
     } else {
         resolve(ec2, &place, &requests, &mut report).await
     };
-    let mut plan = plan(
-        ctx,
-        &place,
-        (&requests, batch.at),
-        &resolved.selected,
-        &mut report,
-    );
+    let Resolved {
+        selected,
+        found,
+        mut unresolved,
+        describe_errors,
+    } = resolved;
+    let mut plan = plan(ctx, &place, (&requests, batch.at), &selected, &mut report);
+    // What was described (tags and all) is not needed past the plan: at a fleet's instant, thousands
+    // of regions wait for it and act at once, and each region keeps only its targets until it is done.
+    drop(selected);
     // Resolved ahead of the instant: the calls leave at the instant itself. A shutdown before it
     // leaves the occurrence to the next start (it stays in the record, resumed then).
     if !wait_for_instant(
@@ -608,13 +615,12 @@ async fn run_region(ctx: &BatchContext, batch: &AccountBatch, region: &str) -> R
             .progress(crate::cluster::Progress::Done, results)
             .await;
     }
-    let mut unresolved = resolved.unresolved;
     unresolved.extend(not_ours);
     RegionResult {
         outcomes: report.outcomes,
-        found: resolved.found,
+        found,
         unresolved,
-        describe_errors: resolved.describe_errors,
+        describe_errors,
         interrupted: false,
     }
 }
@@ -1145,12 +1151,13 @@ async fn act(
         floor: ctx.clock.now() + crate::clock::chrono_duration(MIN_ACT_WINDOW),
     };
     let mut accepted = Vec::new();
-    let (hibernating, plain): (Vec<Target>, Vec<Target>) =
-        targets.into_iter().partition(|t| t.hibernate);
-    let mut groups = vec![(false, plain)];
-    if !hibernating.is_empty() {
-        groups.insert(0, (true, hibernating));
-    }
+    let groups = if targets.iter().any(|t| t.hibernate) {
+        let (hibernating, plain): (Vec<Target>, Vec<Target>) =
+            targets.into_iter().partition(|t| t.hibernate);
+        vec![(true, hibernating), (false, plain)]
+    } else {
+        vec![(false, targets)]
+    };
     for (hibernate, targets) in groups {
         let rest = act_chunks(&how, hibernate, targets, report, &mut accepted).await;
         if !rest.is_empty() {
@@ -1272,6 +1279,13 @@ async fn act_chunks(
                 Plan::Send(n) => {
                     let call = match again.pop_front() {
                         Some(c) => c,
+                        // All that is left in one call (a region's 10 or 100 instances): the buffer
+                        // itself, not a copy of it beside an emptied one, for each of thousands of
+                        // regions acting at one instant.
+                        None if n >= fresh.len() => Call {
+                            targets: std::mem::take(&mut fresh).into(),
+                            throttled: 0,
+                        },
                         None => Call {
                             targets: fresh.drain(..n).collect(),
                             throttled: 0,
@@ -1330,7 +1344,11 @@ async fn act_chunks(
                         if let Some(p) = &progress {
                             p.sent(sent);
                         }
-                        accepted.extend(call.targets);
+                        if accepted.is_empty() {
+                            *accepted = call.targets;
+                        } else {
+                            accepted.extend(call.targets);
+                        }
                     }
                     Err(e) if crate::pacing::is_throttling(&e) => {
                         let pause = model().throttled(now, Some(action), rand::random());

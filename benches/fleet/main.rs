@@ -25,7 +25,9 @@
 //! Other knobs: SHIFTD_FLEET_SCENARIOS (e.g. "a,c"), SHIFTD_FLEET_AFTER_S [60] (the "after" memory
 //! sample), SHIFTD_FLEET_LEAD_S (seconds from spawn to the instant; default per scenario),
 //! SHIFTD_FLEET_TRANSITION_S [2] (how long pending/stopping last), SHIFTD_FLEET_TIMEOUT_S [180] (for
-//! READY, the roles, and the action's batches; figures are printed for what happened by then).
+//! READY, the roles, and the action's batches; figures are printed for what happened by then),
+//! SHIFTD_FLEET_WRAPPER (a command prefix shiftd runs under, e.g. `heaptrack -o shiftd-heap`, for
+//! profiling: the memory and CPU figures are then the wrapper's).
 //!
 //! Nothing here fails on the daemon's performance: it records what shiftd does, throttles and
 //! failures included. Under `cargo test --all-targets` (no `--bench` argument), or with
@@ -262,7 +264,20 @@ impl Daemon {
             }
         });
         let log = dir.path().join("stderr.log");
-        let mut child = Command::new(SHIFTD)
+        // SHIFTD_FLEET_WRAPPER (e.g. "heaptrack -o shiftd-heap"): a command shiftd is run under, for
+        // profiling; the figures then describe the wrapper's process, not shiftd's, and a wrapper that
+        // does not pass SIGTERM on (heaptrack's script) leaves shiftd running at the end.
+        let wrapper = std::env::var("SHIFTD_FLEET_WRAPPER").unwrap_or_default();
+        let mut words = wrapper.split_whitespace();
+        let mut command = match words.next() {
+            Some(program) => {
+                let mut c = Command::new(program);
+                c.args(words).arg(SHIFTD);
+                c
+            }
+            None => Command::new(SHIFTD),
+        };
+        let mut child = command
             .args(["run", "--log", "stderr", "--config"])
             .arg(&config_path)
             .arg("--state-dir")
