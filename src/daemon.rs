@@ -248,28 +248,6 @@ fn release_memory() {
     );
 }
 
-/// How many malloc arenas the daemon's threads share (glibc's default is 8 per core).
-const MALLOC_ARENAS: i32 = 1;
-
-/// Has the daemon's threads share [`MALLOC_ARENAS`] malloc arena(s) instead of one per thread (up to
-/// 8 per core). A batch's memory is allocated on whichever runtime thread polls it and freed on
-/// another; with an arena per thread each arena keeps its own free but unreturnable pages, and at a
-/// 1,000-account stop that came to about 6 MiB of the peak (and 5 MiB idle), measured. To be called
-/// before the async runtime starts its threads (an arena, once a thread has it, stays its arena). An
-/// operator's `MALLOC_ARENA_MAX` or `GLIBC_TUNABLES=glibc.malloc.arena_max=…` wins.
-pub fn limit_malloc_arenas() {
-    let tuned = std::env::var_os("MALLOC_ARENA_MAX").is_some()
-        || std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("arena_max"));
-    if tuned {
-        return;
-    }
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt takes no pointer; M_ARENA_MAX only bounds the arenas created from now on.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS);
-    }
-}
-
 impl Daemon {
     fn exec_options(&self) -> ExecOptions {
         self.exec_options_for(Trigger::Schedule)
@@ -1251,18 +1229,17 @@ pub async fn run(
     // (IMDS can be slow right after boot): the renewal retries, and STATUS= says so.
     let mut service = ServiceManager::from_env();
     service.ready();
-    // What reading the configuration and starting up freed (parsed documents, a thousand rules'
-    // intermediate forms) goes back to the system rather than staying in the idle daemon's RSS.
-    release_memory();
     let max_sleep = service.max_sleep().map_or(MAX_SLEEP, |w| w.min(MAX_SLEEP));
     tokio::pin!(shutdown);
 
     // STATUS= and the next-action metrics cost a look at every rule's next occurrences: while batches
     // end one after another (a thousand accounts acting at one instant), at most once a second.
     let mut last_status: Option<tokio::time::Instant> = None;
-    // Set by a burst of work that ends with nothing in flight to show for it (credentials fetched,
-    // a reload): memory is given back once the daemon is idle again.
-    let mut release_pending = false;
+    // Set by a burst of work that ends with nothing in flight to show for it (start-up, credentials
+    // fetched, a reload): memory is given back once the daemon is idle again. Start-up's is the largest:
+    // the parsed documents and a thousand rules' intermediate forms freed, the argument parser's, the
+    // configuration's and the SDK's set-up code mapped.
+    let mut release_pending = true;
     loop {
         daemon.maybe_refresh_org();
         daemon.say_stale(daemon.clock.now());

@@ -392,7 +392,7 @@ fn run(config_path: PathBuf, dry_run: bool, log: LogTarget, state_dir: PathBuf) 
             (Arc::new(MemoryRecord::default()), None)
         }
     };
-    shiftd::daemon::limit_malloc_arenas();
+    shiftd::memory::limit_arenas();
     let Some(runtime) = runtime() else {
         return ExitCode::FAILURE;
     };

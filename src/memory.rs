@@ -39,6 +39,28 @@ fn trim_heap() {
     }
 }
 
+/// How many malloc arenas the daemon's threads share (glibc's default is 8 per core).
+const MALLOC_ARENAS: i32 = 1;
+
+/// Has the daemon's threads share [`MALLOC_ARENAS`] malloc arena(s) instead of one per thread (up to
+/// 8 per core). A batch's memory is allocated on whichever runtime thread polls it and freed on
+/// another; with an arena per thread each arena keeps its own free but unreturnable pages, and at a
+/// 1,000-account stop that came to about 6 MiB of the peak (and 5 MiB idle), measured. To be called
+/// before the async runtime starts its threads (an arena, once a thread has it, stays its arena). An
+/// operator's `MALLOC_ARENA_MAX` or `GLIBC_TUNABLES=glibc.malloc.arena_max=…` wins.
+pub fn limit_arenas() {
+    let tuned = std::env::var_os("MALLOC_ARENA_MAX").is_some()
+        || std::env::var("GLIBC_TUNABLES").is_ok_and(|t| t.contains("arena_max"));
+    if tuned {
+        return;
+    }
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt takes no pointer; M_ARENA_MAX only bounds the arenas created from now on.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS);
+    }
+}
+
 /// Unmaps the pages of the main executable's non-writable `PT_LOAD` segments; returns their size.
 #[cfg(target_os = "linux")]
 fn release_code_pages() -> usize {

@@ -469,7 +469,7 @@ struct Options {
     /// SHIFTD_FLEET_GATE=1 (CI): fail on a call count above its minimum, a throttled answer, an
     /// instance not reported ok, or memory above its ceiling (MiB, from SHIFTD_FLEET_MAX_IDLE_MIB,
     /// SHIFTD_FLEET_MAX_PEAK_MIB, SHIFTD_FLEET_MAX_AFTER_MIB; defaults: the fleet-scale targets, 64,
-    /// 96 and 64, and 32 for scenario a's idle).
+    /// 96 and 64, and 16 for scenario a's idle).
     gate: bool,
 }
 
@@ -577,7 +577,7 @@ fn run(
     let (idle_rss, _) = memory(pid).unwrap_or_default();
     let idle_ceiling = ceiling(
         "SHIFTD_FLEET_MAX_IDLE_MIB",
-        if s.action.is_none() { 32 } else { 64 },
+        if s.action.is_none() { 16 } else { 64 },
     );
     if o.gate && idle_rss > idle_ceiling {
         failures.push(format!(
