@@ -204,6 +204,8 @@ struct Daemon {
     stopping: watch::Receiver<bool>,
     /// Every occurrence up to here is handled.
     checked_until: DateTime<Utc>,
+    /// The next instant any rule fires, remembered between wakes (forgotten with the configuration).
+    next_due: planner::NextDue,
     /// `checked_until` as last written to the record.
     written_until: DateTime<Utc>,
     /// Occurrences done recently (by this process or an earlier one): never done again.
@@ -463,6 +465,7 @@ impl Daemon {
     fn rebuild(&mut self) {
         let discovered = self.org.as_ref().map_or(&[][..], OrgRuntime::accounts);
         self.config = Arc::new(org::expand(&self.written, discovered));
+        self.next_due.forget();
     }
 
     /// Starts a discovery when the refresh is due.
@@ -478,7 +481,11 @@ impl Daemon {
 
     /// Says so of each occurrence of a rule with `accounts` the next pass takes in while
     /// the organization's list is stale (the latest discovery failed): it acts on the last good list.
-    fn say_stale(&self, now: DateTime<Utc>) {
+    fn say_stale(&mut self, now: DateTime<Utc>) {
+        if self.org.as_ref().is_none_or(|o| o.failed.is_none()) {
+            return;
+        }
+        let until = self.resolve_until(now);
         let Some(o) = &self.org else {
             return;
         };
@@ -495,7 +502,6 @@ impl Daemon {
                 .collect(),
             ..(*self.written).clone()
         };
-        let until = self.resolve_until(now);
         for f in planner::due_ahead(&multi, self.checked_until, now, until).due {
             let list = match &o.last {
                 Some((d, at)) => format!(
@@ -648,7 +654,7 @@ impl Daemon {
     /// How far a pass at `now` takes in: up to now, and the next instant when it is at most
     /// `resolve_ahead` away (its batches resolve their selections now and act at the instant). One
     /// instant at a time, so that a rule firing every second is not several occurrences at once.
-    fn resolve_until(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+    fn resolve_until(&mut self, now: DateTime<Utc>) -> DateTime<Utc> {
         match self.next_instant(now) {
             Some((next, resolve_at)) if resolve_at <= now => next,
             _ => now,
@@ -658,8 +664,10 @@ impl Daemon {
     /// The next instant not yet taken in, and when a pass takes it in: `resolve_ahead` before it, or at
     /// the instant itself while an earlier occurrence is still in flight (its batches first see what it
     /// did: a rule firing more often than `resolve_ahead` gets no head start).
-    fn next_instant(&self, now: DateTime<Utc>) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
-        let next = planner::next_due(&self.config, now.max(self.checked_until))?;
+    fn next_instant(&mut self, now: DateTime<Utc>) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
+        let next = self
+            .next_due
+            .get(&self.config, now.max(self.checked_until))?;
         let ahead = chrono_duration(self.config.defaults.resolve_ahead);
         if self.open.is_empty() {
             Some((next, next - ahead))
@@ -669,7 +677,7 @@ impl Daemon {
     }
 
     /// When the next pass is due (batches ending wake the loop as well).
-    fn next_pass(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+    fn next_pass(&mut self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
         self.next_instant(now).map(|(_, resolve_at)| resolve_at)
     }
 
@@ -1196,6 +1204,7 @@ pub async fn run(
         cancel: cancel_rx,
         stopping: stopping_rx,
         checked_until,
+        next_due: Default::default(),
         // Nothing written yet by this process: the first pass writes.
         written_until: DateTime::<Utc>::MIN_UTC,
         done: snapshot.done.clone(),
