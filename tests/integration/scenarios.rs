@@ -1134,3 +1134,34 @@ stop = "0 20 * * *"
     );
     daemon.stop().await;
 }
+
+/// A rule firing every 2 s whose batches take longer (each describe takes 2.5 s): every occurrence
+/// finds the previous one still in flight, so it is resolved at its instant, and none is counted
+/// missed for the next one coming into the `resolve_ahead` window at the same pass.
+#[tokio::test(start_paused = true)]
+async fn a_rule_firing_faster_than_its_batches_end_loses_no_occurrence() {
+    let sim = Sim::new("2026-12-01T19:59:59Z");
+    sim.aws.set_call_latency(Duration::from_millis(2500));
+    let ids = sim.aws.add_instances(TARGET, REGION, 1, "stopped", &[]);
+    sim.write_config(&config(
+        "",
+        &rule("often", &ids, r#"stop = "*/2 * * * * *""#),
+    ));
+    let daemon = sim.start();
+    sim.advance_to("2026-12-01T20:00:31Z").await;
+    daemon.stop().await;
+    let got = sim.outcomes_for(&ids[0]);
+    assert!(
+        got.iter().all(|o| o.result == ResultKind::Skipped),
+        "{got:#?}"
+    );
+    assert!(
+        sim.outcomes()
+            .iter()
+            .all(|o| o.result != ResultKind::Missed),
+        "{:#?}",
+        sim.outcomes()
+    );
+    // 20:00:00 to 20:00:30, each once (those still waiting for their turn at the shutdown aside).
+    assert!((10..=16).contains(&got.len()), "{} outcomes", got.len());
+}
