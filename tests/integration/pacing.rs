@@ -8,7 +8,7 @@ use shiftd::aws::fake::{self, FakeAws};
 use shiftd::config::Action;
 use shiftd::outcome::ResultKind;
 
-use crate::sim::{REGION, Sim, TARGET, config, rule, t};
+use crate::sim::{REGION, Sim, TARGET, config, rule, rule_with_tags, t};
 
 const SECOND: Duration = Duration::from_secs(1);
 const MINUTE: Duration = Duration::from_secs(60);
@@ -51,13 +51,7 @@ async fn five_thousand_starts_in_one_account_go_as_fast_as_the_buckets_allow_and
     // The default catch_up (5m) does not cut the 35-minute batch short.
     sim.write_config(&config(
         "verify_timeout = \"10m\"",
-        r#"
-[[rules]]
-name = "burst"
-account = "account1"
-tags = { Schedule = "burst" }
-start = "0 8 * * *"
-"#,
+        &rule_with_tags("burst", &[("Schedule", "burst")], r#"start = "0 8 * * *""#),
     ));
     let daemon = sim.start();
     let sent = |sim: &Sim| -> usize {
