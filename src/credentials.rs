@@ -399,9 +399,8 @@ pub async fn keep_fresh(
                     );
                 }
                 attempt = 0;
-                let wait = next.duration_since(clock.system_time()).unwrap_or_default();
-                // Wake at least every minute: a wall-clock step moves the renewal instant.
-                sleep_until_wall(clock.as_ref(), next, wait).await;
+                // Re-reading the wall clock as it sleeps: a step moves the renewal instant.
+                crate::clock::sleep_until(clock.as_ref(), next.into(), None).await;
             }
             Err(error) => {
                 let retry_in = backoff(attempt, rand::random::<f64>());
@@ -458,15 +457,6 @@ fn without_request_ids(error: &str) -> String {
     }
     out.push_str(rest);
     out
-}
-
-/// Sleeps until the wall clock reads `at`, re-reading it at least every minute.
-async fn sleep_until_wall(clock: &dyn Clock, at: SystemTime, mut wait: Duration) {
-    const RECHECK: Duration = Duration::from_secs(60);
-    while !wait.is_zero() {
-        tokio::time::sleep(wait.min(RECHECK)).await;
-        wait = at.duration_since(clock.system_time()).unwrap_or_default();
-    }
 }
 
 #[cfg(test)]

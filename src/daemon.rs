@@ -204,6 +204,13 @@ struct Daemon {
     stopping: watch::Receiver<bool>,
     /// Every occurrence up to here is handled.
     checked_until: DateTime<Utc>,
+    /// The next instant any rule fires, remembered between wakes (forgotten with the configuration).
+    next_due: planner::NextDue,
+    /// While the next instant is taken in only in part (within `resolve_ahead` of it, some of its
+    /// accounts still busy with an earlier occurrence): that instant, and its occurrences already
+    /// dispatched. `checked_until` stays before the instant until the rest are taken in: when their
+    /// account is free again, or at the instant itself.
+    partly_taken: Option<(DateTime<Utc>, BTreeSet<OccurrenceKey>)>,
     /// `checked_until` as last written to the record.
     written_until: DateTime<Utc>,
     /// Occurrences done recently (by this process or an earlier one): never done again.
@@ -472,6 +479,7 @@ impl Daemon {
         }
         let discovered = self.org.as_ref().map_or(&[][..], OrgRuntime::accounts);
         self.config = Arc::new(org::expand(&self.written, discovered));
+        self.next_due.forget();
     }
 
     /// Starts a discovery when the refresh is due.
@@ -487,7 +495,11 @@ impl Daemon {
 
     /// Says so of each occurrence of a rule with `accounts` the next pass takes in while
     /// the organization's list is stale (the latest discovery failed): it acts on the last good list.
-    fn say_stale(&self, now: DateTime<Utc>) {
+    fn say_stale(&mut self, now: DateTime<Utc>) {
+        if self.org.as_ref().is_none_or(|o| o.failed.is_none()) {
+            return;
+        }
+        let until = self.resolve_until(now);
         let Some(o) = &self.org else {
             return;
         };
@@ -504,8 +516,12 @@ impl Daemon {
                 .collect(),
             ..(*self.written).clone()
         };
-        let until = self.resolve_until(now);
+        let partly_taken = self.partly_taken.as_ref().map(|(at, _)| *at);
         for f in planner::due_ahead(&multi, self.checked_until, now, until).due {
+            // Said when the instant was first taken in.
+            if Some(f.at) == partly_taken {
+                continue;
+            }
             let list = match &o.last {
                 Some((d, at)) => format!(
                     "the last good list of the organization's accounts ({} account(s), from {})",
@@ -590,6 +606,7 @@ impl Daemon {
             );
             self.checked_until = now;
             self.written_until = now;
+            self.partly_taken = None;
             // What a clock that was ahead did early comes round again at its real instant.
             self.done.retain(|k| k.at <= now);
             // Occurrences in flight stay recorded (their batches go on).
@@ -607,24 +624,54 @@ impl Daemon {
         let until = self.resolve_until(now);
         let work = planner::due_ahead(&self.config, from, now, until);
         report_missed(self.sink.as_ref(), &self.config, &work.missed, now);
-        let due: Vec<Firing> = work
-            .due
-            .into_iter()
-            .filter(|f| {
-                let done = self.is_done_or_open(f);
-                if done {
-                    tracing::info!(
-                        rule = %f.rule,
-                        "{} {} due at {} was already done; not repeated",
-                        f.rule,
-                        f.action,
-                        f.at.to_rfc3339()
-                    );
-                }
-                !done
-            })
+        let (partly_at, taken) = self.partly_taken.take().unzip();
+        let taken = taken.unwrap_or_default();
+        let mut due = Vec::new();
+        let mut ahead = Vec::new();
+        for f in work.due {
+            // Dispatched ahead by an earlier pass.
+            if self.key(&f).is_some_and(|k| taken.contains(&k)) {
+                continue;
+            }
+            if self.is_done_or_open(&f) {
+                tracing::info!(
+                    rule = %f.rule,
+                    "{} {} due at {} was already done; not repeated",
+                    f.rule,
+                    f.action,
+                    f.at.to_rfc3339()
+                );
+            } else if f.at > now {
+                ahead.push(f);
+            } else {
+                due.push(f);
+            }
+        }
+        // The next instant's occurrences are taken in ahead (`resolve_ahead`) in the accounts with no
+        // occurrence in flight or due now; in the others they wait for the instant itself, so that
+        // they are resolved after the earlier occurrence's effects (a rule firing more often than
+        // `resolve_ahead` gets no head start), while the other accounts keep theirs.
+        let busy: BTreeSet<String> = self
+            .open
+            .iter()
+            .map(|k| k.account.clone())
+            .chain(due.iter().map(|f| f.account.clone()))
             .collect();
-        self.checked_until = self.checked_until.max(until);
+        let (ahead, held): (Vec<Firing>, Vec<Firing>) =
+            ahead.into_iter().partition(|f| !busy.contains(&f.account));
+        if held.is_empty() {
+            self.checked_until = self.checked_until.max(until);
+        } else {
+            self.checked_until = self.checked_until.max(now);
+            let mut taken = if partly_at == Some(until) {
+                taken
+            } else {
+                BTreeSet::new()
+            };
+            taken.extend(ahead.iter().filter_map(|f| self.key(f)));
+            self.partly_taken = Some((until, taken));
+        }
+        due.extend(ahead);
         let keys: Vec<OccurrenceKey> = due.iter().filter_map(|f| self.key(f)).collect();
         // Durable before anything is done: a crash from here on resumes these after the restart. A
         // quiet pass needs no write: no occurrence lies between the last write and now, so resuming
@@ -655,31 +702,40 @@ impl Daemon {
     }
 
     /// How far a pass at `now` takes in: up to now, and the next instant when it is at most
-    /// `resolve_ahead` away (its batches resolve their selections now and act at the instant). One
-    /// instant at a time, so that a rule firing every second is not several occurrences at once.
-    fn resolve_until(&self, now: DateTime<Utc>) -> DateTime<Utc> {
+    /// `resolve_ahead` away (its batches resolve their selections now and act at the instant; `tick`
+    /// holds back those of accounts still busy). One instant at a time, so that a rule firing every
+    /// second is not several occurrences at once.
+    fn resolve_until(&mut self, now: DateTime<Utc>) -> DateTime<Utc> {
+        // An instant taken in part is taken in whole, alone, once it comes: with the next instant in
+        // the same pass, a rule firing at both would have its earlier occurrence counted as missed.
+        if self.partly_taken.as_ref().is_some_and(|(at, _)| *at <= now) {
+            return now;
+        }
         match self.next_instant(now) {
-            Some((next, resolve_at)) if resolve_at <= now => next,
+            Some(next) if next - chrono_duration(self.config.defaults.resolve_ahead) <= now => next,
             _ => now,
         }
     }
 
-    /// The next instant not yet taken in, and when a pass takes it in: `resolve_ahead` before it, or at
-    /// the instant itself while an earlier occurrence is still in flight (its batches first see what it
-    /// did: a rule firing more often than `resolve_ahead` gets no head start).
-    fn next_instant(&self, now: DateTime<Utc>) -> Option<(DateTime<Utc>, DateTime<Utc>)> {
-        let next = planner::next_due(&self.config, now.max(self.checked_until))?;
-        let ahead = chrono_duration(self.config.defaults.resolve_ahead);
-        if self.open.is_empty() {
-            Some((next, next - ahead))
-        } else {
-            Some((next, next))
-        }
+    /// The next instant not yet taken in (in whole).
+    fn next_instant(&mut self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.next_due.get(&self.config, now.max(self.checked_until))
     }
 
-    /// When the next pass is due (batches ending wake the loop as well).
-    fn next_pass(&self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
-        self.next_instant(now).map(|(_, resolve_at)| resolve_at)
+    /// When the next pass is due: `resolve_ahead` before the next instant, or the instant itself once
+    /// it is taken in part (the rest wait for it; batches ending wake the loop as well, and a pass then
+    /// takes in the occurrences of accounts that are free again).
+    fn next_pass(&mut self, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let next = self.next_instant(now)?;
+        if self
+            .partly_taken
+            .as_ref()
+            .is_some_and(|(at, _)| *at == next)
+        {
+            Some(next)
+        } else {
+            Some(next - chrono_duration(self.config.defaults.resolve_ahead))
+        }
     }
 
     /// Starts an enforce pass when one is due: every `enforce_every`, at start-up, after a reload and
@@ -995,6 +1051,7 @@ impl Daemon {
         // An instant already taken in ahead (`resolve_ahead`) is looked at again with the new rules: a
         // rule added for it is carried out too (those already in flight are not repeated).
         self.checked_until = self.checked_until.min(self.clock.now());
+        self.partly_taken = None;
         if sources_differ {
             self.aws = (self.connect)(&self.config.credentials, first_region(&self.config));
             self.accounts.clear();
@@ -1205,6 +1262,8 @@ pub async fn run(
         cancel: cancel_rx,
         stopping: stopping_rx,
         checked_until,
+        next_due: Default::default(),
+        partly_taken: None,
         // Nothing written yet by this process: the first pass writes.
         written_until: DateTime::<Utc>::MIN_UTC,
         done: snapshot.done.clone(),

@@ -684,18 +684,7 @@ async fn wait_for_instant(
     at: chrono::DateTime<chrono::Utc>,
     mut cancel: watch::Receiver<bool>,
 ) -> bool {
-    loop {
-        let Ok(left) = (at - clock.now()).to_std() else {
-            return true;
-        };
-        if left.is_zero() {
-            return true;
-        }
-        tokio::select! {
-            () = tokio::time::sleep(left.min(Duration::from_secs(1))) => {}
-            Ok(_) = cancel.wait_for(|c| *c) => return false,
-        }
-    }
+    crate::clock::sleep_until(clock, at, Some(&mut cancel)).await
 }
 
 /// Claims each request in this region. Returns the requests this delegate holds, their leases, and the

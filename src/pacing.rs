@@ -72,28 +72,34 @@ pub struct Ec2Limits {
     pub stop_instances: Rate,
 }
 
-impl Default for Ec2Limits {
+impl Ec2Limits {
     /// The defaults of EC2's API throttling documentation ("Request throttling for the Amazon EC2
-    /// API").
+    /// API"), written here only: the in-process fake AWS (`aws::fake`, throttling like EC2) and the fleet
+    /// benchmark's fake endpoint take them from here.
+    pub const DEFAULT: Self = Self {
+        describe: Rate {
+            capacity: 100.0,
+            per_second: 20.0,
+        },
+        mutate: Rate {
+            capacity: 50.0,
+            per_second: 5.0,
+        },
+        start_instances: Rate {
+            capacity: 1000.0,
+            per_second: 2.0,
+        },
+        stop_instances: Rate {
+            capacity: 1000.0,
+            per_second: 20.0,
+        },
+    };
+}
+
+impl Default for Ec2Limits {
+    /// [`Ec2Limits::DEFAULT`].
     fn default() -> Self {
-        Self {
-            describe: Rate {
-                capacity: 100.0,
-                per_second: 20.0,
-            },
-            mutate: Rate {
-                capacity: 50.0,
-                per_second: 5.0,
-            },
-            start_instances: Rate {
-                capacity: 1000.0,
-                per_second: 2.0,
-            },
-            stop_instances: Rate {
-                capacity: 1000.0,
-                per_second: 20.0,
-            },
-        }
+        Self::DEFAULT
     }
 }
 

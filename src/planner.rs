@@ -34,6 +34,36 @@ pub fn next_due(config: &Config, after: DateTime<Utc>) -> Option<DateTime<Utc>> 
         .min()
 }
 
+/// [`next_due`], remembered: its answer for `after` holds for any later point before that answer (no
+/// rule fires in between), so the scheduling loop scans every rule's next occurrence once per instant
+/// rather than at every wake (batches ending wake it a thousand times at a big instant). `forget` it
+/// when the configuration changes.
+#[derive(Clone, Debug, Default)]
+pub struct NextDue {
+    /// The last question and its answer.
+    known: Option<(DateTime<Utc>, Option<DateTime<Utc>>)>,
+}
+
+impl NextDue {
+    /// `next_due(config, after)`, scanning the rules only when `after` is outside what is known.
+    pub fn get(&mut self, config: &Config, after: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        if let Some((from, next)) = self.known
+            && from <= after
+            && next.is_none_or(|n| after < n)
+        {
+            return next;
+        }
+        let next = next_due(config, after);
+        self.known = Some((after, next));
+        next
+    }
+
+    /// For a new configuration.
+    pub fn forget(&mut self) {
+        self.known = None;
+    }
+}
+
 /// The state a rule with `enforce` wants at `now`: the action of its latest occurrence at or before
 /// `now`, and that occurrence's instant. `None` when it never fired yet, or when a start and a stop
 /// fire at that very instant (there is no telling which it wants).
@@ -580,6 +610,38 @@ stop = "0 11 * * *"
             next_due(&c, utc("2026-11-29T11:00:00Z")),
             Some(utc("2026-11-29T23:00:00Z"))
         );
+    }
+
+    #[test]
+    fn next_due_remembered_answers_as_next_due_and_scans_again_only_past_its_answer() {
+        let c = config();
+        let mut next = NextDue::default();
+        let eleven = utc("2026-11-29T11:00:00Z");
+        let office = utc("2026-11-29T23:00:00Z");
+        assert_eq!(next.get(&c, utc("2026-11-29T10:00:00Z")), Some(eleven));
+        // Later, still before the answer: the same answer, without a scan (an empty configuration
+        // would say None).
+        let empty = Config::parse(Path::new("t.toml"), "").unwrap();
+        assert_eq!(next.get(&empty, utc("2026-11-29T10:59:59Z")), Some(eleven));
+        // At the answer or earlier than the question (a clock stepped back): scanned again.
+        assert_eq!(next.get(&c, eleven), Some(office));
+        assert_eq!(next.get(&c, utc("2026-11-29T10:00:00Z")), Some(eleven));
+        // Forgotten with the configuration.
+        next.forget();
+        assert_eq!(next.get(&empty, utc("2026-11-29T10:30:00Z")), None);
+        assert_eq!(
+            next.get(&c, utc("2026-11-30T10:30:00Z")),
+            None,
+            "None holds too"
+        );
+        next.forget();
+        for at in [
+            "2026-11-29T10:00:00Z",
+            "2026-11-29T12:00:00Z",
+            "2026-11-30T12:00:00Z",
+        ] {
+            assert_eq!(next.get(&c, utc(at)), next_due(&c, utc(at)), "{at}");
+        }
     }
 
     /// The account of the test configurations' rules.

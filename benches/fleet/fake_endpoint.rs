@@ -77,27 +77,26 @@ pub struct Limits {
 }
 
 impl Limits {
-    /// The default bucket sizes and refill rates of EC2's API throttling documentation ("Request
-    /// throttling for the Amazon EC2 API"): non-mutating actions 100 tokens refilled at 20/s, mutating
-    /// actions 50 at 5/s; resource buckets StartInstances 1,000 at 2/s, StopInstances 1,000 at 20/s.
+    /// The default bucket sizes and refill rates of EC2's API throttling documentation, as shiftd's
+    /// model has them (`shiftd::pacing::Ec2Limits::DEFAULT`, the one place they are written):
+    /// non-mutating actions 100 tokens refilled at 20/s, mutating actions 50 at 5/s; resource buckets
+    /// StartInstances 1,000 at 2/s, StopInstances 1,000 at 20/s.
     pub fn ec2_documented() -> Self {
+        let d = shiftd::pacing::Ec2Limits::DEFAULT;
         Limits {
-            describe: Bucket {
-                capacity: 100.0,
-                refill_per_second: 20.0,
-            },
-            mutate: Bucket {
-                capacity: 50.0,
-                refill_per_second: 5.0,
-            },
-            start_instances: Bucket {
-                capacity: 1000.0,
-                refill_per_second: 2.0,
-            },
-            stop_instances: Bucket {
-                capacity: 1000.0,
-                refill_per_second: 20.0,
-            },
+            describe: d.describe.into(),
+            mutate: d.mutate.into(),
+            start_instances: d.start_instances.into(),
+            stop_instances: d.stop_instances.into(),
+        }
+    }
+}
+
+impl From<shiftd::pacing::Rate> for Bucket {
+    fn from(r: shiftd::pacing::Rate) -> Self {
+        Bucket {
+            capacity: r.capacity,
+            refill_per_second: r.per_second,
         }
     }
 }

@@ -26,6 +26,7 @@ use super::{
 };
 use crate::clock::{Clock, chrono_duration};
 use crate::config::{Action, CredentialSource, Selection};
+use crate::pacing::{Ec2Limits, Rate};
 use crate::planner::InstanceView;
 
 pub const ASSUME_ROLE: &str = "sts:AssumeRole";
@@ -129,14 +130,14 @@ struct FakeOrg {
     accounts: BTreeMap<String, (String, String, String)>,
 }
 
-/// EC2's default buckets (its API throttling documentation), per account and region: (bucket, capacity,
-/// refill per second). Request buckets: describes, mutating actions (StartInstances and StopInstances
-/// share it); resource buckets: a token per instance.
-const EC2_BUCKETS: [(&str, f64, f64); 4] = [
-    ("describe", 100.0, 20.0),
-    ("mutate", 50.0, 5.0),
-    ("start-resource", 1000.0, 2.0),
-    ("stop-resource", 1000.0, 20.0),
+/// EC2's default buckets per account and region, as shiftd's model has them
+/// ([`Ec2Limits::DEFAULT`]): (bucket, its size and refill). Request buckets: describes, mutating actions
+/// (StartInstances and StopInstances share it); resource buckets: a token per instance.
+const EC2_BUCKETS: [(&str, Rate); 4] = [
+    ("describe", Ec2Limits::DEFAULT.describe),
+    ("mutate", Ec2Limits::DEFAULT.mutate),
+    ("start-resource", Ec2Limits::DEFAULT.start_instances),
+    ("stop-resource", Ec2Limits::DEFAULT.stop_instances),
 ];
 
 /// The fake AWS: one world of accounts, regions and instances. Cloning shares it.
@@ -527,14 +528,14 @@ impl World {
                 _ => &[],
             };
             for &name in buckets {
-                let (_, capacity, per_second) = EC2_BUCKETS
+                let (_, rate) = EC2_BUCKETS
                     .iter()
                     .copied()
-                    .find(|(n, _, _)| *n == name)
+                    .find(|(n, _)| *n == name)
                     .expect("known bucket");
                 let b = Bucket {
-                    capacity,
-                    refill_per_second: per_second,
+                    capacity: rate.capacity,
+                    refill_per_second: rate.per_second,
                     per_instance: name.ends_with("-resource"),
                 };
                 self.take_from(account, region, (name, operation), b, instances, now)?;

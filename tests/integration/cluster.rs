@@ -8,7 +8,7 @@ use shiftd::aws::fake::{self, Fault};
 use shiftd::config::Action;
 use shiftd::outcome::ResultKind;
 
-use crate::sim::{REGION, Sim, TARGET, config};
+use crate::sim::{REGION, Sim, TARGET, config, rule_with_tags};
 
 const SECOND: Duration = Duration::from_secs(1);
 const MINUTE: Duration = Duration::from_secs(60);
@@ -21,16 +21,12 @@ lease = "60s"
 "#;
 
 fn evening(extra: &str) -> String {
-    format!(
-        r#"{CLUSTER}
-[[rules]]
-name = "evening"
-account = "account1"
-tags = {{ Schedule = "office" }}
-stop = "0 20 * * *"
-{extra}
-"#
-    )
+    let rule = rule_with_tags(
+        "evening",
+        &[("Schedule", "office")],
+        &format!("stop = \"0 20 * * *\"\n{extra}"),
+    );
+    format!("{CLUSTER}{rule}")
 }
 
 /// How many StopInstances calls named each instance.

@@ -8,7 +8,7 @@ use shiftd::aws::fake::{self, FakeAws};
 use shiftd::config::Action;
 use shiftd::outcome::ResultKind;
 
-use crate::sim::{REGION, Sim, TARGET, config, rule, t};
+use crate::sim::{REGION, Sim, TARGET, config, rule, rule_with_tags, t};
 
 const SECOND: Duration = Duration::from_secs(1);
 const MINUTE: Duration = Duration::from_secs(60);
@@ -51,13 +51,7 @@ async fn five_thousand_starts_in_one_account_go_as_fast_as_the_buckets_allow_and
     // The default catch_up (5m) does not cut the 35-minute batch short.
     sim.write_config(&config(
         "verify_timeout = \"10m\"",
-        r#"
-[[rules]]
-name = "burst"
-account = "account1"
-tags = { Schedule = "burst" }
-start = "0 8 * * *"
-"#,
+        &rule_with_tags("burst", &[("Schedule", "burst")], r#"start = "0 8 * * *""#),
     ));
     let daemon = sim.start();
     let sent = |sim: &Sim| -> usize {
@@ -324,5 +318,94 @@ async fn a_throttled_describe_is_retried_after_a_pause() {
     );
     sim.advance(3 * MINUTE).await;
     sim.assert_one_each(&ids, Action::Start, ResultKind::Ok);
+    daemon.stop().await;
+}
+
+/// `resolve_ahead` is held back per account, not for the whole process: while account1's
+/// 5,000-instance start is still being paced (over half an hour), account2's stop at 08:10 is described
+/// ahead and its call leaves at the instant; account1's own occurrence at 08:10 (in its other region)
+/// is resolved at the instant itself, after the earlier one's effects.
+#[tokio::test(start_paused = true)]
+async fn an_account_with_a_long_batch_open_holds_back_no_other_account_at_the_next_instant() {
+    let sim = Sim::new("2026-12-01T07:59:00Z");
+    sim.aws.throttle_like_ec2();
+    sim.aws.set_call_latency(SECOND);
+    const OTHER_REGION: &str = "us-east-1";
+    let account2 = account_id(2);
+    sim.aws
+        .add_instances(TARGET, REGION, 5000, "stopped", &[("Schedule", "burst")]);
+    let a_evening = sim.aws.add_instances(
+        TARGET,
+        OTHER_REGION,
+        3,
+        "running",
+        &[("Schedule", "evening")],
+    );
+    let b_evening =
+        sim.aws
+            .add_instances(&account2, REGION, 3, "running", &[("Schedule", "evening")]);
+    sim.write_config(&format!(
+        r#"
+[accounts.account1]
+role_arn = "arn:aws:iam::{TARGET}:role/shiftd"
+regions = ["{REGION}", "{OTHER_REGION}"]
+
+[accounts.account2]
+role_arn = "arn:aws:iam::{account2}:role/shiftd"
+regions = ["{REGION}"]
+
+[[rules]]
+name = "burst"
+account = "account1"
+regions = ["{REGION}"]
+tags = {{ Schedule = "burst" }}
+start = "0 8 * * *"
+
+[[rules]]
+name = "a-evening"
+account = "account1"
+regions = ["{OTHER_REGION}"]
+tags = {{ Schedule = "evening" }}
+stop = "10 8 * * *"
+
+[[rules]]
+name = "b-evening"
+account = "account2"
+tags = {{ Schedule = "evening" }}
+stop = "10 8 * * *"
+"#
+    ));
+    let daemon = sim.start();
+    sim.advance_to("2026-12-01T08:11:00Z").await;
+    let instant = t("2026-12-01T08:10:00Z");
+    let calls = sim.aws.calls();
+    // When the first such call left (the fake records a call as it answers, a second later).
+    let left = |operation: &str, account: &str, region: &str| {
+        calls
+            .iter()
+            .find(|c| c.operation == operation && c.account == account && c.region == region)
+            .map(|c| c.at - chrono::Duration::seconds(1))
+            .unwrap_or_else(|| panic!("no {operation} in {account}/{region}"))
+    };
+    assert!(
+        call_times(&sim.aws, fake::START, TARGET)
+            .last()
+            .is_some_and(|at| *at > instant + chrono::Duration::seconds(30)),
+        "account1's start is still being paced after 08:10"
+    );
+    // account2: described 5 s ahead, its call at the instant.
+    assert_eq!(
+        left(fake::DESCRIBE, &account2, REGION),
+        instant - chrono::Duration::seconds(5)
+    );
+    assert_eq!(left(fake::STOP, &account2, REGION), instant);
+    // account1: resolved at the instant, its call once the describe has answered.
+    assert_eq!(left(fake::DESCRIBE, TARGET, OTHER_REGION), instant);
+    assert_eq!(
+        left(fake::STOP, TARGET, OTHER_REGION),
+        instant + chrono::Duration::seconds(1)
+    );
+    sim.assert_one_each(&b_evening, Action::Stop, ResultKind::Ok);
+    sim.assert_one_each(&a_evening, Action::Stop, ResultKind::Ok);
     daemon.stop().await;
 }

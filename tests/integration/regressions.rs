@@ -11,21 +11,15 @@ use shiftd::outcome::{ResultKind, Trigger};
 use shiftd::state::StateFile;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::sim::{REGION, Sim, TARGET, config};
+use crate::sim::{REGION, Sim, TARGET, config, rule_with_tags};
 
 const MINUTE: Duration = Duration::from_secs(60);
 
 fn office(extra: &str) -> String {
-    format!(
-        r#"
-[[rules]]
-name = "office"
-account = "account1"
-tags = {{ Schedule = "office" }}
-start = "0 8 * * *"
-stop = "0 20 * * *"
-{extra}
-"#
+    rule_with_tags(
+        "office",
+        &[("Schedule", "office")],
+        &format!("start = \"0 8 * * *\"\nstop = \"0 20 * * *\"\n{extra}"),
     )
 }
 

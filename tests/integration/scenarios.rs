@@ -7,7 +7,7 @@ use shiftd::aws::fake::{self, FakeAws, Fault};
 use shiftd::config::Action;
 use shiftd::outcome::ResultKind;
 
-use crate::sim::{DELEGATE, REGION, Sim, TARGET, config, rule};
+use crate::sim::{DELEGATE, REGION, Sim, TARGET, config, rule, rule_with_tags};
 
 const SECOND: Duration = Duration::from_secs(1);
 const MINUTE: Duration = Duration::from_secs(60);
@@ -23,14 +23,11 @@ async fn a_day_of_office_hours_starts_and_stops_the_target_and_never_the_delegat
         .add_instances(DELEGATE, REGION, 1, "stopped", &[("Schedule", "office")]);
     sim.write_config(&config(
         "",
-        r#"
-[[rules]]
-name = "office"
-account = "account1"
-tags = { Schedule = "office" }
-start = "0 8 * * *"
-stop = "0 20 * * *"
-"#,
+        &rule_with_tags(
+            "office",
+            &[("Schedule", "office")],
+            "start = \"0 8 * * *\"\nstop = \"0 20 * * *\"",
+        ),
     ));
     let daemon = sim.start();
     sim.advance_to("2026-12-01T08:05:00Z").await;
@@ -549,13 +546,7 @@ async fn a_large_selection_is_started_in_as_few_calls_as_ec2_allows() {
         .add_instances(TARGET, REGION, 230, "stopped", &[("Schedule", "big")]);
     sim.write_config(&config(
         "",
-        r#"
-[[rules]]
-name = "big"
-account = "account1"
-tags = { Schedule = "big" }
-start = "0 8 * * *"
-"#,
+        &rule_with_tags("big", &[("Schedule", "big")], r#"start = "0 8 * * *""#),
     ));
     let daemon = sim.start();
     sim.advance(3 * MINUTE).await;
@@ -889,13 +880,11 @@ async fn selections_are_resolved_ahead_and_the_call_leaves_at_the_instant() {
         });
         sim.write_config(&config(
             ahead,
-            r#"
-[[rules]]
-name = "office"
-account = "account1"
-tags = { Schedule = "office" }
-stop = "0 20 * * *"
-"#,
+            &rule_with_tags(
+                "office",
+                &[("Schedule", "office")],
+                r#"stop = "0 20 * * *""#,
+            ),
         ));
         let daemon = sim.start();
         sim.advance_to("2026-12-01T20:05:00Z").await;
@@ -952,21 +941,13 @@ async fn a_rule_added_by_a_reload_in_the_resolve_ahead_window_still_runs() {
     let late = sim
         .aws
         .add_instances(TARGET, REGION, 1, "running", &[("Schedule", "late")]);
-    let office_rule = r#"
-[[rules]]
-name = "office"
-account = "account1"
-tags = { Schedule = "office" }
-stop = "0 20 * * *"
-"#;
-    let late_rule = r#"
-[[rules]]
-name = "late"
-account = "account1"
-tags = { Schedule = "late" }
-stop = "0 20 * * *"
-"#;
-    sim.write_config(&config("", office_rule));
+    let office_rule = rule_with_tags(
+        "office",
+        &[("Schedule", "office")],
+        r#"stop = "0 20 * * *""#,
+    );
+    let late_rule = rule_with_tags("late", &[("Schedule", "late")], r#"stop = "0 20 * * *""#);
+    sim.write_config(&config("", &office_rule));
     let daemon = sim.start();
     // 19:59:55: office's 20:00 is pulled. 19:59:57: the operator adds "late", also at 20:00.
     sim.advance_to("2026-12-01T19:59:57Z").await;
@@ -994,13 +975,11 @@ async fn a_shutdown_in_the_resolve_ahead_window_makes_no_call_and_the_restart_ca
         .add_instances(TARGET, REGION, 2, "running", &[("Schedule", "office")]);
     sim.write_config(&config(
         "resolve_ahead = \"30s\"",
-        r#"
-[[rules]]
-name = "office"
-account = "account1"
-tags = { Schedule = "office" }
-stop = "0 20 * * *"
-"#,
+        &rule_with_tags(
+            "office",
+            &[("Schedule", "office")],
+            r#"stop = "0 20 * * *""#,
+        ),
     ));
     let daemon = sim.start();
     sim.advance_to("2026-12-01T19:59:40Z").await;
@@ -1043,13 +1022,11 @@ async fn a_clock_stepped_back_during_the_wait_then_a_crash_reports_once() {
     sim.aws.set_state(&ids[1], "stopped");
     let text = config(
         "",
-        r#"
-[[rules]]
-name = "office"
-account = "account1"
-tags = { Schedule = "office" }
-stop = "0 20 * * *"
-"#,
+        &rule_with_tags(
+            "office",
+            &[("Schedule", "office")],
+            r#"stop = "0 20 * * *""#,
+        ),
     );
     sim.write_config(&text);
     let daemon = sim.start();
@@ -1083,17 +1060,15 @@ async fn lowering_resolve_ahead_during_the_wait_is_no_clock_step() {
     let _ids = sim
         .aws
         .add_instances(TARGET, REGION, 1, "running", &[("Schedule", "office")]);
-    let rules = r#"
-[[rules]]
-name = "office"
-account = "account1"
-tags = { Schedule = "office" }
-stop = "0 20 * * *"
-"#;
-    sim.write_config(&config("resolve_ahead = \"60s\"", rules));
+    let rules = rule_with_tags(
+        "office",
+        &[("Schedule", "office")],
+        r#"stop = "0 20 * * *""#,
+    );
+    sim.write_config(&config("resolve_ahead = \"60s\"", &rules));
     let daemon = sim.start();
     sim.advance_to("2026-12-01T19:59:10Z").await;
-    sim.write_config(&config("resolve_ahead = \"0s\"", rules));
+    sim.write_config(&config("resolve_ahead = \"0s\"", &rules));
     daemon.reload();
     sim.advance(Duration::from_secs(2)).await;
     let logs = sim.logs.text();
@@ -1114,13 +1089,11 @@ async fn an_instance_started_in_the_window_is_still_stopped_at_the_instant() {
         .add_instances(TARGET, REGION, 1, "stopped", &[("Schedule", "office")]);
     sim.write_config(&config(
         "",
-        r#"
-[[rules]]
-name = "office"
-account = "account1"
-tags = { Schedule = "office" }
-stop = "0 20 * * *"
-"#,
+        &rule_with_tags(
+            "office",
+            &[("Schedule", "office")],
+            r#"stop = "0 20 * * *""#,
+        ),
     ));
     let daemon = sim.start();
     sim.advance_to("2026-12-01T19:59:58Z").await;
@@ -1133,4 +1106,35 @@ stop = "0 20 * * *"
         sim.outcomes_for(&ids[0])
     );
     daemon.stop().await;
+}
+
+/// A rule firing every 2 s whose batches take longer (each describe takes 2.5 s): every occurrence
+/// finds the previous one still in flight, so it is resolved at its instant, and none is counted
+/// missed for the next one coming into the `resolve_ahead` window at the same pass.
+#[tokio::test(start_paused = true)]
+async fn a_rule_firing_faster_than_its_batches_end_loses_no_occurrence() {
+    let sim = Sim::new("2026-12-01T19:59:59Z");
+    sim.aws.set_call_latency(Duration::from_millis(2500));
+    let ids = sim.aws.add_instances(TARGET, REGION, 1, "stopped", &[]);
+    sim.write_config(&config(
+        "",
+        &rule("often", &ids, r#"stop = "*/2 * * * * *""#),
+    ));
+    let daemon = sim.start();
+    sim.advance_to("2026-12-01T20:00:31Z").await;
+    daemon.stop().await;
+    let got = sim.outcomes_for(&ids[0]);
+    assert!(
+        got.iter().all(|o| o.result == ResultKind::Skipped),
+        "{got:#?}"
+    );
+    assert!(
+        sim.outcomes()
+            .iter()
+            .all(|o| o.result != ResultKind::Missed),
+        "{:#?}",
+        sim.outcomes()
+    );
+    // 20:00:00 to 20:00:30, each once (those still waiting for their turn at the shutdown aside).
+    assert!((10..=16).contains(&got.len()), "{} outcomes", got.len());
 }

@@ -52,6 +52,24 @@ instances = {ids:?}
     )
 }
 
+/// One rule on the instances carrying `tags` (as `FakeAws::add_instances` takes them).
+pub fn rule_with_tags(name: &str, tags: &[(&str, &str)], schedule: &str) -> String {
+    let tags = tags
+        .iter()
+        .map(|(k, v)| format!("{k} = {v:?}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        r#"
+[[rules]]
+name = "{name}"
+account = "account1"
+tags = {{ {tags} }}
+{schedule}
+"#
+    )
+}
+
 /// Log lines captured from the daemon's tracing events (message and fields).
 #[derive(Clone, Default)]
 pub struct Logs(Arc<Mutex<Vec<u8>>>);

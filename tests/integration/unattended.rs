@@ -7,22 +7,16 @@ use shiftd::aws::fake::{self, FakeAws};
 use shiftd::config::Action;
 use shiftd::outcome::{ResultKind, Trigger};
 
-use crate::sim::{REGION, Sim, TARGET, config};
+use crate::sim::{REGION, Sim, TARGET, config, rule_with_tags};
 
 const MINUTE: Duration = Duration::from_secs(60);
 
 /// An office-hours rule on tagged instances (08:00 start, 20:00 stop, UTC) with `extra` keys.
 fn office(name: &str, tag: &str, extra: &str) -> String {
-    format!(
-        r#"
-[[rules]]
-name = "{name}"
-account = "account1"
-tags = {{ Schedule = "{tag}" }}
-start = "0 8 * * *"
-stop = "0 20 * * *"
-{extra}
-"#
+    rule_with_tags(
+        name,
+        &[("Schedule", tag)],
+        &format!("start = \"0 8 * * *\"\nstop = \"0 20 * * *\"\n{extra}"),
     )
 }
 
@@ -246,14 +240,11 @@ async fn a_skip_until_date_is_read_in_the_rules_zone_and_ignored_afterwards() {
     });
     sim.write_config(&config(
         "",
-        r#"
-[[rules]]
-name = "evening"
-account = "account1"
-tags = { Schedule = "office" }
-stop = "0 20 * * *"
-timezone = "Asia/Tokyo"
-"#,
+        &rule_with_tags(
+            "evening",
+            &[("Schedule", "office")],
+            "stop = \"0 20 * * *\"\ntimezone = \"Asia/Tokyo\"",
+        ),
     ));
     let daemon = sim.start();
     // 12-01 20:00 JST: held.
