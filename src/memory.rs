@@ -13,6 +13,10 @@
 //! such a private file mapping, dropping a page loses nothing, since the page is read back from the
 //! file. The relocated read-only data (`PT_GNU_RELRO`) sits in the writable segment and is left alone,
 //! and so are the heap, the stacks and the shared libraries.
+//!
+//! One consequence for debugging: a breakpoint or uprobe written into shiftd's code (gdb, `perf probe`,
+//! bpftrace) lives in a private copy of its page, which the next release drops. Attach after start-up,
+//! or expect to set it again after a reload or a large action.
 
 /// What [`release`] gave back.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
