@@ -473,12 +473,12 @@ impl Daemon {
     fn rebuild(&mut self) {
         // Without a rule over several accounts there is nothing to expand: the configuration run is
         // the written one, shared rather than copied (a thousand rules' schedules are megabytes).
-        if !self.written.rules.iter().any(|r| r.is_multi_account()) {
-            self.config = self.written.clone();
-            return;
-        }
-        let discovered = self.org.as_ref().map_or(&[][..], OrgRuntime::accounts);
-        self.config = Arc::new(org::expand(&self.written, discovered));
+        self.config = if self.written.rules.iter().any(|r| r.is_multi_account()) {
+            let discovered = self.org.as_ref().map_or(&[][..], OrgRuntime::accounts);
+            Arc::new(org::expand(&self.written, discovered))
+        } else {
+            self.written.clone()
+        };
         self.next_due.forget();
     }
 

@@ -593,6 +593,39 @@ async fn reload_applies_a_valid_config_and_keeps_the_old_one_when_the_new_is_inv
     daemon.stop().await;
 }
 
+/// A reload that brings the next occurrence closer: shiftd acts at the new instant, not when it
+/// would have woken for the old one (the boot test caught the loop sleeping on the instant it had
+/// remembered from the previous configuration, and catching up a minute late).
+#[tokio::test(start_paused = true)]
+async fn a_reload_that_brings_the_next_occurrence_closer_acts_at_its_instant() {
+    let sim = Sim::new("2026-12-01T07:50:00Z");
+    let ids = sim.aws.add_instances(TARGET, REGION, 1, "stopped", &[]);
+    sim.write_config(&config(
+        "",
+        &rule("morning", &ids, r#"start = "0 8 * * *""#),
+    ));
+    let daemon = sim.start();
+    sim.advance(MINUTE).await;
+    sim.write_config(&config(
+        "",
+        &rule("morning", &ids, r#"start = "30 51 7 * * *""#),
+    ));
+    daemon.reload();
+    sim.advance_to("2026-12-01T07:53:00Z").await;
+    let starts = sim.aws.calls_of(fake::START);
+    let instant = crate::sim::t("2026-12-01T07:51:30Z");
+    assert!(
+        starts.len() == 1
+            && starts[0].at >= instant
+            && starts[0].at <= instant + chrono::Duration::seconds(2),
+        "the start due at 07:51:30 was called at {:?}\nlogs:\n{}",
+        starts.iter().map(|c| c.at).collect::<Vec<_>>(),
+        sim.logs.text()
+    );
+    sim.assert_one_each(&ids, Action::Start, ResultKind::Ok);
+    daemon.stop().await;
+}
+
 /// Key material never reaches the log or the outcomes, whatever happens.
 #[tokio::test(start_paused = true)]
 async fn key_material_is_never_logged() {
