@@ -1297,6 +1297,10 @@ pub async fn run(
     daemon.sink.configured(&daemon.config);
     daemon.reconcile_accounts().await;
     log_started(&daemon);
+    let pacing = daemon.written.pacing.differences();
+    if !pacing.is_empty() {
+        tracing::info!("pacing (not the defaults): {}", pacing.join("; "));
+    }
     daemon.resume(&snapshot);
     // Ready once the configuration is loaded and the schedule armed. Credential trouble is not fatal
     // (IMDS can be slow right after boot): the renewal retries, and STATUS= says so.

@@ -33,6 +33,27 @@ fn many_accounts(defaults: &str, accounts: usize, schedule: &str) -> String {
     text
 }
 
+/// The world of `many_accounts`: EC2 throttling as EC2 does, calls of 200 ms, 10 s transitions, and
+/// running instances tagged for each account's rule: `big` in `a0`, 5 in each other. Returns them all.
+fn running_in_many_accounts(sim: &Sim, accounts: usize, big: usize) -> Vec<String> {
+    sim.aws.throttle_like_ec2();
+    sim.aws.set_call_latency(Duration::from_millis(200));
+    sim.aws.set_transition_times(10 * SECOND, 10 * SECOND);
+    let mut ids = Vec::new();
+    for n in 0..accounts {
+        let count = if n == 0 { big } else { 5 };
+        let tag = format!("s{n}");
+        ids.extend(sim.aws.add_instances(
+            &account_id(n),
+            REGION,
+            count,
+            "running",
+            &[("Schedule", &tag)],
+        ));
+    }
+    ids
+}
+
 /// The instant each call of `operation` for `account` was made.
 fn call_times(aws: &FakeAws, operation: &str, account: &str) -> Vec<DateTime<Utc>> {
     aws.calls_of(operation)
@@ -98,22 +119,8 @@ async fn five_thousand_starts_in_one_account_go_as_fast_as_the_buckets_allow_and
 async fn many_accounts_at_once_stay_under_the_cap_and_a_big_account_does_not_starve_the_small_ones()
 {
     let sim = Sim::new("2026-12-01T19:58:00Z");
-    sim.aws.throttle_like_ec2();
-    sim.aws.set_call_latency(Duration::from_millis(200));
-    sim.aws.set_transition_times(10 * SECOND, 10 * SECOND);
     // a0 is big (1,500 instances), a1..a100 are small (5 each).
-    let mut ids = Vec::new();
-    for n in 0..101 {
-        let count = if n == 0 { 1500 } else { 5 };
-        let tag = format!("s{n}");
-        ids.extend(sim.aws.add_instances(
-            &account_id(n),
-            REGION,
-            count,
-            "running",
-            &[("Schedule", &tag)],
-        ));
-    }
+    let ids = running_in_many_accounts(&sim, 101, 1500);
     sim.write_config(&many_accounts(
         "catch_up = \"30m\"",
         101,
@@ -451,6 +458,15 @@ async fn with_raised_limits_configured_a_big_start_goes_as_fast_as_they_allow_an
         )
     ));
     let daemon = sim.start();
+    sim.advance(SECOND).await;
+    assert!(
+        sim.logs.text().contains(
+            "pacing (not the defaults): ec2.start_instances: burst 2000, refill 10/s (EC2's default \
+             burst 1000, refill 2/s)"
+        ),
+        "{}",
+        sim.logs.text()
+    );
     // The raised bucket's 2,000 at once...
     sim.advance_to("2026-12-01T08:00:05Z").await;
     let at_once = ids_sent(&sim.aws, fake::START, TARGET);
@@ -535,22 +551,8 @@ start = "0 8 * * *"
 #[tokio::test(start_paused = true)]
 async fn a_lower_max_in_flight_bounds_the_calls_in_flight_in_all_and_per_account() {
     let sim = Sim::new("2026-12-01T19:58:00Z");
-    sim.aws.throttle_like_ec2();
-    sim.aws.set_call_latency(Duration::from_millis(200));
-    sim.aws.set_transition_times(10 * SECOND, 10 * SECOND);
     // a0 is big (1,000 instances: ten calls of 100 at once), a1..a29 are small (5 each).
-    let mut ids = Vec::new();
-    for n in 0..30 {
-        let count = if n == 0 { 1000 } else { 5 };
-        let tag = format!("s{n}");
-        ids.extend(sim.aws.add_instances(
-            &account_id(n),
-            REGION,
-            count,
-            "running",
-            &[("Schedule", &tag)],
-        ));
-    }
+    let ids = running_in_many_accounts(&sim, 30, 1000);
     sim.write_config(&format!(
         "{}\n[pacing]\nmax_in_flight = 6\nmax_in_flight_per_account = 2\n",
         many_accounts("", 30, "stop = \"0 20 * * *\"")
