@@ -1431,10 +1431,16 @@ fn check_bucket(
             if (bounds.min..=bounds.max).contains(&v) {
                 v
             } else {
+                // Shown as written, near enough: 1e-300 in exponent form, not with 300 zeros.
+                let shown = if v == 0.0 || (1e-6..1e16).contains(&v.abs()) {
+                    format!("{v}")
+                } else {
+                    format!("{v:?}")
+                };
                 problems.report(
                     r.span().start,
                     format!(
-                        "{name}.refill_per_second: {v} is out of range: expected {} to {} (tokens \
+                        "{name}.refill_per_second: {shown} is out of range: expected {} to {} (tokens \
                          added to the bucket each second)",
                         bounds.min, bounds.max
                     ),
@@ -3847,6 +3853,14 @@ stop = "0 21 * * *"
             (
                 "[pacing.ec2]\nstop_instances = { refill_per_second = nan }",
                 &["3:40: pacing.ec2.stop_instances.refill_per_second: NaN is out of range"],
+            ),
+            (
+                "[pacing.ec2]\nstop_instances = { refill_per_second = 1e-300 }",
+                &["3:40: pacing.ec2.stop_instances.refill_per_second: 1e-300 is out of range"],
+            ),
+            (
+                "[pacing.ec2]\nstop_instances = { refill_per_second = -inf }",
+                &["3:40: pacing.ec2.stop_instances.refill_per_second: -inf is out of range"],
             ),
             (
                 "[pacing.ec2]\nstart_stop = { refill_per_second = 0.1, burst = 1 }",

@@ -4,12 +4,16 @@
 //!   may hold at most [`PER_ACCOUNT_IN_FLIGHT`]: a big account queues behind its own share, so a small
 //!   account's call waits for at most one call per busy account ahead of it.
 //! - Per AWS account and region, a model of EC2's token buckets ([`Ec2Limits`], the defaults of EC2's
-//!   API throttling documentation): StartInstances/StopInstances calls are sized to the resource tokens
-//!   there are and sent when the model says EC2 will accept them, instead of being refused.
+//!   API throttling documentation unless `[pacing]` says otherwise, for every account or for one):
+//!   StartInstances/StopInstances calls are sized to the resource tokens there are and sent when the
+//!   model says EC2 will accept them, instead of being refused.
 //! - A throttled answer (`RequestLimitExceeded`) empties the model's buckets and holds the place back
 //!   for an exponential, jittered pause ([`backoff`]); the same call is then retried.
 //! - AssumeRole calls take a token of a process-wide bucket ([`STS_RATE`]), so that 1,000 accounts at
 //!   start-up do not hit STS at once.
+//!
+//! The caps and the EC2 limits are `[pacing]`'s ([`Pacer::from_config`]), changed on reload
+//! ([`Pacer::reconfigure`]).
 //!
 //! The buckets are pure: they take the time as an argument and never read a clock. Waiting is done by
 //! the callers, with `tokio::time`, so paused-time tests drive it.
@@ -28,9 +32,10 @@ use crate::clock::Clock;
 use crate::config::{Action, PacingConfig, Selection};
 use crate::planner::InstanceView;
 
-/// Calls to AWS in flight at once, for the whole process (EC2 and STS).
+/// Calls to AWS in flight at once, for the whole process (EC2 and STS): `[pacing] max_in_flight`'s
+/// default.
 pub const IN_FLIGHT: usize = 64;
-/// Of those, at most this many for one target account.
+/// Of those, at most this many for one target account: `max_in_flight_per_account`'s default.
 pub const PER_ACCOUNT_IN_FLIGHT: usize = 8;
 /// StartInstances/StopInstances calls carry at most this many IDs.
 pub const IDS_PER_CALL: usize = 100;
@@ -74,7 +79,7 @@ pub struct Ec2Limits {
 
 impl Ec2Limits {
     /// The defaults of EC2's API throttling documentation ("Request throttling for the Amazon EC2
-    /// API"), written here only: the in-process fake AWS (`aws::fake`, throttling like EC2) and the fleet
+    /// API"), and of `[pacing.ec2]`, written here only: the in-process fake AWS (`aws::fake`, throttling like EC2) and the fleet
     /// benchmark's fake endpoint take them from here.
     pub const DEFAULT: Self = Self {
         describe: Rate {
