@@ -100,6 +100,13 @@ pub fn render(config: &Config, now: DateTime<Utc>) -> String {
             humantime::format_duration(c.lease)
         );
     }
+    let pacing = config.pacing.differences();
+    if !pacing.is_empty() {
+        let _ = writeln!(out, "pacing (not the defaults):");
+        for line in pacing {
+            let _ = writeln!(out, "  {line}");
+        }
+    }
     let _ = writeln!(out, "rules ({}):", config.rules.len());
     for r in &config.rules {
         let _ = writeln!(

@@ -146,6 +146,8 @@ pub struct Config {
     pub cluster: Option<ClusterConfig>,
     /// `[organization]`: accounts discovered from AWS Organizations, for rules' `accounts`.
     pub organization: Option<OrganizationConfig>,
+    /// `[pacing]`: the in-flight caps and EC2's limits; the defaults without the table.
+    pub pacing: PacingConfig,
 }
 
 /// `[organization]`: where AWS Organizations is read, and how discovered accounts are reached.
@@ -220,6 +222,155 @@ pub const LEASE: DurationBounds = DurationBounds {
     why: " (the holder stops calling Start/Stop 30s before its lease ends, and others take over 30s \
           after, so that clocks 30s apart still act once)",
 };
+
+/// A whole number of `[pacing]`: the range it must lie in (both ends included).
+pub struct CountBounds {
+    pub min: i64,
+    pub max: i64,
+    /// Why the range is what it is, appended to the message for a value outside it.
+    why: &'static str,
+}
+
+/// Calls to AWS in flight at once for the whole process. Each is a task and a connection: a thousand is
+/// more than one delegate needs (EC2's buckets, not this cap, decide how fast one account goes).
+pub const MAX_IN_FLIGHT: CountBounds = CountBounds {
+    min: 1,
+    max: 1024,
+    why: " (calls to AWS in flight at once, for the whole process)",
+};
+
+/// Of those, for one target account.
+pub const MAX_IN_FLIGHT_PER_ACCOUNT: CountBounds = CountBounds {
+    min: 1,
+    max: 1024,
+    why: " (calls in flight for one target account)",
+};
+
+/// A bucket's `burst`: tokens (requests, or instances for the resource buckets).
+pub const BURST: CountBounds = CountBounds {
+    min: 1,
+    max: 100_000,
+    why: " (the bucket's size in tokens: requests, or instances for start_instances and \
+          stop_instances)",
+};
+
+/// A bucket's `refill_per_second`, integer or not.
+pub struct RateBounds {
+    pub min: f64,
+    pub max: f64,
+}
+
+/// Tokens a second: a tenth (a token every 10 s) to far beyond anything AWS grants.
+pub const REFILL_PER_SECOND: RateBounds = RateBounds {
+    min: 0.1,
+    max: 10_000.0,
+};
+
+/// `[pacing]`: how fast shiftd calls AWS (see [`crate::pacing`]). The defaults without the table.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PacingConfig {
+    /// Calls to AWS in flight at once, for the whole process (EC2 and STS).
+    pub max_in_flight: usize,
+    /// Of those, at most this many for one target account.
+    pub max_in_flight_per_account: usize,
+    /// `[pacing.ec2]`: EC2's buckets in every account and region (EC2's documented defaults unless set).
+    pub ec2: crate::pacing::Ec2Limits,
+    /// `[pacing.accounts.NAME]`: the accounts whose EC2 limits differ, by AWS account ID (12 digits).
+    pub accounts: BTreeMap<String, AccountPacing>,
+}
+
+/// One `[pacing.accounts.NAME]`: an AWS account's EC2 limits (in each of its regions).
+#[derive(Clone, Debug, PartialEq)]
+pub struct AccountPacing {
+    /// The table's name as written: an account's name, or an account ID.
+    pub written: String,
+    /// Its buckets: those it sets, the others of `[pacing.ec2]`.
+    pub ec2: crate::pacing::Ec2Limits,
+}
+
+impl Default for PacingConfig {
+    fn default() -> Self {
+        Self {
+            max_in_flight: crate::pacing::IN_FLIGHT,
+            max_in_flight_per_account: crate::pacing::PER_ACCOUNT_IN_FLIGHT,
+            ec2: crate::pacing::Ec2Limits::DEFAULT,
+            accounts: BTreeMap::new(),
+        }
+    }
+}
+
+impl PacingConfig {
+    /// The EC2 limits of every account, as the pacer takes them.
+    pub fn account_limits(&self) -> crate::pacing::AccountLimits {
+        crate::pacing::AccountLimits {
+            default: self.ec2,
+            accounts: self
+                .accounts
+                .iter()
+                .map(|(id, a)| (id.clone(), a.ec2))
+                .collect(),
+        }
+    }
+
+    /// What differs from the defaults, a line each (none: the defaults): the caps, `[pacing.ec2]`'s
+    /// buckets against EC2's defaults, and each account's against `[pacing.ec2]`.
+    pub fn differences(&self) -> Vec<String> {
+        let defaults = Self::default();
+        let mut out = Vec::new();
+        for (key, value, default) in [
+            ("max_in_flight", self.max_in_flight, defaults.max_in_flight),
+            (
+                "max_in_flight_per_account",
+                self.max_in_flight_per_account,
+                defaults.max_in_flight_per_account,
+            ),
+        ] {
+            if value != default {
+                out.push(format!("{key} {value} (default {default})"));
+            }
+        }
+        let buckets = |limits: &crate::pacing::Ec2Limits, base: &crate::pacing::Ec2Limits| {
+            let pairs = [
+                ("describe", limits.describe, base.describe),
+                ("start_stop", limits.mutate, base.mutate),
+                (
+                    "start_instances",
+                    limits.start_instances,
+                    base.start_instances,
+                ),
+                ("stop_instances", limits.stop_instances, base.stop_instances),
+            ];
+            pairs
+                .into_iter()
+                .filter(|(_, rate, base)| rate != base)
+                .map(|(key, rate, base)| (key, show_rate(rate), show_rate(base)))
+                .collect::<Vec<_>>()
+        };
+        for (key, rate, base) in buckets(&self.ec2, &defaults.ec2) {
+            out.push(format!("ec2.{key}: {rate} (EC2's default {base})"));
+        }
+        for (id, account) in &self.accounts {
+            let named = if account.written == *id {
+                id.clone()
+            } else {
+                format!("{} ({id})", account.written)
+            };
+            let changed = buckets(&account.ec2, &self.ec2);
+            if changed.is_empty() {
+                out.push(format!("account {named}: as [pacing.ec2]"));
+            }
+            for (key, rate, _) in changed {
+                out.push(format!("account {named}: ec2.{key}: {rate}"));
+            }
+        }
+        out
+    }
+}
+
+/// A bucket as `shiftd check` shows it: "burst 1000, refill 2/s".
+fn show_rate(r: crate::pacing::Rate) -> String {
+    format!("burst {}, refill {}/s", r.capacity, r.per_second)
+}
 
 /// A `[calendars.NAME]` table: its `dates` and the dates of its `files`' events.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -561,6 +712,61 @@ struct RawConfig {
     cluster: Option<Spanned<RawCluster>>,
     #[serde(default)]
     organization: Option<Spanned<RawOrganization>>,
+    #[serde(default)]
+    pacing: Option<RawPacing>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPacing {
+    max_in_flight: Option<Spanned<i64>>,
+    max_in_flight_per_account: Option<Spanned<i64>>,
+    ec2: Option<RawEc2Limits>,
+    #[serde(default)]
+    accounts: BTreeMap<Spanned<String>, RawEc2Limits>,
+}
+
+/// EC2's buckets as `[pacing.ec2]` and `[pacing.accounts.NAME]` write them; each may be left out.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawEc2Limits {
+    describe: Option<Spanned<RawBucket>>,
+    start_stop: Option<Spanned<RawBucket>>,
+    start_instances: Option<Spanned<RawBucket>>,
+    stop_instances: Option<Spanned<RawBucket>>,
+}
+
+/// `{ burst = 1000, refill_per_second = 2 }`; what is left out stays as it was.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBucket {
+    burst: Option<Spanned<i64>>,
+    refill_per_second: Option<Spanned<Number>>,
+}
+
+/// A TOML integer or float, as a float.
+struct Number(f64);
+
+impl<'de> Deserialize<'de> for Number {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl Visitor<'_> for V {
+            type Value = Number;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a number")
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Number, E> {
+                Ok(Number(v as f64))
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Number, E> {
+                Ok(Number(v as f64))
+            }
+            fn visit_f64<E: de::Error>(self, v: f64) -> Result<Number, E> {
+                Ok(Number(v))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 #[derive(Deserialize)]
@@ -918,6 +1124,9 @@ fn validate(path: &Path, raw: RawConfig, problems: &mut Problems) -> Config {
     let cluster = raw
         .cluster
         .map(|c| validate_cluster(c.into_inner(), problems));
+    let pacing = raw.pacing.map_or_else(PacingConfig::default, |p| {
+        validate_pacing(p, &accounts, organization.as_ref(), problems)
+    });
     Config {
         path: path.to_path_buf(),
         defaults,
@@ -929,6 +1138,7 @@ fn validate(path: &Path, raw: RawConfig, problems: &mut Problems) -> Config {
         metrics,
         cluster,
         organization,
+        pacing,
     }
 }
 
@@ -1053,6 +1263,219 @@ fn validate_cluster(raw: RawCluster, problems: &mut Problems) -> ClusterConfig {
         region: raw.region.into_inner(),
         lease,
     }
+}
+
+/// Checks `[pacing]`: the caps (each in its range, the account's at most the process's), `[pacing.ec2]`'s
+/// buckets, and each `[pacing.accounts.NAME]`: a configured account's name or a 12-digit account ID
+/// (one of no configured account needs `[organization]`), at most one table per AWS account, its buckets
+/// in range (those it leaves out are `[pacing.ec2]`'s).
+fn validate_pacing(
+    raw: RawPacing,
+    accounts: &BTreeMap<String, Account>,
+    organization: Option<&OrganizationConfig>,
+    problems: &mut Problems,
+) -> PacingConfig {
+    let defaults = PacingConfig::default();
+    let max_in_flight = check_count(
+        raw.max_in_flight.as_ref(),
+        "pacing.max_in_flight",
+        &MAX_IN_FLIGHT,
+        problems,
+    )
+    .unwrap_or(defaults.max_in_flight);
+    let per_account = check_count(
+        raw.max_in_flight_per_account.as_ref(),
+        "pacing.max_in_flight_per_account",
+        &MAX_IN_FLIGHT_PER_ACCOUNT,
+        problems,
+    );
+    let max_in_flight_per_account = match (per_account, &raw.max_in_flight_per_account) {
+        (Some(n), Some(written)) if n > max_in_flight => {
+            problems.report(
+                written.span().start,
+                format!(
+                    "pacing.max_in_flight_per_account: {n} is more than max_in_flight ({max_in_flight}): \
+                     expected at most {max_in_flight} (one account's share of the process's calls)"
+                ),
+            );
+            max_in_flight
+        }
+        (Some(n), Some(_)) => n,
+        // Not written (or invalid): the default, within the process's cap.
+        _ => defaults.max_in_flight_per_account.min(max_in_flight),
+    };
+    let ec2 = match &raw.ec2 {
+        Some(e) => check_ec2_limits(e, "pacing.ec2", defaults.ec2, problems),
+        None => defaults.ec2,
+    };
+    let mut by_id: BTreeMap<String, AccountPacing> = BTreeMap::new();
+    for (key, limits) in &raw.accounts {
+        let at = key.span().start;
+        let written = key.get_ref();
+        let table = format!("pacing.accounts.{written}");
+        let checked = check_ec2_limits(limits, &table, ec2, problems);
+        let id = if let Some(a) = accounts.get(written) {
+            a.account_id.clone()
+        } else if valid_account_id(written) {
+            let configured = accounts.values().any(|a| a.account_id == *written);
+            if !configured && organization.is_none() {
+                problems.report(
+                    at,
+                    format!(
+                        "{table}: {written:?} is the ID of no [accounts] table, and there is no \
+                         [organization] table to discover it in"
+                    ),
+                );
+            }
+            written.clone()
+        } else {
+            let known: Vec<&str> = accounts.keys().map(String::as_str).collect();
+            problems.report(
+                at,
+                format!(
+                    "{table}: account {written:?} is not defined: expected one of [{}] or a 12-digit \
+                     account ID",
+                    known.join(", ")
+                ),
+            );
+            continue;
+        };
+        // An account whose role ARN is invalid has no ID (reported there).
+        if id.is_empty() {
+            continue;
+        }
+        if let Some(first) = by_id.get(&id) {
+            problems.report(
+                at,
+                format!(
+                    "{table}: account {id} already has its limits in pacing.accounts.{}: expected one \
+                     table per AWS account (EC2's limits are the account's, whichever role reaches it)",
+                    first.written
+                ),
+            );
+            continue;
+        }
+        by_id.insert(
+            id,
+            AccountPacing {
+                written: written.clone(),
+                ec2: checked,
+            },
+        );
+    }
+    PacingConfig {
+        max_in_flight,
+        max_in_flight_per_account,
+        ec2,
+        accounts: by_id,
+    }
+}
+
+/// Checks the buckets of `[pacing.ec2]` or a `[pacing.accounts.NAME]` (`table` in messages); those left
+/// out, and the values they leave out, are `base`'s.
+fn check_ec2_limits(
+    raw: &RawEc2Limits,
+    table: &str,
+    base: crate::pacing::Ec2Limits,
+    problems: &mut Problems,
+) -> crate::pacing::Ec2Limits {
+    let mut bucket = |field: &Option<Spanned<RawBucket>>, key: &str, base| {
+        check_bucket(field.as_ref(), &format!("{table}.{key}"), base, problems)
+    };
+    crate::pacing::Ec2Limits {
+        describe: bucket(&raw.describe, "describe", base.describe),
+        mutate: bucket(&raw.start_stop, "start_stop", base.mutate),
+        start_instances: bucket(
+            &raw.start_instances,
+            "start_instances",
+            base.start_instances,
+        ),
+        stop_instances: bucket(&raw.stop_instances, "stop_instances", base.stop_instances),
+    }
+}
+
+/// Checks one bucket (`name` in messages): `burst` and/or `refill_per_second`, each in its range.
+/// Returns it, with `base`'s values for what it leaves out (and for what is invalid).
+fn check_bucket(
+    field: Option<&Spanned<RawBucket>>,
+    name: &str,
+    base: crate::pacing::Rate,
+    problems: &mut Problems,
+) -> crate::pacing::Rate {
+    let Some(field) = field else {
+        return base;
+    };
+    let raw = field.get_ref();
+    if raw.burst.is_none() && raw.refill_per_second.is_none() {
+        problems.report(
+            field.span().start,
+            format!(
+                "{name}: expected burst and/or refill_per_second, e.g. {{ burst = {}, \
+                 refill_per_second = {} }}",
+                base.capacity, base.per_second
+            ),
+        );
+    }
+    let capacity = check_count(
+        raw.burst.as_ref(),
+        &format!("{name}.burst"),
+        &BURST,
+        problems,
+    )
+    .map_or(base.capacity, |n| n as f64);
+    let per_second = match &raw.refill_per_second {
+        None => base.per_second,
+        Some(r) => {
+            let v = r.get_ref().0;
+            let bounds = &REFILL_PER_SECOND;
+            if (bounds.min..=bounds.max).contains(&v) {
+                v
+            } else {
+                // Shown as written, near enough: 1e-300 in exponent form, not with 300 zeros.
+                let shown = if v == 0.0 || (1e-6..1e16).contains(&v.abs()) {
+                    format!("{v}")
+                } else {
+                    format!("{v:?}")
+                };
+                problems.report(
+                    r.span().start,
+                    format!(
+                        "{name}.refill_per_second: {shown} is out of range: expected {} to {} (tokens \
+                         added to the bucket each second)",
+                        bounds.min, bounds.max
+                    ),
+                );
+                base.per_second
+            }
+        }
+    };
+    crate::pacing::Rate {
+        capacity,
+        per_second,
+    }
+}
+
+/// Checks the whole number `field` (named `name` in messages) lies within `bounds`. Returns it, nothing
+/// when it is not given or out of range.
+fn check_count(
+    field: Option<&Spanned<i64>>,
+    name: &str,
+    bounds: &CountBounds,
+    problems: &mut Problems,
+) -> Option<usize> {
+    let field = field?;
+    let v = *field.get_ref();
+    if (bounds.min..=bounds.max).contains(&v) {
+        return Some(v as usize);
+    }
+    problems.report(
+        field.span().start,
+        format!(
+            "{name}: {v} is out of range: expected {} to {}{}",
+            bounds.min, bounds.max, bounds.why
+        ),
+    );
+    None
 }
 
 /// Checks `[calendars]`: each name, each of `dates` (a real date, YYYY-MM-DD), and each of `files` (an
@@ -3283,6 +3706,238 @@ stop = "0 21 * * *"
         );
     }
 
+    // --- [pacing] ---
+
+    #[test]
+    fn pacing_is_read_and_what_it_leaves_out_is_the_default() {
+        use crate::pacing::{Ec2Limits, Rate};
+        let none = Config::parse(Path::new("t.toml"), MINIMAL).unwrap();
+        assert_eq!(none.pacing, PacingConfig::default());
+        assert_eq!(none.pacing.max_in_flight, 64);
+        assert_eq!(none.pacing.max_in_flight_per_account, 8);
+        assert_eq!(none.pacing.ec2, Ec2Limits::DEFAULT);
+        assert!(none.pacing.differences().is_empty());
+
+        let text = format!(
+            "{MINIMAL}\n[accounts.shared]\nrole_arn = \"arn:aws:iam::222222222222:role/r\"\n\
+             regions = [\"us-east-1\"]\n\n\
+             [pacing]\nmax_in_flight = 16\n\
+             [pacing.ec2]\nstart_instances = {{ burst = 2000, refill_per_second = 4 }}\n\
+             describe = {{ refill_per_second = 2.5 }}\n\
+             [pacing.accounts.account1]\nstart_instances = {{ refill_per_second = 10 }}\n\
+             [pacing.accounts.shared.stop_instances]\nburst = 500\n"
+        );
+        let p = Config::parse(Path::new("t.toml"), &text).unwrap().pacing;
+        assert_eq!(p.max_in_flight, 16);
+        assert_eq!(p.max_in_flight_per_account, 8);
+        let ec2 = Ec2Limits {
+            start_instances: Rate {
+                capacity: 2000.0,
+                per_second: 4.0,
+            },
+            describe: Rate {
+                capacity: 100.0,
+                per_second: 2.5,
+            },
+            ..Ec2Limits::DEFAULT
+        };
+        assert_eq!(p.ec2, ec2);
+        // By account ID; what an account leaves out is [pacing.ec2]'s, not EC2's default.
+        let account1 = &p.accounts["111111111111"];
+        assert_eq!(account1.written, "account1");
+        assert_eq!(
+            account1.ec2.start_instances,
+            Rate {
+                capacity: 2000.0,
+                per_second: 10.0
+            }
+        );
+        assert_eq!(account1.ec2.describe, ec2.describe);
+        assert_eq!(
+            p.accounts["222222222222"].ec2.stop_instances.capacity,
+            500.0
+        );
+        let limits = p.account_limits();
+        assert_eq!(limits.of("333333333333"), ec2);
+        assert_eq!(limits.of("111111111111"), account1.ec2);
+        assert_eq!(
+            p.differences(),
+            [
+                "max_in_flight 16 (default 64)",
+                "ec2.describe: burst 100, refill 2.5/s (EC2's default burst 100, refill 20/s)",
+                "ec2.start_instances: burst 2000, refill 4/s (EC2's default burst 1000, refill 2/s)",
+                "account account1 (111111111111): ec2.start_instances: burst 2000, refill 10/s",
+                "account shared (222222222222): ec2.stop_instances: burst 500, refill 20/s",
+            ]
+        );
+        // A cap of the process below the default share lowers the share with it.
+        let low = format!("[pacing]\nmax_in_flight = 4\n{MINIMAL}");
+        let p = Config::parse(Path::new("t.toml"), &low).unwrap().pacing;
+        assert_eq!((p.max_in_flight, p.max_in_flight_per_account), (4, 4));
+        // An account ID of the organization's accounts is accepted with [organization].
+        let org = format!("[pacing.accounts.333333333333]\nstart_stop = {{ burst = 200 }}\n{ORG}");
+        let p = Config::parse(Path::new("t.toml"), &org).unwrap().pacing;
+        assert_eq!(p.accounts["333333333333"].ec2.mutate.capacity, 200.0);
+        assert_eq!(
+            p.differences(),
+            ["account 333333333333: ec2.start_stop: burst 200, refill 5/s"]
+        );
+    }
+
+    #[test]
+    fn pacing_values_are_checked_with_their_place() {
+        // (the lines after "[pacing]", the expected problems as "line:column: part of the message")
+        let cases: &[(&str, &[&str])] = &[
+            (
+                "max_in_flight = 1024\nmax_in_flight_per_account = 1024",
+                &[],
+            ),
+            ("max_in_flight = 1\nmax_in_flight_per_account = 1", &[]),
+            (
+                "max_in_flight = 0",
+                &[
+                    "2:17: pacing.max_in_flight: 0 is out of range: expected 1 to 1024 (calls to AWS \
+                   in flight at once, for the whole process)",
+                ],
+            ),
+            (
+                "max_in_flight = 1025",
+                &["2:17: pacing.max_in_flight: 1025 is out of range: expected 1 to 1024"],
+            ),
+            (
+                "max_in_flight = -8",
+                &["2:17: pacing.max_in_flight: -8 is out of range"],
+            ),
+            (
+                "max_in_flight = \"64\"",
+                &["2:17: invalid type: string \"64\", expected i64"],
+            ),
+            (
+                "max_in_flight = 2.5",
+                &["2:17: invalid type: floating point `2.5`, expected i64"],
+            ),
+            (
+                "max_in_flight_per_account = 0",
+                &["2:29: pacing.max_in_flight_per_account: 0 is out of range: expected 1 to 1024"],
+            ),
+            (
+                "max_in_flight = 8\nmax_in_flight_per_account = 9",
+                &[
+                    "3:29: pacing.max_in_flight_per_account: 9 is more than max_in_flight (8): \
+                   expected at most 8",
+                ],
+            ),
+            (
+                "max_inflight = 8",
+                &[
+                    "2:1: unknown field `max_inflight`, expected one of `max_in_flight`, \
+                   `max_in_flight_per_account`, `ec2`, `accounts`",
+                ],
+            ),
+            (
+                "[pacing.ec2]\nstart_instances = { burst = 0, refill_per_second = 0 }",
+                &[
+                    "3:29: pacing.ec2.start_instances.burst: 0 is out of range: expected 1 to \
+                     100000 (the bucket's size in tokens",
+                    "3:52: pacing.ec2.start_instances.refill_per_second: 0 is out of range: \
+                     expected 0.1 to 10000 (tokens added to the bucket each second)",
+                ],
+            ),
+            (
+                "[pacing.ec2]\ndescribe = { burst = 100001, refill_per_second = 10000.5 }",
+                &[
+                    "3:22: pacing.ec2.describe.burst: 100001 is out of range",
+                    "3:50: pacing.ec2.describe.refill_per_second: 10000.5 is out of range",
+                ],
+            ),
+            (
+                "[pacing.ec2]\nstop_instances = { refill_per_second = nan }",
+                &["3:40: pacing.ec2.stop_instances.refill_per_second: NaN is out of range"],
+            ),
+            (
+                "[pacing.ec2]\nstop_instances = { refill_per_second = 1e-300 }",
+                &["3:40: pacing.ec2.stop_instances.refill_per_second: 1e-300 is out of range"],
+            ),
+            (
+                "[pacing.ec2]\nstop_instances = { refill_per_second = -inf }",
+                &["3:40: pacing.ec2.stop_instances.refill_per_second: -inf is out of range"],
+            ),
+            (
+                "[pacing.ec2]\nstart_stop = { refill_per_second = 0.1, burst = 1 }",
+                &[],
+            ),
+            (
+                "[pacing.ec2]\nstart_stop = {}",
+                &[
+                    "3:14: pacing.ec2.start_stop: expected burst and/or refill_per_second, e.g. \
+                   { burst = 50, refill_per_second = 5 }",
+                ],
+            ),
+            (
+                "[pacing.ec2]\nstart_stop = { burst = 10, refill = 2 }",
+                &["3:28: unknown field `refill`, expected `burst` or `refill_per_second`"],
+            ),
+            (
+                "[pacing.ec2]\nmutate = { burst = 10 }",
+                &[
+                    "3:1: unknown field `mutate`, expected one of `describe`, `start_stop`, \
+                   `start_instances`, `stop_instances`",
+                ],
+            ),
+            (
+                "[pacing.ec2]\nstart_instances = 1000",
+                &["3:19: invalid type: integer `1000`, expected struct RawBucket"],
+            ),
+            (
+                "[pacing.accounts.acount1]\nstart_instances = { burst = 5000 }",
+                &[
+                    "2:18: pacing.accounts.acount1: account \"acount1\" is not defined: expected \
+                   one of [account1] or a 12-digit account ID",
+                ],
+            ),
+            (
+                "[pacing.accounts.222222222222]\nstart_instances = { burst = 5000 }",
+                &[
+                    "2:18: pacing.accounts.222222222222: \"222222222222\" is the ID of no [accounts] \
+                   table, and there is no [organization] table to discover it in",
+                ],
+            ),
+            (
+                "[pacing.accounts.111111111111]\nstart_instances = { burst = 5000 }\n\
+                 [pacing.accounts.account1]\nstart_instances = { burst = 6000 }",
+                &[
+                    "4:18: pacing.accounts.account1: account 111111111111 already has its limits in \
+                   pacing.accounts.111111111111: expected one table per AWS account",
+                ],
+            ),
+            (
+                "[pacing.accounts.account1]\nstart_instances = { burst = 5000, refill_per_second = 0.01 }",
+                &[
+                    "3:55: pacing.accounts.account1.start_instances.refill_per_second: 0.01 is out of \
+                   range",
+                ],
+            ),
+            (
+                "[pacing.accounts.account1]\nmax_in_flight = 2",
+                &["3:1: unknown field `max_in_flight`, expected one of `describe`"],
+            ),
+        ];
+        let mut wrong = Vec::new();
+        for (lines, want) in cases {
+            let text = format!("[pacing]\n{lines}\n{MINIMAL}");
+            let got = problems_of(&text);
+            let matches = got.len() == want.len()
+                && got.iter().zip(want.iter()).all(|(got, want)| {
+                    let (at, part) = want.split_once(' ').unwrap();
+                    got.starts_with(at) && got.contains(part)
+                });
+            if !matches {
+                wrong.push(format!("{lines}:\n got  {got:?}\n want {want:?}"));
+            }
+        }
+        assert!(wrong.is_empty(), "{}", wrong.join("\n"));
+    }
+
     // --- [notify] and [metrics] ---
 
     #[test]
@@ -3427,6 +4082,16 @@ account = "account1"
 regions = ["us-east-1"]
 tags = { Environment = ["dev", "stg"], Schedule = "office*" }
 stop = "0 21 * * *"
+
+[pacing]
+max_in_flight = 32
+max_in_flight_per_account = 4
+
+[pacing.ec2]
+start_instances = { burst = 2000, refill_per_second = 2.5 }
+
+[pacing.accounts.account1]
+stop_instances = { burst = 5000, refill_per_second = 50 }
 "#;
 
     fn valid() -> String {
@@ -3588,6 +4253,13 @@ stop = "0 21 * * *"
                 "source = \"profile\"",
                 "profile = \" \"",
                 "dry_run = 1",
+                "[pacing]",
+                "[pacing.ec2]",
+                "[pacing.accounts.account1]",
+                "max_in_flight = 0",
+                "max_in_flight_per_account = 9223372036854775807",
+                "start_instances = { burst = -1, refill_per_second = inf }",
+                "describe = { refill_per_second = 1e-300 }",
                 "\"",
                 "'''",
                 "\"\"\"",

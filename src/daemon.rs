@@ -1046,6 +1046,19 @@ impl Daemon {
                 "[metrics] changed: the metrics endpoint keeps its address until shiftd is restarted"
             );
         }
+        if new.pacing != self.written.pacing {
+            self.pacer.reconfigure(&new.pacing, self.clock.monotonic());
+            let now = new.pacing.differences();
+            tracing::info!(
+                "[pacing] changed, applied at once (calls already in flight finish; under a lower cap, \
+                 new calls wait until those in flight are under it): {}",
+                if now.is_empty() {
+                    "the defaults".to_string()
+                } else {
+                    now.join("; ")
+                }
+            );
+        }
         self.written = Arc::new(new);
         self.rebuild();
         // An instant already taken in ahead (`resolve_ahead`) is looked at again with the new rules: a
@@ -1243,6 +1256,7 @@ pub async fn run(
         snapshot
     };
     let now_mono = clock.monotonic();
+    let pacer = Arc::new(crate::pacing::Pacer::from_config(&config.pacing));
     let mut daemon = Daemon {
         written: config.clone(),
         org: None,
@@ -1274,8 +1288,8 @@ pub async fn run(
         enforcing: 0,
         enforce_said: Default::default(),
         results_since_release: 0,
+        pacer,
         metrics,
-        pacer: Default::default(),
         credentials_published: Default::default(),
     };
     daemon.rebuild();
@@ -1283,6 +1297,10 @@ pub async fn run(
     daemon.sink.configured(&daemon.config);
     daemon.reconcile_accounts().await;
     log_started(&daemon);
+    let pacing = daemon.written.pacing.differences();
+    if !pacing.is_empty() {
+        tracing::info!("pacing (not the defaults): {}", pacing.join("; "));
+    }
     daemon.resume(&snapshot);
     // Ready once the configuration is loaded and the schedule armed. Credential trouble is not fatal
     // (IMDS can be slow right after boot): the renewal retries, and STATUS= says so.

@@ -48,17 +48,8 @@ pub struct AccountClients {
 }
 
 impl AccountClients {
-    /// EC2 in each of `account`'s regions, signing with `credentials` (always the newest), paced on
-    /// its own (one command's run).
-    pub async fn connect(
-        aws: &dyn crate::aws::Aws,
-        account: &Account,
-        credentials: AccountCredentials,
-    ) -> Self {
-        Self::connect_paced(aws, account, credentials, Arc::new(Pacer::default())).await
-    }
-
-    /// As [`Self::connect`], paced by the process-wide `pacer` (the daemon's, shared by every account).
+    /// EC2 in each of `account`'s regions, signing with `credentials` (always the newest), paced by
+    /// `pacer` (the daemon's, shared by every account; or one command's own, of `[pacing]`).
     pub async fn connect_paced(
         aws: &dyn crate::aws::Aws,
         account: &Account,

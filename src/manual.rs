@@ -77,7 +77,9 @@ pub async fn apply(
     if let Some(e) = store.last_error() {
         tracing::error!(account = %account.name, "cannot assume the role: {e}");
     }
-    let clients = Arc::new(AccountClients::connect(aws.as_ref(), account, store).await);
+    let pacer = Arc::new(crate::pacing::Pacer::from_config(&config.pacing));
+    let clients =
+        Arc::new(AccountClients::connect_paced(aws.as_ref(), account, store, pacer).await);
     let (_cancel_tx, cancel) = tokio::sync::watch::channel(false);
     let ctx = BatchContext {
         clients,

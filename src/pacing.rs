@@ -4,12 +4,16 @@
 //!   may hold at most [`PER_ACCOUNT_IN_FLIGHT`]: a big account queues behind its own share, so a small
 //!   account's call waits for at most one call per busy account ahead of it.
 //! - Per AWS account and region, a model of EC2's token buckets ([`Ec2Limits`], the defaults of EC2's
-//!   API throttling documentation): StartInstances/StopInstances calls are sized to the resource tokens
-//!   there are and sent when the model says EC2 will accept them, instead of being refused.
+//!   API throttling documentation unless `[pacing]` says otherwise, for every account or for one):
+//!   StartInstances/StopInstances calls are sized to the resource tokens there are and sent when the
+//!   model says EC2 will accept them, instead of being refused.
 //! - A throttled answer (`RequestLimitExceeded`) empties the model's buckets and holds the place back
 //!   for an exponential, jittered pause ([`backoff`]); the same call is then retried.
 //! - AssumeRole calls take a token of a process-wide bucket ([`STS_RATE`]), so that 1,000 accounts at
 //!   start-up do not hit STS at once.
+//!
+//! The caps and the EC2 limits are `[pacing]`'s ([`Pacer::from_config`]), changed on reload
+//! ([`Pacer::reconfigure`]).
 //!
 //! The buckets are pure: they take the time as an argument and never read a clock. Waiting is done by
 //! the callers, with `tokio::time`, so paused-time tests drive it.
@@ -25,12 +29,13 @@ use tokio::time::Instant;
 
 use crate::aws::{AwsError, Ec2};
 use crate::clock::Clock;
-use crate::config::{Action, Selection};
+use crate::config::{Action, PacingConfig, Selection};
 use crate::planner::InstanceView;
 
-/// Calls to AWS in flight at once, for the whole process (EC2 and STS).
+/// Calls to AWS in flight at once, for the whole process (EC2 and STS): `[pacing] max_in_flight`'s
+/// default.
 pub const IN_FLIGHT: usize = 64;
-/// Of those, at most this many for one target account.
+/// Of those, at most this many for one target account: `max_in_flight_per_account`'s default.
 pub const PER_ACCOUNT_IN_FLIGHT: usize = 8;
 /// StartInstances/StopInstances calls carry at most this many IDs.
 pub const IDS_PER_CALL: usize = 100;
@@ -74,7 +79,7 @@ pub struct Ec2Limits {
 
 impl Ec2Limits {
     /// The defaults of EC2's API throttling documentation ("Request throttling for the Amazon EC2
-    /// API"), written here only: the in-process fake AWS (`aws::fake`, throttling like EC2) and the fleet
+    /// API"), and of `[pacing.ec2]`, written here only: the in-process fake AWS (`aws::fake`, throttling like EC2) and the fleet
     /// benchmark's fake endpoint take them from here.
     pub const DEFAULT: Self = Self {
         describe: Rate {
@@ -173,6 +178,20 @@ impl TokenBucket {
         self.refill(now);
         self.tokens = self.tokens.min(0.0);
     }
+
+    /// The refill kept in hand ([`MARGIN`]), but never so much that a full bucket holds less than one
+    /// token beyond it (a small configured bucket still lets calls go).
+    fn margin(&self) -> f64 {
+        (self.rate.per_second * MARGIN.as_secs_f64()).min((self.rate.capacity - 1.0).max(0.0))
+    }
+
+    /// Takes `rate` from `now` on: the tokens there are stay (refilled at the old rate until `now`),
+    /// at most the new capacity; a raised capacity fills as the bucket refills.
+    pub fn set_rate(&mut self, now: Instant, rate: Rate) {
+        self.refill(now);
+        self.rate = rate;
+        self.tokens = self.tokens.min(rate.capacity);
+    }
 }
 
 /// Pause before retry `attempt` (0-based) of a throttled call: 1 s doubling to 32 s, scaled by `jitter`
@@ -263,9 +282,8 @@ impl RegionBuckets {
         } else {
             want.min(self.min_chunk(action))
         };
-        let margin = |b: &TokenBucket| b.rate.per_second * MARGIN.as_secs_f64();
-        let request_margin = margin(&self.mutate);
-        let resource_margin = margin(self.resource(action));
+        let request_margin = self.mutate.margin();
+        let resource_margin = self.resource(action).margin();
         let request_wait = self.mutate.wait_for(now, 1.0 + request_margin);
         let resource_wait = self
             .resource(action)
@@ -279,9 +297,20 @@ impl RegionBuckets {
             .floor()
             .max(0.0) as usize;
         let n = if exact { want } else { want.min(there) };
+        if n == 0 {
+            return Plan::Wait(Duration::from_millis(1));
+        }
         self.mutate.take(now, 1.0);
         self.resource(action).take(now, n as f64);
         Plan::Send(n)
+    }
+
+    /// Takes `limits` from `now` on (a reload): see [`TokenBucket::set_rate`].
+    pub fn set_limits(&mut self, now: Instant, limits: Ec2Limits) {
+        self.describe.set_rate(now, limits.describe);
+        self.mutate.set_rate(now, limits.mutate);
+        self.start_instances.set_rate(now, limits.start_instances);
+        self.stop_instances.set_rate(now, limits.stop_instances);
     }
 
     /// A describe's turn: takes its token, returns how long to wait before the call.
@@ -369,13 +398,69 @@ pub fn thousands(n: usize) -> String {
     out
 }
 
+/// EC2's limits per AWS account: the default ones, and those of the accounts configured otherwise.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct AccountLimits {
+    pub default: Ec2Limits,
+    /// Account ID (12 digits) -> its limits.
+    pub accounts: HashMap<String, Ec2Limits>,
+}
+
+impl AccountLimits {
+    /// The limits of the AWS account `account_id`.
+    pub fn of(&self, account_id: &str) -> Ec2Limits {
+        self.accounts
+            .get(account_id)
+            .copied()
+            .unwrap_or(self.default)
+    }
+}
+
+/// The in-flight caps: for the whole process, and for one account.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Caps {
+    in_flight: usize,
+    per_account: usize,
+}
+
+impl Caps {
+    fn new(in_flight: usize, per_account: usize) -> Self {
+        let in_flight = in_flight.max(1);
+        Self {
+            in_flight,
+            per_account: per_account.clamp(1, in_flight),
+        }
+    }
+}
+
+/// Gives `semaphore` `to` permits instead of `from`. Fewer: the free permits are taken away at once, and
+/// the rest as the calls holding them finish (a waiting acquisition, first in the queue, forgets them),
+/// so that no new call starts until the calls in flight are under the new cap.
+fn resize(semaphore: &Arc<Semaphore>, from: usize, to: usize) {
+    if to > from {
+        semaphore.add_permits(to - from);
+        return;
+    }
+    let fewer = from - to;
+    let rest = fewer - semaphore.forget_permits(fewer);
+    if rest > 0 {
+        let semaphore = semaphore.clone();
+        tokio::spawn(async move {
+            if let Ok(permits) = semaphore.acquire_many_owned(rest as u32).await {
+                permits.forget();
+            }
+        });
+    }
+}
+
 /// The process-wide pacing state: the in-flight cap, the per-place bucket models, the STS bucket, and
 /// the progress of paced batches. Shared (`Arc`) by every account's clients and credential renewal.
+/// Its caps and EC2 limits come from `[pacing]` and change on reload ([`Pacer::reconfigure`]).
 pub struct Pacer {
     global: Arc<Semaphore>,
-    per_account: usize,
+    caps: Mutex<Caps>,
     accounts: Mutex<HashMap<String, Arc<Semaphore>>>,
-    limits: Ec2Limits,
+    limits: Mutex<AccountLimits>,
     places: Mutex<HashMap<(String, String), SharedBuckets>>,
     sts: Mutex<TokenBucket>,
     progress: Mutex<BTreeMap<u64, Progress>>,
@@ -399,11 +484,24 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 impl Pacer {
     pub fn new(in_flight: usize, per_account: usize, limits: Ec2Limits, sts: Rate) -> Self {
+        Self::with_limits(
+            in_flight,
+            per_account,
+            AccountLimits {
+                default: limits,
+                accounts: HashMap::new(),
+            },
+            sts,
+        )
+    }
+
+    fn with_limits(in_flight: usize, per_account: usize, limits: AccountLimits, sts: Rate) -> Self {
+        let caps = Caps::new(in_flight, per_account);
         Self {
-            global: Arc::new(Semaphore::new(in_flight.max(1))),
-            per_account: per_account.clamp(1, in_flight.max(1)),
+            global: Arc::new(Semaphore::new(caps.in_flight)),
+            caps: Mutex::new(caps),
             accounts: Default::default(),
-            limits,
+            limits: Mutex::new(limits),
             places: Default::default(),
             sts: Mutex::new(TokenBucket::new(sts)),
             progress: Default::default(),
@@ -411,13 +509,51 @@ impl Pacer {
         }
     }
 
+    /// The pacing `[pacing]` asks for.
+    pub fn from_config(config: &PacingConfig) -> Self {
+        Self::with_limits(
+            config.max_in_flight,
+            config.max_in_flight_per_account,
+            config.account_limits(),
+            STS_RATE,
+        )
+    }
+
+    /// Takes a new `[pacing]` (a reload), from `now` on. Raised caps let waiting calls go at once;
+    /// lowered ones hold new calls back until the calls in flight are under them. The bucket models
+    /// keep their tokens (at most the new sizes) and refill at the new rates.
+    pub fn reconfigure(&self, config: &PacingConfig, now: Instant) {
+        // Locks in the order `slot` and `place` take them: no share or place is made meanwhile with
+        // the old values.
+        let accounts = lock(&self.accounts);
+        let new = Caps::new(config.max_in_flight, config.max_in_flight_per_account);
+        let old = std::mem::replace(&mut *lock(&self.caps), new);
+        resize(&self.global, old.in_flight, new.in_flight);
+        if new.per_account != old.per_account {
+            for share in accounts.values() {
+                resize(share, old.per_account, new.per_account);
+            }
+        }
+        drop(accounts);
+        let places = lock(&self.places);
+        let limits = config.account_limits();
+        for ((account_id, _), buckets) in places.iter() {
+            lock(buckets).set_limits(now, limits.of(account_id));
+        }
+        *lock(&self.limits) = limits;
+    }
+
     /// A place in the in-flight cap for a call on behalf of `account`: the account's share first, then
     /// the process's (both queues are first come, first served).
     pub async fn slot(&self, account: &str) -> Slot {
-        let share = lock(&self.accounts)
-            .entry(account.to_string())
-            .or_insert_with(|| Arc::new(Semaphore::new(self.per_account)))
-            .clone();
+        let share = {
+            let mut accounts = lock(&self.accounts);
+            let per_account = lock(&self.caps).per_account;
+            accounts
+                .entry(account.to_string())
+                .or_insert_with(|| Arc::new(Semaphore::new(per_account)))
+                .clone()
+        };
         let account = share.acquire_owned().await.expect("never closed");
         let global = self
             .global
@@ -433,9 +569,11 @@ impl Pacer {
 
     /// The bucket model of one AWS account (its 12 digits) and region, shared by every client there.
     pub fn place(&self, account_id: &str, region: &str) -> SharedBuckets {
-        lock(&self.places)
+        let mut places = lock(&self.places);
+        let limits = lock(&self.limits).of(account_id);
+        places
             .entry((account_id.to_string(), region.to_string()))
-            .or_insert_with(|| Arc::new(Mutex::new(RegionBuckets::new(self.limits))))
+            .or_insert_with(|| Arc::new(Mutex::new(RegionBuckets::new(limits))))
             .clone()
     }
 
@@ -795,6 +933,179 @@ mod tests {
             .await
             .expect("the big account's call goes once its own call is done")
             .unwrap();
+    }
+
+    #[test]
+    fn small_configured_buckets_still_let_calls_go() {
+        let t0 = origin();
+        let tiny = Rate {
+            capacity: 1.0,
+            per_second: 2.0,
+        };
+        let mut b = RegionBuckets::new(Ec2Limits {
+            mutate: tiny,
+            start_instances: tiny,
+            ..Ec2Limits::DEFAULT
+        });
+        // (seconds after t0, IDs waiting, expected plan): one at a time, never an empty call, as the
+        // one-token buckets refill (a half token in hand would leave none to send).
+        let cases = [
+            (0.0, 10, Plan::Send(1)),
+            (0.0, 9, Plan::Wait(secs(0.5))),
+            (0.5, 9, Plan::Send(1)),
+            (10.0, 8, Plan::Send(1)),
+        ];
+        for (at, want, plan) in cases {
+            assert_eq!(
+                b.plan(t0 + secs(at), Action::Start, want, false),
+                plan,
+                "{want} waiting at {at} s"
+            );
+        }
+    }
+
+    #[test]
+    fn new_limits_keep_the_tokens_there_are_and_refill_at_the_new_rate() {
+        let t0 = origin();
+        let mut b = RegionBuckets::new(Ec2Limits::DEFAULT);
+        assert!(b.start_instances.take(t0, 1000.0));
+        assert_eq!(
+            b.plan(t0, Action::Start, 100, true),
+            Plan::Wait(secs(50.25)),
+            "the default 2/s (and the half token in hand)"
+        );
+        // AWS raised the account's StartInstances bucket to 5,000 at 10/s; the empty bucket is not
+        // assumed full, it refills faster.
+        let raised = Ec2Limits {
+            start_instances: Rate {
+                capacity: 5000.0,
+                per_second: 10.0,
+            },
+            ..Ec2Limits::DEFAULT
+        };
+        b.set_limits(t0 + secs(1.0), raised);
+        assert_eq!(
+            b.plan(t0 + secs(1.0), Action::Start, 100, true),
+            Plan::Wait(secs(10.05)),
+            "2 tokens from the first second, 98 and 2.5 in hand at 10/s"
+        );
+        assert_eq!(b.min_chunk(Action::Start), 100);
+        // Lowered: the tokens there are stay within the new size.
+        b.set_limits(t0 + secs(1000.0), Ec2Limits::DEFAULT);
+        for _ in 0..9 {
+            assert_eq!(
+                b.plan(t0 + secs(1000.0), Action::Start, 100, true),
+                Plan::Send(100)
+            );
+        }
+        assert_eq!(
+            b.plan(t0 + secs(1000.0), Action::Start, 100, true),
+            Plan::Wait(secs(0.25)),
+            "1,000 tokens, not the 5,000 the raised bucket had refilled to"
+        );
+    }
+
+    /// Whether a slot for `account` comes within a second.
+    async fn gets_slot(pacer: &Pacer, account: &str) -> Option<Slot> {
+        tokio::time::timeout(Duration::from_secs(1), pacer.slot(account))
+            .await
+            .ok()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn lowered_caps_hold_new_calls_back_until_those_in_flight_are_under_them() {
+        let pacer = Arc::new(Pacer::new(4, 4, Ec2Limits::DEFAULT, STS_RATE));
+        let config = |in_flight, per_account| PacingConfig {
+            max_in_flight: in_flight,
+            max_in_flight_per_account: per_account,
+            ..PacingConfig::default()
+        };
+        let mut held = Vec::new();
+        for account in ["a", "a", "b"] {
+            held.push(gets_slot(&pacer, account).await.expect("under the cap"));
+        }
+        // 3 in flight; the cap goes down to 2 (1 per account).
+        pacer.reconfigure(&config(2, 1), origin());
+        assert!(gets_slot(&pacer, "c").await.is_none(), "3 in flight, cap 2");
+        held.pop();
+        assert!(gets_slot(&pacer, "c").await.is_none(), "2 in flight, cap 2");
+        held.pop();
+        let c = gets_slot(&pacer, "c").await.expect("1 in flight, cap 2");
+        assert!(gets_slot(&pacer, "d").await.is_none(), "2 in flight, cap 2");
+        drop(c);
+        assert!(
+            gets_slot(&pacer, "a").await.is_none(),
+            "a's share is 1 now, and a has a call in flight"
+        );
+        // Raised again: calls go at once.
+        pacer.reconfigure(&config(8, 3), origin());
+        let mut more = Vec::new();
+        for account in ["a", "a", "d", "e", "f", "g"] {
+            more.push(
+                gets_slot(&pacer, account)
+                    .await
+                    .expect("under the raised caps"),
+            );
+        }
+        assert!(gets_slot(&pacer, "a").await.is_none(), "a's share is 3");
+        more.push(gets_slot(&pacer, "h").await.expect("7 in flight, cap 8"));
+        assert!(gets_slot(&pacer, "i").await.is_none(), "8 in flight, cap 8");
+        drop(held);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_account_configured_otherwise_gets_its_own_limits_and_a_reload_changes_them() {
+        let raised = Ec2Limits {
+            start_instances: Rate {
+                capacity: 5000.0,
+                per_second: 10.0,
+            },
+            ..Ec2Limits::DEFAULT
+        };
+        let mut config = PacingConfig::default();
+        config.accounts.insert(
+            "111111111111".into(),
+            crate::config::AccountPacing {
+                written: "raised".into(),
+                ec2: raised,
+            },
+        );
+        let pacer = Pacer::from_config(&config);
+        let starts_at_once = |buckets: &SharedBuckets| {
+            let mut sent = 0;
+            while let Plan::Send(n) = lock(buckets).plan(origin(), Action::Start, 100, true) {
+                sent += n;
+            }
+            sent
+        };
+        let raised_place = pacer.place("111111111111", "us-east-1");
+        let other = pacer.place("222222222222", "us-east-1");
+        assert_eq!(
+            starts_at_once(&raised_place),
+            4800,
+            "48 calls of 100: the request bucket's 50 less what is in hand, not the 1,000 instances"
+        );
+        assert_eq!(starts_at_once(&other), 900, "EC2's default 1,000");
+        // A reload gives every account a raised stop bucket, and takes the account's own limits away.
+        let stops_raised = PacingConfig {
+            ec2: Ec2Limits {
+                stop_instances: Rate {
+                    capacity: 100_000.0,
+                    per_second: 1000.0,
+                },
+                ..Ec2Limits::DEFAULT
+            },
+            ..PacingConfig::default()
+        };
+        pacer.reconfigure(&stops_raised, origin());
+        assert_eq!(
+            lock(&raised_place).min_chunk(Action::Start),
+            20,
+            "2/s again"
+        );
+        assert_eq!(lock(&other).min_chunk(Action::Stop), 100);
+        let later = pacer.place("333333333333", "eu-west-1");
+        assert_eq!(lock(&later).stop_instances.rate.capacity, 100_000.0);
     }
 
     #[tokio::test(start_paused = true)]

@@ -106,8 +106,10 @@ struct World {
     sessions_issued: u64,
     imds_down: bool,
     published: Vec<Published>,
-    /// EC2's request and resource buckets per account and region (`throttle_like_ec2`).
-    ec2_like: bool,
+    /// EC2's request and resource buckets per account and region (`throttle_like_ec2`): their sizes
+    /// and refills, and those of the accounts whose limits AWS raised (by account ID).
+    ec2_like: Option<Ec2Limits>,
+    ec2_raised: BTreeMap<String, Ec2Limits>,
     /// Answers of RequestLimitExceeded from the buckets.
     throttled: usize,
     /// How long each call takes (so that calls overlap).
@@ -130,15 +132,17 @@ struct FakeOrg {
     accounts: BTreeMap<String, (String, String, String)>,
 }
 
-/// EC2's default buckets per account and region, as shiftd's model has them
-/// ([`Ec2Limits::DEFAULT`]): (bucket, its size and refill). Request buckets: describes, mutating actions
-/// (StartInstances and StopInstances share it); resource buckets: a token per instance.
-const EC2_BUCKETS: [(&str, Rate); 4] = [
-    ("describe", Ec2Limits::DEFAULT.describe),
-    ("mutate", Ec2Limits::DEFAULT.mutate),
-    ("start-resource", Ec2Limits::DEFAULT.start_instances),
-    ("stop-resource", Ec2Limits::DEFAULT.stop_instances),
-];
+/// EC2's buckets in one account and region: (bucket, its size and refill). Request buckets:
+/// describes, mutating actions (StartInstances and StopInstances share it); resource buckets: a token
+/// per instance.
+fn ec2_buckets(limits: &Ec2Limits) -> [(&'static str, Rate); 4] {
+    [
+        ("describe", limits.describe),
+        ("mutate", limits.mutate),
+        ("start-resource", limits.start_instances),
+        ("stop-resource", limits.stop_instances),
+    ]
+}
 
 /// The fake AWS: one world of accounts, regions and instances. Cloning shares it.
 #[derive(Clone)]
@@ -180,7 +184,8 @@ impl FakeAws {
                 sts_ahead: chrono::Duration::zero(),
                 sessions_issued: 0,
                 imds_down: false,
-                ec2_like: false,
+                ec2_like: None,
+                ec2_raised: BTreeMap::new(),
                 throttled: 0,
                 latency: Duration::ZERO,
                 in_flight: 0,
@@ -358,7 +363,19 @@ impl FakeAws {
     /// per instance: StartInstances 1,000 at 2/s, StopInstances 1,000 at 20/s). A call refused by its
     /// resource bucket has taken its request token. Refusals are `RequestLimitExceeded` (HTTP 503).
     pub fn throttle_like_ec2(&self) {
-        self.world().ec2_like = true;
+        self.throttle_like_ec2_with(Ec2Limits::DEFAULT);
+    }
+
+    /// As [`Self::throttle_like_ec2`], with these buckets in every account (limits AWS raised, or a
+    /// smaller budget).
+    pub fn throttle_like_ec2_with(&self, limits: Ec2Limits) {
+        self.world().ec2_like = Some(limits);
+    }
+
+    /// With EC2's throttling, the buckets of `account` (its 12 digits) are these, in each of its
+    /// regions: limits AWS raised for that account only.
+    pub fn raise_ec2_limits(&self, account: &str, limits: Ec2Limits) {
+        self.world().ec2_raised.insert(account.to_string(), limits);
     }
 
     /// RequestLimitExceeded answers from the buckets so far.
@@ -520,7 +537,8 @@ impl World {
         instances: usize,
         now: DateTime<Utc>,
     ) -> Result<(), AwsError> {
-        if self.ec2_like {
+        if let Some(default) = self.ec2_like {
+            let limits = self.ec2_raised.get(account).copied().unwrap_or(default);
             let buckets: &[&'static str] = match operation {
                 DESCRIBE => &["describe"],
                 START => &["mutate", "start-resource"],
@@ -528,9 +546,8 @@ impl World {
                 _ => &[],
             };
             for &name in buckets {
-                let (_, rate) = EC2_BUCKETS
-                    .iter()
-                    .copied()
+                let (_, rate) = ec2_buckets(&limits)
+                    .into_iter()
                     .find(|(n, _)| *n == name)
                     .expect("known bucket");
                 let b = Bucket {

@@ -80,6 +80,73 @@ fn check_summarises_rules_with_their_next_firing() {
 }
 
 #[test]
+fn check_shows_the_pacing_that_is_not_the_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let shipped = shipped_copy(&dir, "config/shiftd.toml");
+    let out = shiftd(&["check", "--config", shipped.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !stdout.contains("pacing"),
+        "the defaults are not listed: {stdout}"
+    );
+
+    let text = std::fs::read_to_string(&shipped).unwrap()
+        + "\n[pacing]\nmax_in_flight = 16\n\
+           [pacing.accounts.account1]\nstart_instances = { burst = 5000, refill_per_second = 10 }\n";
+    let path = dir.path().join("paced.toml");
+    write_config(&path, &text);
+    let out = shiftd(&["check", "--config", path.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(
+            "pacing (not the defaults):\n  max_in_flight 16 (default 64)\n  \
+             account account1 (111111111111): ec2.start_instances: burst 5000, refill 10/s\n"
+        ),
+        "{stdout}"
+    );
+}
+
+/// The example's commented `[pacing]` tables, uncommented, are valid and are the defaults but for the
+/// account they raise.
+#[test]
+fn the_examples_pacing_tables_are_valid_when_uncommented() {
+    let dir = tempfile::tempdir().unwrap();
+    let example = std::fs::read_to_string(project_root().join("config/shiftd.toml")).unwrap();
+    let (head, tables) = example
+        .split_once("# [pacing]\n")
+        .expect("a [pacing] example");
+    let uncommented: String = std::iter::once("[pacing]")
+        .chain(
+            tables
+                .lines()
+                .map(|l| l.trim_start_matches('#').trim_start()),
+        )
+        .map(|l| format!("{l}\n"))
+        .collect();
+    let path = dir.path().join("paced.toml");
+    write_config(&path, &format!("{head}{uncommented}"));
+    let out = shiftd(&["check", "--config", path.to_str().unwrap()]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{uncommented}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(
+            "pacing (not the defaults):\n  \
+             account account1 (111111111111): ec2.start_instances: burst 5000, refill 10/s\nrules"
+        ),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn every_invalid_fixture_fails_with_its_message_and_location() {
     let dir = project_root().join("tests/fixtures/invalid");
     let mut checked = 0;

@@ -7,6 +7,7 @@ use chrono::{DateTime, Utc};
 use shiftd::aws::fake::{self, FakeAws};
 use shiftd::config::Action;
 use shiftd::outcome::ResultKind;
+use shiftd::pacing::{Ec2Limits, Rate};
 
 use crate::sim::{REGION, Sim, TARGET, config, rule, rule_with_tags, t};
 
@@ -30,6 +31,27 @@ fn many_accounts(defaults: &str, accounts: usize, schedule: &str) -> String {
         );
     }
     text
+}
+
+/// The world of `many_accounts`: EC2 throttling as EC2 does, calls of 200 ms, 10 s transitions, and
+/// running instances tagged for each account's rule: `big` in `a0`, 5 in each other. Returns them all.
+fn running_in_many_accounts(sim: &Sim, accounts: usize, big: usize) -> Vec<String> {
+    sim.aws.throttle_like_ec2();
+    sim.aws.set_call_latency(Duration::from_millis(200));
+    sim.aws.set_transition_times(10 * SECOND, 10 * SECOND);
+    let mut ids = Vec::new();
+    for n in 0..accounts {
+        let count = if n == 0 { big } else { 5 };
+        let tag = format!("s{n}");
+        ids.extend(sim.aws.add_instances(
+            &account_id(n),
+            REGION,
+            count,
+            "running",
+            &[("Schedule", &tag)],
+        ));
+    }
+    ids
 }
 
 /// The instant each call of `operation` for `account` was made.
@@ -97,22 +119,8 @@ async fn five_thousand_starts_in_one_account_go_as_fast_as_the_buckets_allow_and
 async fn many_accounts_at_once_stay_under_the_cap_and_a_big_account_does_not_starve_the_small_ones()
 {
     let sim = Sim::new("2026-12-01T19:58:00Z");
-    sim.aws.throttle_like_ec2();
-    sim.aws.set_call_latency(Duration::from_millis(200));
-    sim.aws.set_transition_times(10 * SECOND, 10 * SECOND);
     // a0 is big (1,500 instances), a1..a100 are small (5 each).
-    let mut ids = Vec::new();
-    for n in 0..101 {
-        let count = if n == 0 { 1500 } else { 5 };
-        let tag = format!("s{n}");
-        ids.extend(sim.aws.add_instances(
-            &account_id(n),
-            REGION,
-            count,
-            "running",
-            &[("Schedule", &tag)],
-        ));
-    }
+    let ids = running_in_many_accounts(&sim, 101, 1500);
     sim.write_config(&many_accounts(
         "catch_up = \"30m\"",
         101,
@@ -407,5 +415,205 @@ stop = "10 8 * * *"
     );
     sim.assert_one_each(&b_evening, Action::Stop, ResultKind::Ok);
     sim.assert_one_each(&a_evening, Action::Stop, ResultKind::Ok);
+    daemon.stop().await;
+}
+
+/// EC2's default buckets with StartInstances' resource bucket raised to 2,000 instances at 10 a
+/// second, as AWS raises an account's limits on request.
+fn start_instances_raised() -> Ec2Limits {
+    Ec2Limits {
+        start_instances: Rate {
+            capacity: 2000.0,
+            per_second: 10.0,
+        },
+        ..Ec2Limits::DEFAULT
+    }
+}
+
+/// The same, as `[pacing.ec2]` or `[pacing.accounts.NAME]` write it.
+const START_INSTANCES_RAISED: &str = "start_instances = { burst = 2000, refill_per_second = 10 }";
+
+/// The total of instance IDs in the calls of `operation` for `account`.
+fn ids_sent(aws: &FakeAws, operation: &str, account: &str) -> usize {
+    aws.calls_of(operation)
+        .iter()
+        .filter(|c| c.account == account)
+        .map(|c| c.ids.len())
+        .sum()
+}
+
+#[tokio::test(start_paused = true)]
+async fn with_raised_limits_configured_a_big_start_goes_as_fast_as_they_allow_and_is_never_throttled()
+ {
+    let sim = Sim::new("2026-12-01T07:59:00Z");
+    sim.aws.throttle_like_ec2_with(start_instances_raised());
+    let ids = sim
+        .aws
+        .add_instances(TARGET, REGION, 5000, "stopped", &[("Schedule", "burst")]);
+    sim.write_config(&format!(
+        "{}\n[pacing.ec2]\n{START_INSTANCES_RAISED}\n",
+        config(
+            "",
+            &rule_with_tags("burst", &[("Schedule", "burst")], r#"start = "0 8 * * *""#),
+        )
+    ));
+    let daemon = sim.start();
+    sim.advance(SECOND).await;
+    assert!(
+        sim.logs.text().contains(
+            "pacing (not the defaults): ec2.start_instances: burst 2000, refill 10/s (EC2's default \
+             burst 1000, refill 2/s)"
+        ),
+        "{}",
+        sim.logs.text()
+    );
+    // The raised bucket's 2,000 at once...
+    sim.advance_to("2026-12-01T08:00:05Z").await;
+    let at_once = ids_sent(&sim.aws, fake::START, TARGET);
+    assert!((1990..=2000).contains(&at_once), "{at_once}");
+    // ... then 10 per second (calls of 100 every 10 s): 2,000 + 3,000 / 10 per second = 300 s, where
+    // EC2's defaults take 2,000 s (`five_thousand_starts_in_one_account_...`).
+    sim.advance_to("2026-12-01T08:02:05Z").await;
+    let by_then = ids_sent(&sim.aws, fake::START, TARGET);
+    assert!((3150..=3250).contains(&by_then), "{by_then}");
+    sim.advance_to("2026-12-01T08:07:00Z").await;
+    sim.assert_one_each(&ids, Action::Start, ResultKind::Ok);
+    assert_eq!(ids_sent(&sim.aws, fake::START, TARGET), 5000);
+    assert_eq!(sim.aws.throttled_answers(), 0, "EC2 refused nothing");
+    let last = sim.aws.calls_of(fake::START).last().unwrap().at;
+    assert!(
+        (t("2026-12-01T08:04:50Z")..=t("2026-12-01T08:05:30Z")).contains(&last),
+        "the last call at {last}: as soon as the raised bucket allowed, not sooner"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_account_with_raised_limits_is_paced_to_them_and_the_others_to_the_defaults() {
+    let sim = Sim::new("2026-12-01T07:59:00Z");
+    let account2 = account_id(2);
+    sim.aws.throttle_like_ec2();
+    sim.aws.raise_ec2_limits(TARGET, start_instances_raised());
+    let mut ids = Vec::new();
+    for account in [TARGET, account2.as_str()] {
+        ids.extend(sim.aws.add_instances(
+            account,
+            REGION,
+            3000,
+            "stopped",
+            &[("Schedule", "burst")],
+        ));
+    }
+    sim.write_config(&format!(
+        r#"
+[defaults]
+verify_timeout = "10m"
+
+[accounts.account1]
+role_arn = "arn:aws:iam::{TARGET}:role/shiftd"
+regions = ["{REGION}"]
+
+[accounts.account2]
+role_arn = "arn:aws:iam::{account2}:role/shiftd"
+regions = ["{REGION}"]
+
+[[rules]]
+name = "burst"
+accounts = ["account1", "account2"]
+tags = {{ Schedule = "burst" }}
+start = "0 8 * * *"
+
+[pacing.accounts.account1]
+{START_INSTANCES_RAISED}
+"#
+    ));
+    let daemon = sim.start();
+    sim.advance_to("2026-12-01T08:18:00Z").await;
+    sim.assert_one_each(&ids, Action::Start, ResultKind::Ok);
+    assert_eq!(sim.aws.throttled_answers(), 0, "EC2 refused nothing");
+    // account1: 2,000 at once, then 1,000 at 10 per second.
+    let raised = call_times(&sim.aws, fake::START, TARGET);
+    let last = *raised.last().unwrap();
+    assert!(
+        (t("2026-12-01T08:01:30Z")..=t("2026-12-01T08:02:00Z")).contains(&last),
+        "account1's last call at {last}"
+    );
+    // account2, at EC2's defaults: 1,000 at once, then 2,000 at 2 per second.
+    let default = call_times(&sim.aws, fake::START, &account2);
+    let last = *default.last().unwrap();
+    assert!(
+        (t("2026-12-01T08:16:30Z")..=t("2026-12-01T08:17:00Z")).contains(&last),
+        "account2's last call at {last}"
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lower_max_in_flight_bounds_the_calls_in_flight_in_all_and_per_account() {
+    let sim = Sim::new("2026-12-01T19:58:00Z");
+    // a0 is big (1,000 instances: ten calls of 100 at once), a1..a29 are small (5 each).
+    let ids = running_in_many_accounts(&sim, 30, 1000);
+    sim.write_config(&format!(
+        "{}\n[pacing]\nmax_in_flight = 6\nmax_in_flight_per_account = 2\n",
+        many_accounts("", 30, "stop = \"0 20 * * *\"")
+    ));
+    let daemon = sim.start();
+    sim.advance_to("2026-12-01T20:03:00Z").await;
+    sim.assert_one_each(&ids, Action::Stop, ResultKind::Ok);
+    assert_eq!(sim.aws.throttled_answers(), 0);
+    assert_eq!(
+        sim.aws.max_in_flight(),
+        6,
+        "at most 6 calls in flight (and the cap was reached)"
+    );
+    assert_eq!(sim.aws.max_in_flight_for(&account_id(0)), 2);
+    // The big account's ten calls went two at a time, each 200 ms: at least a second from first to last.
+    let big = call_times(&sim.aws, fake::STOP, &account_id(0));
+    assert_eq!(big.len(), 10);
+    assert!(
+        (big[9] - big[0]).num_milliseconds() >= 800,
+        "{:?}",
+        (big[0], big[9])
+    );
+    daemon.stop().await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn limits_raised_on_reload_speed_up_a_start_already_being_paced() {
+    let sim = Sim::new("2026-12-01T07:59:00Z");
+    // AWS raised the limits; shiftd is told two minutes into a 5,000-instance start.
+    sim.aws.throttle_like_ec2_with(start_instances_raised());
+    let ids = sim
+        .aws
+        .add_instances(TARGET, REGION, 5000, "stopped", &[("Schedule", "burst")]);
+    let written = config(
+        "",
+        &rule_with_tags("burst", &[("Schedule", "burst")], r#"start = "0 8 * * *""#),
+    );
+    sim.write_config(&written);
+    let daemon = sim.start();
+    sim.advance_to("2026-12-01T08:02:00Z").await;
+    let before = ids_sent(&sim.aws, fake::START, TARGET);
+    assert!((1200..=1260).contains(&before), "EC2's defaults: {before}");
+    sim.write_config(&format!(
+        "{written}\n[pacing.ec2]\n{START_INSTANCES_RAISED}\n"
+    ));
+    daemon.reload();
+    sim.advance(SECOND).await;
+    assert!(
+        sim.logs.text().contains(
+            "[pacing] changed, applied at once (calls already in flight finish; under a lower cap, \
+             new calls wait until those in flight are under it): ec2.start_instances: burst 2000, \
+             refill 10/s (EC2's default burst 1000, refill 2/s)"
+        ),
+        "{}",
+        sim.logs.text()
+    );
+    // The rest, about 3,760, at 10 per second: about 6 minutes more, where 2 per second would take 31.
+    sim.advance_to("2026-12-01T08:10:00Z").await;
+    sim.assert_one_each(&ids, Action::Start, ResultKind::Ok);
+    assert_eq!(sim.aws.throttled_answers(), 0, "EC2 refused nothing");
+    let last = sim.aws.calls_of(fake::START).last().unwrap().at;
+    assert!(last <= t("2026-12-01T08:08:40Z"), "the last call at {last}");
     daemon.stop().await;
 }
