@@ -347,8 +347,18 @@ impl FakeEndpoint {
         let (read, mut write) = stream.into_split();
         let mut read = BufReader::new(read);
         let mut out = Vec::new();
-        while let Ok(Some(request)) = read_request(&mut read).await {
-            let response = self.handle(&request);
+        loop {
+            // Arrival: when the request's first bytes are there to read, before they are parsed (a
+            // body of a few KiB comes in one read).
+            match read.fill_buf().await {
+                Ok([]) | Err(_) => return,
+                Ok(_) => {}
+            }
+            let arrived = (Instant::now(), SystemTime::now());
+            let Ok(Some(request)) = read_request(&mut read).await else {
+                return;
+            };
+            let response = self.handle(&request, arrived);
             out.clear();
             let _ = write!(
                 Bytes(&mut out),
@@ -369,8 +379,7 @@ impl FakeEndpoint {
         }
     }
 
-    fn handle(&self, r: &Request) -> Response {
-        let arrived = (Instant::now(), SystemTime::now());
+    fn handle(&self, r: &Request, arrived: (Instant, SystemTime)) -> Response {
         if r.path.starts_with("/latest/") {
             return self.imds(r, arrived);
         }

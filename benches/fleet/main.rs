@@ -20,9 +20,21 @@
 //! - (b) fleet stop: SHIFTD_FLEET_ACCOUNTS [1000] accounts × SHIFTD_FLEET_REGIONS [4] regions ×
 //!   SHIFTD_FLEET_PER_REGION [10] instances, every one stopped at one instant;
 //! - (c) burst start: SHIFTD_FLEET_BURST [5000] instances of one account started at one instant
-//!   (bound by the StartInstances resource bucket: 1,000 tokens, 2 per second).
+//!   (bound by the StartInstances resource bucket: 1,000 tokens, 2 per second);
+//! - (d) latency at the instant, issue 12's target (the first Start/Stop request of an occurrence at
+//!   most 10 ms after the instant, p99 over 100 occurrences, for any selection size): for each size
+//!   of SHIFTD_FLEET_LATENCY_SIZES [1,100,1000], one run of SHIFTD_FLEET_LATENCY_OCCURRENCES [100]
+//!   occurrences, each in its own account (full buckets) and region, at its own whole-second instant,
+//!   SHIFTD_FLEET_LATENCY_GAP_S [1] apart, the first SHIFTD_FLEET_LEAD_S [10] after spawn; even
+//!   occurrences stop their running instances, odd ones start their stopped ones, each selected by
+//!   tag. Per size: p50, p99 and max of (the first StartInstances/StopInstances call's arrival at
+//!   the fake − the occurrence's instant), wall clock both, and the usual checks.
+//!   SHIFTD_FLEET_LATENCY_AHEAD_MS [5000] sets `resolve_ahead`; SHIFTD_FLEET_LATENCY_FAKE_THREADS [4]
+//!   the fake's runtime threads (its own runtime, so that its work on large describe pages does not
+//!   delay the time it takes a Start/Stop request's arrival). Not among the default scenarios of
+//!   `cargo bench` (about 2 minutes a size); the smoke test runs 3 occurrences of sizes 1 and 150.
 //!
-//! Other knobs: SHIFTD_FLEET_SCENARIOS (e.g. "a,c"), SHIFTD_FLEET_AFTER_S [60] (the "after" memory
+//! Other knobs: SHIFTD_FLEET_SCENARIOS (default "a,b,c"; "a,b,c,d" in quick mode), SHIFTD_FLEET_AFTER_S [60] (the "after" memory
 //! sample), SHIFTD_FLEET_LEAD_S (seconds from spawn to the instant; default per scenario),
 //! SHIFTD_FLEET_TRANSITION_S [2] (how long pending/stopping last), SHIFTD_FLEET_TIMEOUT_S [180] (for
 //! READY, the roles, and the action's batches; figures are printed for what happened by then),
@@ -840,6 +852,312 @@ fn run(
     f
 }
 
+/// Scenario (d), issue 12's latency target: `occurrences` occurrences, each in its own account (EC2's
+/// buckets are per account and region, so each starts with full buckets) and one region, each at its
+/// own instant (`gap` apart, the first `lead` after spawn), each selecting `size` instances by tag;
+/// even occurrences stop running instances, odd ones start stopped ones. Measured at the fake: the
+/// first StartInstances/StopInstances call of each occurrence against that occurrence's instant
+/// (both wall clock), reported as p50, p99 and max.
+struct Latency {
+    size: usize,
+    occurrences: usize,
+    gap: Duration,
+    lead: Duration,
+    /// `[defaults] resolve_ahead` (shiftd's default, 5 s, unless the smoke test shortens it).
+    resolve_ahead: Duration,
+}
+
+/// Issue 12's target: the first Start/Stop request of an occurrence leaves at most this long after
+/// the instant (p99).
+const LATENCY_TARGET: Duration = Duration::from_millis(10);
+
+impl Latency {
+    fn action(a: usize) -> Action {
+        if a.is_multiple_of(2) {
+            Action::Stop
+        } else {
+            Action::Start
+        }
+    }
+
+    fn config(&self, first: DateTime<Utc>) -> String {
+        let mut text = format!(
+            "[defaults]\ntimezone = \"UTC\"\nverify_timeout = \"2m\"\ncredentials_wait = \"2m\"\n\
+             resolve_ahead = \"{}ms\"\n\n",
+            self.resolve_ahead.as_millis()
+        );
+        for a in 0..self.occurrences {
+            let _ = writeln!(
+                text,
+                "[accounts.a{a}]\nrole_arn = \"arn:aws:iam::{}:role/shiftd-target\"\nregions = [\"{}\"]\n",
+                account_id(a),
+                REGIONS[0]
+            );
+        }
+        for a in 0..self.occurrences {
+            let _ = writeln!(
+                text,
+                "[[rules]]\nname = \"a{a}-latency\"\naccount = \"a{a}\"\n\
+                 tags = {{ Schedule = \"lat-*\", Env = [\"dev\", \"stg\", \"prod\"] }}\n{} = \"{}\"\n",
+                Self::action(a).word(),
+                cron_at(self.instant(first, a))
+            );
+        }
+        text
+    }
+
+    fn instant(&self, first: DateTime<Utc>, a: usize) -> DateTime<Utc> {
+        first + chrono::Duration::from_std(self.gap * a as u32).unwrap_or_default()
+    }
+
+    fn seed(&self, fake: &FakeEndpoint) {
+        for a in 0..self.occurrences {
+            let tags = vec![
+                ("Schedule".to_string(), format!("lat-{a}")),
+                ("Env".to_string(), ["dev", "stg", "prod"][a % 3].to_string()),
+                ("Name".to_string(), format!("app <{a}> & co")),
+            ];
+            let state = match Self::action(a) {
+                Action::Start => "stopped",
+                Action::Stop => "running",
+            };
+            fake.add_instances(&account_id(a), REGIONS[0], self.size, state, &tags);
+        }
+    }
+}
+
+/// The nearest-rank percentile `p` (0 < p ≤ 100) of sorted values.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Runs scenario (d) for one selection size.
+fn run_latency(l: &Latency, o: &Options, failures: &mut Vec<String>) -> Figures {
+    let mut f = Figures::default();
+    let name = format!("d-latency-{}", l.size);
+    let n = name.as_str();
+    // The fake on a runtime of its own with more threads than the machine's 2 cores: while some
+    // build large DescribeInstances pages (the other occurrences' follow-ups), another is free to
+    // take a Start/Stop request's arrival time as it comes, so the fake's own queue does not count
+    // as shiftd's latency.
+    let fake_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(env_usize("SHIFTD_FLEET_LATENCY_FAKE_THREADS", 4).max(1))
+        .enable_all()
+        .build()
+        .expect("the fake endpoint's runtime");
+    let fake = fake_rt
+        .block_on(FakeEndpoint::start(Settings {
+            start_takes: o.transition,
+            stop_takes: o.transition,
+            ..Settings::default()
+        }))
+        .expect("start the fake endpoint");
+    l.seed(&fake);
+    let instances = l.occurrences * l.size;
+    f.add(
+        n,
+        "fleet",
+        format!(
+            "{} occurrence(s), each its own account and instant ({:?} apart), 1 region, {} instance(s) \
+             each = {instances}; resolve_ahead {:?}",
+            l.occurrences, l.gap, l.size, l.resolve_ahead
+        ),
+    );
+    // The first instant on a whole second at least `lead` from now.
+    let first = Utc::now() + chrono::Duration::from_std(l.lead).unwrap_or_default();
+    let first = first.with_nanosecond(0).expect("valid instant") + chrono::Duration::seconds(1);
+    let last_instant = l.instant(first, l.occurrences.saturating_sub(1));
+    let mut daemon = Daemon::spawn(&fake, &l.config(first));
+    if !wait_for(o.timeout, || daemon.ready.lock().unwrap().is_some()) {
+        failures.push(format!(
+            "{n}: no READY=1 within {:?}; stderr:\n{}",
+            o.timeout,
+            daemon.log_tail()
+        ));
+        return f;
+    }
+    let ready_at = daemon.ready.lock().unwrap().expect("ready");
+    f.add(
+        n,
+        "start-up: spawn to READY=1",
+        secs(ready_at - daemon.spawned),
+    );
+    // Every batch reported, or the timeout after the last instant.
+    let until = SystemTime::from(last_instant) + o.timeout;
+    let mut done = false;
+    while SystemTime::now() < until && daemon.alive() {
+        if daemon.batches.lock().unwrap().len() >= l.occurrences {
+            done = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let batches = daemon.batches.lock().unwrap().clone();
+    let (ok, failed) = batches
+        .iter()
+        .fold((0, 0), |(o1, f1), (_, o2, f2)| (o1 + o2, f1 + f2));
+    if !done {
+        f.add(
+            n,
+            "batches done",
+            format!(
+                "only {} of {} by {:?} after the last instant",
+                batches.len(),
+                l.occurrences,
+                o.timeout
+            ),
+        );
+        failures.push(format!(
+            "{n}: batches not done; stderr:\n{}",
+            daemon.log_tail()
+        ));
+    }
+    let calls: Vec<Call> = fake.with_calls(|c| c.to_vec());
+    // Per occurrence (account): its instant, its first describe and its first Start/Stop call.
+    let mut latencies = Vec::new();
+    let mut ahead = 0;
+    let mut missing = Vec::new();
+    for a in 0..l.occurrences {
+        let account = account_id(a);
+        let instant = SystemTime::from(l.instant(first, a));
+        let action = Latency::action(a);
+        let first_of = |what: &str| {
+            calls
+                .iter()
+                .filter(|c| c.account == account && c.action == what)
+                .map(|c| c.wall)
+                .min()
+        };
+        if first_of(DESCRIBE).is_some_and(|d| d < instant) {
+            ahead += 1;
+        }
+        match first_of(action.call()) {
+            // Signed, in ms: a call before the instant would be negative.
+            Some(at) => latencies.push((
+                match at.duration_since(instant) {
+                    Ok(d) => d.as_secs_f64() * 1000.0,
+                    Err(e) => -e.duration().as_secs_f64() * 1000.0,
+                },
+                a,
+            )),
+            None => missing.push(a),
+        }
+    }
+    f.add(
+        n,
+        "resolved ahead (first describe before the instant)",
+        format!("{ahead} of {}", l.occurrences),
+    );
+    if !missing.is_empty() {
+        f.add(
+            n,
+            "occurrences with no Start/Stop call",
+            format!("{} (accounts a{:?})", missing.len(), missing),
+        );
+        failures.push(format!(
+            "{n}: {} occurrence(s) made no Start/Stop call",
+            missing.len()
+        ));
+    }
+    if !latencies.is_empty() {
+        let mut sorted: Vec<f64> = latencies.iter().map(|(ms, _)| *ms).collect();
+        sorted.sort_by(f64::total_cmp);
+        let p99 = percentile(&sorted, 99.0);
+        f.add(
+            n,
+            "instant to first Start/Stop: p50 / p99 / max (min)",
+            format!(
+                "{:.3} / {p99:.3} / {:.3} ms ({:.3} ms), {} occurrences",
+                percentile(&sorted, 50.0),
+                sorted[sorted.len() - 1],
+                sorted[0],
+                sorted.len()
+            ),
+        );
+        let target_ms = LATENCY_TARGET.as_secs_f64() * 1000.0;
+        let over = sorted.iter().filter(|ms| **ms > target_ms).count();
+        f.add(
+            n,
+            "issue 12's target (p99 <= 10 ms)",
+            format!(
+                "{} ({over} occurrence(s) over 10 ms)",
+                if p99 <= target_ms { "met" } else { "MISSED" }
+            ),
+        );
+        latencies.sort_by(|x, y| y.0.total_cmp(&x.0));
+        f.add(
+            n,
+            "slowest occurrences (ms, account, action)",
+            latencies
+                .iter()
+                .take(5)
+                .map(|(ms, a)| format!("{ms:.3} a{a} {}", Latency::action(*a).word()))
+                .collect::<Vec<_>>()
+                .join(", "),
+        );
+    }
+    // Calls by action against the minimum.
+    let mut by_action: BTreeMap<&str, (usize, usize)> = BTreeMap::new();
+    for c in &calls {
+        let e = by_action.entry(c.action).or_default();
+        e.0 += 1;
+        if c.throttled() {
+            e.1 += 1;
+        }
+    }
+    let starts = l.occurrences / 2;
+    let stops = l.occurrences - starts;
+    let per_call = l.size.div_ceil(IDS_PER_CALL);
+    let min_calls = [
+        (ASSUME_ROLE, l.occurrences),
+        (DESCRIBE, l.occurrences * l.size.div_ceil(PAGE).max(1)),
+        (START, starts * per_call),
+        (STOP, stops * per_call),
+    ];
+    for (what, min) in min_calls {
+        let (count, throttled) = by_action.get(what).copied().unwrap_or_default();
+        if (o.quick || o.gate) && what != DESCRIBE && count != min {
+            failures.push(format!("{n}: {count} {what} calls, the minimum is {min}"));
+        }
+        let note = if what == DESCRIBE {
+            " for the selections; following adds more"
+        } else {
+            ""
+        };
+        f.add(
+            n,
+            &format!("calls {what}"),
+            format!("{count} (minimum {min}{note}; {throttled} RequestLimitExceeded)"),
+        );
+    }
+    let throttled: usize = by_action.values().map(|(_, t)| t).sum();
+    let errors = calls.iter().filter(|c| c.error.is_some()).count();
+    f.add(
+        n,
+        "RequestLimitExceeded answers / error answers",
+        format!("{throttled} / {errors}"),
+    );
+    if (o.quick || o.gate) && errors > 0 {
+        failures.push(format!(
+            "{n}: {errors} error answers ({throttled} RequestLimitExceeded)"
+        ));
+    }
+    f.add(
+        n,
+        "results reported",
+        format!("{ok} ok, {failed} failed, of {instances}"),
+    );
+    if (o.quick || o.gate) && ok != instances {
+        failures.push(format!(
+            "{n}: {ok} ok of {instances} reported; stderr:\n{}",
+            daemon.log_tail()
+        ));
+    }
+    daemon.stop();
+    f
+}
+
 /// Requests per second the fake answers: `connections` keep-alive clients sending DescribeInstances
 /// (a 10-instance page, about 20 KB) for `duration`, in the same process.
 fn load(rt: &tokio::runtime::Runtime, duration: Duration, connections: usize) -> f64 {
@@ -965,7 +1283,9 @@ fn main() {
     let lead = |default: u64| {
         Duration::from_secs(env_usize("SHIFTD_FLEET_LEAD_S", default as usize) as u64)
     };
-    let scenarios = std::env::var("SHIFTD_FLEET_SCENARIOS").unwrap_or_else(|_| "a,b,c".into());
+    // (d) takes some 2 minutes a size at full size: not among the defaults of a plain `cargo bench`.
+    let scenarios = std::env::var("SHIFTD_FLEET_SCENARIOS")
+        .unwrap_or_else(|_| if quick { "a,b,c,d" } else { "a,b,c" }.into());
     let wanted = |x: &str| scenarios.split(',').any(|s| s.trim() == x);
     println!(
         "shiftd fleet benchmark ({} mode): {SHIFTD}",
@@ -1021,6 +1341,27 @@ fn main() {
             lead: lead(if quick { 3 } else { 8 }),
         };
         figures.extend(run(&rt, &s, &o, &mut failures).lines);
+    }
+    if wanted("d") {
+        let sizes = std::env::var("SHIFTD_FLEET_LATENCY_SIZES")
+            .unwrap_or_else(|_| if quick { "1,150" } else { "1,100,1000" }.into());
+        for size in sizes.split(',').filter_map(|s| s.trim().parse().ok()) {
+            let l = Latency {
+                size,
+                occurrences: env_usize(
+                    "SHIFTD_FLEET_LATENCY_OCCURRENCES",
+                    if quick { 3 } else { 100 },
+                )
+                .max(1),
+                gap: Duration::from_secs(env_usize("SHIFTD_FLEET_LATENCY_GAP_S", 1).max(1) as u64),
+                lead: lead(if quick { 3 } else { 10 }),
+                resolve_ahead: Duration::from_millis(env_usize(
+                    "SHIFTD_FLEET_LATENCY_AHEAD_MS",
+                    if quick { 2000 } else { 5000 },
+                ) as u64),
+            };
+            figures.extend(run_latency(&l, &o, &mut failures).lines);
+        }
     }
     if !failures.is_empty() {
         let text = failures.join("\n\n");

@@ -959,6 +959,65 @@ async fn selections_are_resolved_ahead_and_the_call_leaves_at_the_instant() {
     }
 }
 
+/// Resolved ahead of the instant, an occurrence with calls to make is recorded `dispatched` before
+/// the instant (the record's fsync is paid during the wait, not between the instant and the first
+/// call: issue 12's latency target); one with nothing to act on is not.
+#[tokio::test(start_paused = true)]
+async fn an_occurrence_resolved_ahead_is_recorded_dispatched_before_its_instant() {
+    use shiftd::state::{OccurrenceRecord, Phase, StateFile};
+    let sim = Sim::new("2026-12-01T19:58:00Z");
+    let ids = sim
+        .aws
+        .add_instances(TARGET, REGION, 2, "running", &[("Schedule", "office")]);
+    sim.aws
+        .add_instances(TARGET, REGION, 1, "stopped", &[("Schedule", "idle")]);
+    sim.write_config(&config(
+        "",
+        &format!(
+            "{}{}",
+            rule_with_tags(
+                "office",
+                &[("Schedule", "office")],
+                r#"stop = "0 20 * * *""#
+            ),
+            rule_with_tags("idle", &[("Schedule", "idle")], r#"stop = "0 21 * * *""#)
+        ),
+    ));
+    let daemon = sim.start();
+    let phases = |at: &str| {
+        let snapshot = StateFile::in_dir(sim.dir.path())
+            .load()
+            .expect("the record");
+        snapshot
+            .open
+            .iter()
+            .filter(|(k, _)| k.at == crate::sim::t(at))
+            .map(|(k, p)| (k.rule.clone(), *p))
+            .collect::<Vec<_>>()
+    };
+    // 19:59:55 the selection is described; two seconds later the call has not left yet, and the
+    // occurrence is recorded dispatched already.
+    sim.advance_to("2026-12-01T19:59:57Z").await;
+    assert!(
+        sim.aws.calls().iter().all(|c| c.operation != fake::STOP),
+        "no call before the instant"
+    );
+    assert_eq!(
+        phases("2026-12-01T20:00:00Z"),
+        [("office".to_string(), Phase::Dispatched)]
+    );
+    // Nothing to stop (already stopped): resolved ahead, but no call to make, so not dispatched.
+    sim.advance_to("2026-12-01T20:59:57Z").await;
+    assert_eq!(
+        phases("2026-12-01T21:00:00Z"),
+        [("idle".to_string(), Phase::Due)]
+    );
+    sim.advance_to("2026-12-01T21:05:00Z").await;
+    assert_eq!(sim.aws.states(&ids), ["stopped"; 2]);
+    sim.assert_one_each(&ids, Action::Stop, ResultKind::Ok);
+    daemon.stop().await;
+}
+
 // ---------------------------------------------------------------------------------------------------
 // Review: resolve_ahead defects
 // ---------------------------------------------------------------------------------------------------
